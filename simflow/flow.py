@@ -1,0 +1,603 @@
+"""Transformer autoregressive normalizing flow (TarFlow / STARFlow style) on image or latent maps.
+
+The flow maps data ``x`` of shape ``(B, C, H, W)`` to Gaussian noise ``z`` of the same shape. The
+map is a stack of *flow blocks*. Each block sees ``T = (H/p)·(W/p)`` tokens of size ``D = C·p²``
+(``p`` = patch size) in its own order, and applies an affine autoregressive transform:
+
+    z_i = (x_i − μ_i(x_<i)) / σ_i(x_<i),        log|det ∂z/∂x| = −Σ_i Σ_d log σ_i,d
+
+where ``(μ_i, σ_i)`` come from a causal transformer whose input at position ``i`` is a learned
+start-of-sequence token (i = 0) or the embedding of ``x_{i−1}``. Every token, the first included,
+is transformed (STARFlow's SOS; TarFlow left token 0 untouched). Token order alternates between
+blocks (raster order, then reversed), so every token eventually depends on every other.
+
+Conventions used throughout (and by every caller of this module):
+
+* ``logdet`` is log|det ∂z/∂x| **summed over all dimensions of a sample**, in nats, shape ``(B,)``.
+* ``nll`` is −log p(x) per sample in nats (a sum, not a mean), including the Gaussian constant.
+* ``layers_per_block[k]`` is the depth of the k-th block in the data → noise direction. STARFlow's
+  deep-shallow layout ``[2, 2, 2, 2, 2, 46]`` puts the deep block last, i.e. next to the noise, so
+  it runs *first* when sampling.
+* The affine parameters are computed in fp32 whatever the autocast dtype. The default scale
+  parametrisation is ``softplus`` with a tanh soft-clip of 4 (STARFlow's fix for exp overflow);
+  ``exp`` (TarFlow's ``z = (x − μ)·exp(−a)``) is available. Both are reported as ``log σ``.
+* Class conditioning: a dropped label (``y = −1``) or an unconditional call uses the *mean* of the
+  class embeddings (TarFlow), so no extra "null class" parameter is learned. With ``conditioning =
+  "adaln"`` the class embedding modulates every layer (DiT-style AdaLN, zero-initialised); with
+  ``"add"`` it is added to every token (TarFlow).
+
+Sampling inverts the blocks in reverse order, token by token, with a preallocated key/value cache
+(:class:`KVCache`). Guidance runs the conditional and the "unconditional" branch in **one batched
+pass** of size 2B and combines their per-token parameters with a pluggable
+:class:`GuidanceStrategy`. The unconditional branch is the null class for conditional models, or the
+same input under an attention temperature τ (TarFlow's guidance for unconditional models).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LOG_2PI = math.log(2 * math.pi)
+SOFTPLUS_INV_ONE = math.log(math.e - 1)  # softplus(SOFTPLUS_INV_ONE) = 1, so σ = 1 at init
+
+
+# --------------------------------------------------------------------------------------------
+# Token layout
+# --------------------------------------------------------------------------------------------
+def patchify(x: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) → (B, T, C·p²) tokens in raster order of the patch grid."""
+    b, c, h, w = x.shape
+    p = patch_size
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(tokens: Tensor, channels: int, height: int, width: int, patch_size: int) -> Tensor:
+    """(B, T, C·p²) tokens in raster order → (B, C, H, W); the inverse of :func:`patchify`."""
+    b = tokens.shape[0]
+    p = patch_size
+    x = tokens.reshape(b, height // p, width // p, channels, p, p)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, channels, height, width)
+
+
+# --------------------------------------------------------------------------------------------
+# Key/value cache for sampling
+# --------------------------------------------------------------------------------------------
+class KVCache:
+    """Preallocated keys and values of every layer of one flow block, written in place.
+
+    Shapes: ``keys``/``values`` are ``(layers, B, heads, T, head_dim)``. ``length`` is the number of
+    positions already written; attention at a new position reads the views ``[..., :length]``. The
+    buffers are allocated once per sampling call and reused by every block (sized for the deepest),
+    so no tensor is concatenated or reallocated in the token loop.
+    """
+
+    def __init__(self, layers: int, batch: int, heads: int, seq_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (layers, batch, heads, seq_len, head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store ``k, v`` of shape (B, heads, n, head_dim) at the current position and return the
+        cached keys and values up to and including them."""
+        n = k.shape[2]
+        end = self.length + n
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer pieces
+# --------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Causal multi-head self-attention over (B, T, width) through SDPA.
+
+    In training the whole sequence is processed with ``is_causal=True`` (no explicit mask, so the
+    flash / memory-efficient kernels apply). In sampling one new position is processed against the
+    :class:`KVCache`, which only holds earlier positions, so no mask is needed either.
+    ``query_scale`` (B, 1, 1, 1) multiplies the queries per sample: ``1/τ`` implements an attention
+    temperature τ for a part of the batch (guidance for unconditional models).
+    """
+
+    def __init__(self, width: int, head_dim: int):
+        super().__init__()
+        if width % head_dim:
+            raise ValueError(f"width {width} is not divisible by head_dim {head_dim}")
+        self.heads = width // head_dim
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
+                query_scale: Tensor | None = None) -> Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if query_scale is not None:
+            q = q * query_scale.to(q.dtype)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = cache.write(layer, k, v)
+            # With one new position every cached position is in its past, so attention is
+            # unmasked; a multi-position step (Jacobi) needs causality within the new chunk.
+            causal_chunk = t > 1
+            if causal_chunk:
+                offset = k.shape[2] - t
+                mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(offset)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """Position-wise GELU MLP, expansion 4."""
+
+    def __init__(self, width: int, expansion: int = 4):
+        super().__init__()
+        self.fc1 = nn.Linear(width, expansion * width)
+        self.fc2 = nn.Linear(expansion * width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm transformer layer, optionally with AdaLN modulation by a condition vector.
+
+    x: (B, T, width); cond: (B, width) or None. With ``adaln=True`` the condition produces shift,
+    scale and gate for both sub-layers through a zero-initialised linear map, so the layer starts
+    as a plain pre-norm layer with gates 0 (the residual branch starts switched off).
+    """
+
+    def __init__(self, width: int, head_dim: int, adaln: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=not adaln)
+        self.attn = Attention(width, head_dim)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=not adaln)
+        self.mlp = MLP(width)
+        self.modulation = None
+        if adaln:
+            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+            nn.init.zeros_(self.modulation[1].weight)
+            nn.init.zeros_(self.modulation[1].bias)
+
+    def forward(self, x: Tensor, cond: Tensor | None, cache: KVCache | None = None, layer: int = 0,
+                query_scale: Tensor | None = None) -> Tensor:
+        if self.modulation is None:
+            x = x + self.attn(self.norm1(x), cache, layer, query_scale)
+            return x + self.mlp(self.norm2(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, cache, layer, query_scale)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+# --------------------------------------------------------------------------------------------
+# Guidance
+# --------------------------------------------------------------------------------------------
+@dataclass
+class StepParams:
+    """Affine parameters of one token step: x = z·exp(log_scale) + shift; tensors (B, n, D), fp32."""
+
+    shift: Tensor
+    log_scale: Tensor
+
+
+class GuidanceStrategy(Protocol):
+    """Combines conditional and unconditional step parameters into the guided ones.
+
+    ``weight`` is the guidance scale w (0 = no guidance); ``position`` the token index in the block's
+    order (0-based) and ``num_tokens`` the block's length T, for schedules annealed over tokens.
+    """
+
+    def __call__(self, cond: StepParams, uncond: StepParams, weight: float, position: int,
+                 num_tokens: int) -> StepParams: ...
+
+
+def annealed_weight(weight: float, position: int, num_tokens: int) -> float:
+    """TarFlow's annealed schedule: w_i = w·(i+1)/T, ramping up over the token index."""
+    return weight * (position + 1) / num_tokens
+
+
+class LinearGuidance:
+    """TarFlow's CFG: linear extrapolation p = p_c + w·(p_c − p_u) of the shift and/or log-scale.
+
+    ``guide`` chooses what is extrapolated: ``"shift"``, ``"scale"`` or ``"both"``; ``annealed``
+    ramps w over the token index as in TarFlow's FID evaluation.
+    """
+
+    def __init__(self, guide: str = "both", annealed: bool = False):
+        if guide not in ("shift", "scale", "both"):
+            raise ValueError(f"guide must be 'shift', 'scale' or 'both', got {guide!r}")
+        self.guide = guide
+        self.annealed = annealed
+
+    def __call__(self, cond: StepParams, uncond: StepParams, weight: float, position: int,
+                 num_tokens: int) -> StepParams:
+        w = annealed_weight(weight, position, num_tokens) if self.annealed else weight
+        shift, log_scale = cond.shift, cond.log_scale
+        if self.guide in ("shift", "both"):
+            shift = shift + w * (cond.shift - uncond.shift)
+        if self.guide in ("scale", "both"):
+            log_scale = log_scale + w * (cond.log_scale - uncond.log_scale)
+        return StepParams(shift, log_scale)
+
+
+class PrecisionGuidance:
+    """STARFlow's guidance: sample the Gaussian ∝ p_c^(1+w) / p_u^w in precision form.
+
+    With s = min(σ_c/σ_u, 1)²: σ = σ_c / √(1 + w − w·s) and μ = ((1+w)·μ_c − w·s·μ_u)/(1 + w − w·s).
+    """
+
+    def __init__(self, annealed: bool = False):
+        self.annealed = annealed
+
+    def __call__(self, cond: StepParams, uncond: StepParams, weight: float, position: int,
+                 num_tokens: int) -> StepParams:
+        w = annealed_weight(weight, position, num_tokens) if self.annealed else weight
+        s = torch.exp(2 * (cond.log_scale - uncond.log_scale)).clamp(max=1.0)
+        denom = 1 + w - w * s
+        shift = ((1 + w) * cond.shift - w * s * uncond.shift) / denom
+        return StepParams(shift, cond.log_scale - 0.5 * torch.log(denom))
+
+
+GUIDANCE_STRATEGIES: dict[str, Callable[..., GuidanceStrategy]] = {
+    "linear": LinearGuidance,
+    "precision": PrecisionGuidance,
+}
+"""Guidance strategies by name. SimFlow's "revised" CFG could not be retrieved (paper.md §3.3);
+register it here (``GUIDANCE_STRATEGIES["simflow"] = MyGuidance``) once its formula is known."""
+
+
+def build_guidance(name: str, **options) -> GuidanceStrategy:
+    if name not in GUIDANCE_STRATEGIES:
+        raise ValueError(f"unknown guidance method {name!r}; known: {sorted(GUIDANCE_STRATEGIES)}")
+    return GUIDANCE_STRATEGIES[name](**options)
+
+
+# --------------------------------------------------------------------------------------------
+# One flow block
+# --------------------------------------------------------------------------------------------
+class FlowBlock(nn.Module):
+    """One autoregressive affine flow step over T tokens of size D, in a fixed token order.
+
+    forward: x tokens (B, T, D) in raster order → z tokens (B, T, D) in raster order, logdet (B,)
+    in nats. ``flip=True`` processes the tokens in reversed raster order. The output projection is
+    zero-initialised, so a fresh block is the identity map (μ = 0, σ = 1).
+    """
+
+    def __init__(self, token_dim: int, num_tokens: int, width: int, depth: int, head_dim: int,
+                 flip: bool, adaln: bool, scale_param: str, soft_clip: float):
+        super().__init__()
+        self.flip = flip
+        self.scale_param = scale_param
+        self.soft_clip = soft_clip
+        self.proj_in = nn.Linear(token_dim, width)
+        self.sos = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, width) * 0.02)
+        self.layers = nn.ModuleList(TransformerLayer(width, head_dim, adaln) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(width)
+        self.proj_out = nn.Linear(width, 2 * token_dim)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def order(self, tokens: Tensor) -> Tensor:
+        """Raster order → this block's order (its own inverse)."""
+        return tokens.flip(1) if self.flip else tokens
+
+    def params(self, hidden: Tensor) -> StepParams:
+        """Final hidden states (B, n, width) → fp32 affine parameters (B, n, D)."""
+        out = self.proj_out(self.norm_out(hidden))
+        out = out.to(torch.promote_types(out.dtype, torch.float32))  # fp32 (or fp64), never bf16
+        shift, raw = out.chunk(2, dim=-1)
+        if self.soft_clip > 0:
+            raw = self.soft_clip * torch.tanh(raw / self.soft_clip)
+        if self.scale_param == "exp":
+            log_scale = raw
+        else:  # softplus: σ = softplus(raw + softplus⁻¹(1)), σ = 1 at init
+            log_scale = torch.log(F.softplus(raw + SOFTPLUS_INV_ONE))
+        return StepParams(shift, log_scale)
+
+    def inputs(self, x_ordered: Tensor, add_cond: Tensor | None) -> Tensor:
+        """Transformer input: position i holds SOS (i = 0) or embed(x_{i−1}), plus position."""
+        b = x_ordered.shape[0]
+        h = torch.cat([self.sos.expand(b, -1, -1), self.proj_in(x_ordered[:, :-1])], dim=1)
+        h = h + self.pos_embed
+        return h if add_cond is None else h + add_cond[:, None]
+
+    def run_layers(self, h: Tensor, ada_cond: Tensor | None, hidden_at: int | None = None,
+                   query_scale: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        hidden = None
+        for i, layer in enumerate(self.layers):
+            h = layer(h, ada_cond, query_scale=query_scale)
+            if i == hidden_at:
+                hidden = h
+        return h, hidden
+
+    def forward(self, x: Tensor, add_cond: Tensor | None = None, ada_cond: Tensor | None = None,
+                hidden_at: int | None = None, query_scale: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
+        x_ord = self.order(x)
+        h, hidden = self.run_layers(self.inputs(x_ord, add_cond), ada_cond, hidden_at, query_scale)
+        p = self.params(h)
+        z = (x_ord.to(p.shift.dtype) - p.shift) * torch.exp(-p.log_scale)
+        logdet = -p.log_scale.sum(dim=(1, 2))
+        if hidden is not None:
+            hidden = self.order(hidden)  # back to raster order, so callers see the image grid
+        return self.order(z).to(x.dtype), logdet, hidden
+
+    def step(self, token_in: Tensor, position: int, cache: KVCache, add_cond: Tensor | None,
+             ada_cond: Tensor | None, query_scale: Tensor | None) -> StepParams:
+        """Parameters of ``position`` given the transformer input of that position (B, 1, width)
+        (not yet position-embedded) and the cache holding all earlier positions."""
+        h = token_in + self.pos_embed[:, position:position + 1]
+        if add_cond is not None:
+            h = h + add_cond[:, None]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, ada_cond, cache=cache, layer=i, query_scale=query_scale)
+        cache.length += 1
+        return self.params(h)
+
+
+# --------------------------------------------------------------------------------------------
+# The flow
+# --------------------------------------------------------------------------------------------
+@dataclass
+class FlowOutput:
+    """Everything one forward pass produces. z: (B, C, H, W); logdet: (B,) nats; hidden: (B, T,
+    width) in raster order or None; block_sq_norms: list of per-block mean z² (health check)."""
+
+    z: Tensor
+    logdet: Tensor
+    hidden: Tensor | None
+    block_sq_norms: list[Tensor]
+
+
+class TransformerFlow(nn.Module):
+    """A stack of :class:`FlowBlock` s over (B, C, H, W) maps; see the module docstring.
+
+    Args:
+        in_channels, img_size: C and H = W of the modelled maps (latents or pixels).
+        patch_size: p; tokens are p×p patches, T = (img_size/p)², token size C·p².
+        channels: transformer width.
+        layers_per_block: depth of each block in the data → noise direction.
+        num_classes: 0 for an unconditional model.
+        head_dim: attention head size (64 in TarFlow/STARFlow; smaller for toy models).
+        conditioning: ``"adaln"`` or ``"add"`` (see module docstring).
+        label_drop: probability of replacing a label with the null (mean) embedding in training,
+            so the same model also learns the unconditional density used by CFG.
+        scale_param: ``"softplus"`` (default) or ``"exp"``; soft_clip: tanh bound on the raw scale
+            output (0 disables).
+    """
+
+    def __init__(self, in_channels: int, img_size: int, patch_size: int, channels: int,
+                 layers_per_block: Sequence[int], num_classes: int = 0, head_dim: int = 64,
+                 conditioning: str = "adaln", label_drop: float = 0.1,
+                 scale_param: str = "softplus", soft_clip: float = 4.0):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        if conditioning not in ("adaln", "add"):
+            raise ValueError(f"conditioning must be 'adaln' or 'add', got {conditioning!r}")
+        if scale_param not in ("softplus", "exp"):
+            raise ValueError(f"scale_param must be 'softplus' or 'exp', got {scale_param!r}")
+        if not layers_per_block or min(layers_per_block) < 1:
+            raise ValueError(f"layers_per_block needs ≥ 1 block of ≥ 1 layer, got {layers_per_block}")
+        self.in_channels = in_channels
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.label_drop = label_drop
+        self.layers_per_block = list(layers_per_block)
+        self.num_tokens = (img_size // patch_size) ** 2
+        self.token_dim = in_channels * patch_size ** 2
+        self.head_dim = head_dim
+        self.width = channels
+        self.conditioning = conditioning if num_classes > 0 else None
+        adaln = self.conditioning == "adaln"
+        self.blocks = nn.ModuleList(
+            FlowBlock(self.token_dim, self.num_tokens, channels, depth, head_dim, flip=k % 2 == 1,
+                      adaln=adaln, scale_param=scale_param, soft_clip=soft_clip)
+            for k, depth in enumerate(self.layers_per_block))
+        self.class_embed = nn.Embedding(num_classes, channels) if num_classes > 0 else None
+        if self.class_embed is not None:
+            nn.init.normal_(self.class_embed.weight, std=0.02)
+
+    @property
+    def num_dims(self) -> int:
+        return self.in_channels * self.img_size ** 2
+
+    # ---- conditioning -----------------------------------------------------------------------
+    def class_embedding(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        """(B, width) embedding of labels y; y = −1 (dropped) or y = None → the mean embedding."""
+        if self.class_embed is None:
+            return None
+        null = self.class_embed.weight.mean(0, keepdim=True)
+        if y is None:
+            return null.expand(batch, -1)
+        y = y.to(device)
+        dropped = y < 0
+        emb = self.class_embed(y.clamp(min=0))
+        return torch.where(dropped[:, None], null.expand_as(emb), emb)
+
+    def drop_labels(self, y: Tensor) -> Tensor:
+        """Replace labels by −1 with probability ``label_drop`` (training-time CFG dropout)."""
+        drop = torch.rand(y.shape, device=y.device) < self.label_drop
+        return torch.where(drop, torch.full_like(y, -1), y)
+
+    def _conds(self, emb: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        if emb is None:
+            return None, None
+        return (emb, None) if self.conditioning == "add" else (None, emb)
+
+    # ---- density ------------------------------------------------------------------------------
+    def encode(self, x: Tensor, y: Tensor | None = None, hidden_layer: int | None = None,
+               query_scale: Tensor | None = None) -> FlowOutput:
+        """Full forward pass. ``hidden_layer`` (global layer index counted from the data side)
+        selects a transformer hidden state to return, e.g. for REPA alignment."""
+        if y is not None and self.class_embed is not None and self.training and self.label_drop > 0:
+            y = self.drop_labels(y)
+        add_cond, ada_cond = self._conds(self.class_embedding(y, x.shape[0], x.device))
+        tokens = patchify(x, self.patch_size)
+        logdet = torch.zeros(x.shape[0], device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        hidden, sq_norms, first = None, [], 0
+        for block in self.blocks:
+            local = None
+            if hidden_layer is not None and first <= hidden_layer < first + len(block.layers):
+                local = hidden_layer - first
+            tokens, block_logdet, h = block(tokens, add_cond, ada_cond, local, query_scale)
+            logdet = logdet + block_logdet
+            hidden = h if h is not None else hidden
+            sq_norms.append(tokens.detach().float().pow(2).mean())
+            first += len(block.layers)
+        z = unpatchify(tokens, self.in_channels, self.img_size, self.img_size, self.patch_size)
+        return FlowOutput(z, logdet, hidden, sq_norms)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, C, H, W) → (z of x's shape, logdet (B,) = log|det ∂z/∂x| in nats)."""
+        out = self.encode(x, y)
+        return out.z, out.logdet
+
+    def nll_from(self, z: Tensor, logdet: Tensor) -> Tensor:
+        """Per-sample −log p(x) in nats from a forward pass: ½‖z‖² + (D/2)·log 2π − logdet."""
+        return 0.5 * z.float().pow(2).flatten(1).sum(1) + 0.5 * self.num_dims * LOG_2PI - logdet
+
+    def nll(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Per-sample negative log-likelihood −log p(x), in nats, shape (B,)."""
+        z, logdet = self(x, y)
+        return self.nll_from(z, logdet)
+
+    def score(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """∇ₓ log p(x) per sample, (B, C, H, W), computed in fp32 (no label dropout)."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.enable_grad():
+                x = x.detach().float().requires_grad_(True)
+                with torch.autocast(x.device.type, enabled=False):
+                    log_p = -self.nll(x, y).sum()  # samples are independent: d(Σ log p)/dx_b = score_b
+                (grad,) = torch.autograd.grad(log_p, x)
+        finally:
+            self.train(was_training)
+        return grad
+
+    def denoise(self, x: Tensor, noise_std: float, y: Tensor | None = None,
+                step_scale: float = 1.0) -> Tensor:
+        """Tweedie / score-based denoising: x + step_scale·σ²·∇ₓ log p(x).
+
+        For a model of y = x + N(0, σ²) noise, ``step_scale = 1`` is the theoretical optimum
+        (E[x | y] under the model's density of y).
+        """
+        return (x.float() + step_scale * noise_std ** 2 * self.score(x, y)).to(x.dtype)
+
+    # ---- sampling -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def reverse(self, z: Tensor, y: Tensor | None = None, guidance: float | None = None,
+                guidance_method: str | GuidanceStrategy = "linear", attn_temp: float | None = None,
+                use_cache: bool = True, **guidance_options) -> Tensor:
+        """Invert the flow: noise z (B, C, H, W) → x, autoregressively token by token.
+
+        Guidance (``guidance`` = w; ``None`` samples without it, any number, 0 included, runs the
+        guided pass): conditional models contrast label ``y`` with the null class; unconditional models (or any model given ``attn_temp``) contrast the normal pass
+        with the same pass under attention temperature ``attn_temp``. Both branches run batched
+        (2B). ``guidance_method`` names a strategy in :data:`GUIDANCE_STRATEGIES` (options such as
+        ``annealed=True`` or ``guide="shift"`` go to its constructor) or is a strategy object.
+        ``use_cache=False`` recomputes every step with a full causal pass (slow; the reference
+        implementation the cached path is tested against).
+        """
+        strategy = (build_guidance(guidance_method, **guidance_options)
+                    if isinstance(guidance_method, str) else guidance_method)
+        b = z.shape[0]
+        guided = guidance is not None
+        if guided and self.class_embed is None and attn_temp is None:
+            raise ValueError("guidance on an unconditional model needs attn_temp (attention-"
+                             "temperature guidance); pass e.g. attn_temp=1.5")
+        emb = self.class_embedding(y, b, z.device)
+        query_scale = None
+        if guided:
+            if attn_temp is not None:  # same condition, the second half under temperature τ
+                uncond_emb = emb
+                query_scale = torch.ones(2 * b, 1, 1, 1, device=z.device)
+                query_scale[b:] = 1.0 / attn_temp
+            else:
+                uncond_emb = self.class_embedding(None, b, z.device)
+            emb = None if emb is None else torch.cat([emb, uncond_emb])
+        add_cond, ada_cond = self._conds(emb)
+
+        tokens = patchify(z, self.patch_size)
+        batch = 2 * b if guided else b
+        param_dtype = next(self.parameters()).dtype
+        cache = KVCache(max(self.layers_per_block), batch, self.width // self.head_dim,
+                        self.num_tokens, self.head_dim, z.device,
+                        torch.get_autocast_dtype(z.device.type) if torch.is_autocast_enabled(z.device.type) else param_dtype)
+        for block in reversed(self.blocks):
+            if use_cache:
+                tokens = self._reverse_block_cached(block, tokens, cache, add_cond, ada_cond,
+                                                    query_scale, strategy, guidance, guided)
+            else:
+                tokens = self._reverse_block_uncached(block, tokens, add_cond, ada_cond,
+                                                      query_scale, strategy, guidance, guided)
+        return unpatchify(tokens, self.in_channels, self.img_size, self.img_size, self.patch_size)
+
+    @staticmethod
+    def _combine(p: StepParams, strategy: GuidanceStrategy, weight: float, position: int,
+                 num_tokens: int, guided: bool) -> StepParams:
+        if not guided:
+            return p
+        b = p.shift.shape[0] // 2
+        cond = StepParams(p.shift[:b], p.log_scale[:b])
+        uncond = StepParams(p.shift[b:], p.log_scale[b:])
+        return strategy(cond, uncond, weight, position, num_tokens)
+
+    def _reverse_block_cached(self, block: FlowBlock, z_tokens: Tensor, cache: KVCache,
+                              add_cond, ada_cond, query_scale, strategy, weight, guided) -> Tensor:
+        z_ord = block.order(z_tokens).float()
+        b, t, _ = z_ord.shape
+        x_ord = torch.empty_like(z_ord)
+        cache.reset()
+        batch = 2 * b if guided else b
+        token_in = block.sos.expand(batch, -1, -1)
+        for i in range(t):
+            p = self._combine(block.step(token_in, i, cache, add_cond, ada_cond, query_scale),
+                              strategy, weight, i, t, guided)
+            x_i = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
+            x_ord[:, i:i + 1] = x_i
+            if i + 1 < t:
+                x_in = torch.cat([x_i, x_i]) if guided else x_i
+                token_in = block.proj_in(x_in.to(block.proj_in.weight.dtype))
+        return block.order(x_ord).to(z_tokens.dtype)
+
+    def _reverse_block_uncached(self, block: FlowBlock, z_tokens: Tensor, add_cond, ada_cond,
+                                query_scale, strategy, weight, guided) -> Tensor:
+        z_ord = block.order(z_tokens).float()
+        b, t, _ = z_ord.shape
+        x_ord = torch.zeros_like(z_ord)
+        for i in range(t):
+            x_in = torch.cat([x_ord, x_ord]) if guided else x_ord
+            h, _ = block.run_layers(block.inputs(x_in, add_cond), ada_cond, query_scale=query_scale)
+            p = block.params(h[:, i:i + 1])
+            p = self._combine(p, strategy, weight, i, t, guided)
+            x_ord[:, i:i + 1] = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
+        return block.order(x_ord).to(z_tokens.dtype)
+
+
+def bits_per_dim(nll_nats: Tensor, num_dims: int, log_scale_correction: float = 0.0) -> Tensor:
+    """Per-sample NLL in nats → bits per dimension.
+
+    ``log_scale_correction`` (nats per dimension) converts a density of rescaled data back to the
+    original discrete scale, e.g. ``log(127.5)`` for 8-bit pixels mapped to [−1, 1] with uniform
+    dequantisation (TarFlow's convention).
+    """
+    return (nll_nats / num_dims + log_scale_correction) / math.log(2)
