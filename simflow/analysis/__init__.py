@@ -1,0 +1,37 @@
+"""Analysis of a finished study: latent smoothness statistics, figures and the results report.
+
+* :mod:`simflow.analysis.latent_stats`: the four latent-map statistics of the paper's Figure 4;
+* :mod:`simflow.analysis.summary`: seed aggregation, the paper's published numbers, the claim
+  checks and the Markdown report;
+* :mod:`simflow.analysis.figures`: matplotlib figures. Import it explicitly
+  (``from simflow.analysis import figures``); it is not imported here, so that computing
+  statistics during training does not load matplotlib.
+"""
+
+from simflow.analysis.latent_stats import (
+    autocorrelation,
+    high_frequency_ratio,
+    latent_statistics,
+    spectral_entropy,
+    total_variation,
+)
+from simflow.analysis.summary import (
+    DEFAULT_PAPER_MAPPING,
+    PAPER_RESULTS,
+    aggregate_seeds,
+    evaluate_claims,
+    results_markdown,
+)
+
+__all__ = [
+    "autocorrelation",
+    "high_frequency_ratio",
+    "latent_statistics",
+    "spectral_entropy",
+    "total_variation",
+    "DEFAULT_PAPER_MAPPING",
+    "PAPER_RESULTS",
+    "aggregate_seeds",
+    "evaluate_claims",
+    "results_markdown",
+]

@@ -1,0 +1,301 @@
+"""The joint model of the study: a VAE and a flow (or the flow alone on pixels) and their losses.
+
+One :class:`SimFlowModel` serves every variant of the paper's study; the training mode decides
+which parts learn and where gradients go:
+
+``end_to_end`` (SimFlow and the learnable-σ / LayerNorm variants)
+    x = μ + σ·ε from the encoder (σ ≡ σ̄ for the fixed posterior); loss = reconstruction terms +
+    w·NLL_flow(x) − w·H(q). **No stop-gradient**: the flow's NLL reaches the encoder.
+``frozen_vae``
+    A pretrained VAE, fully frozen; the flow learns its latents, optionally with Gaussian latent
+    noise augmentation (TarFlow/STARFlow), removed at sampling time by Tweedie denoising.
+``frozen_encoder``
+    The encoder is frozen; the decoder is fine-tuned on the noise-augmented latents (STARFlow's
+    decoder fine-tuning); the flow learns the noisy latents.
+``pixel``
+    TarFlow itself: the flow on image patches with Gaussian noise augmentation (generation) or
+    uniform dequantisation (likelihood), no VAE.
+
+Loss normalisation (``model.nll_reduction``; the paper's choice was not published): pixel terms
+are per-pixel means. The flow NLL is either nats per latent dimension (``per_dim``, the default,
+TarFlow/STARFlow's convention, summed with the pixel terms at weight ``nll_weight``) or nats per
+sample (``per_sample``, the scale of a literal ELBO). The logged ``nll`` is always reported per
+dimension as well, so runs with different settings stay comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from simflow.config import Config, ModelConfig
+from simflow.flow import TransformerFlow
+from simflow.losses import (PatchDiscriminator, REPAProjector, adversarial_weight,
+                            build_perceptual_loss, build_target_encoder, generator_adversarial_loss,
+                            hinge_discriminator_loss, kl_loss, reconstruction_loss,
+                            repa_alignment_loss, resample_tokens)
+from simflow.vae import VAE
+
+MODES = ("end_to_end", "frozen_vae", "frozen_encoder", "pixel")
+
+
+@dataclass
+class LossOutput:
+    """``total``: the scalar to back-propagate; ``terms``: detached scalars to log; ``recon``: the
+    (detached) reconstruction for the discriminator step, or None when no decoder is trained."""
+
+    total: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    recon: Tensor | None = None
+
+
+class SimFlowModel(nn.Module):
+    """VAE (optional) + flow + loss modules of one variant; see the module docstring.
+
+    Shapes: images (B, C_img, H, W) in [-1, 1]; labels (B,) int64 or None; the flow models maps of
+    shape ``flow_input_shape`` = (C_lat, H/f, W/f) (or the image shape in ``pixel`` mode).
+    """
+
+    def __init__(self, cfg: ModelConfig, flow: TransformerFlow, vae: VAE | None = None,
+                 perceptual: nn.Module | None = None, discriminator: nn.Module | None = None,
+                 repa_projector: nn.Module | None = None, repa_target: nn.Module | None = None):
+        super().__init__()
+        if cfg.mode not in MODES:
+            raise ValueError(f"unknown model.mode {cfg.mode!r}; known: {MODES}")
+        if (vae is None) != (cfg.mode == "pixel"):
+            raise ValueError(f"model.mode={cfg.mode!r} {'needs no' if vae else 'needs a'} VAE")
+        self.cfg = cfg
+        self.mode = cfg.mode
+        self.flow = flow
+        self.vae = vae
+        self.perceptual = perceptual
+        self.discriminator = discriminator
+        self.repa_projector = repa_projector
+        self.repa_target = repa_target
+        # Frozen modes rescale the pretrained latents to unit std before the flow (STARFlow's
+        # scaling factor); measured once from data unless configured, saved with the weights.
+        self.register_buffer("latent_scale", torch.tensor(cfg.latent_scale or 1.0))
+        self.register_buffer("latent_scale_set", torch.tensor(cfg.latent_scale is not None))
+        self.apply_freezing()
+
+    # ---- which parameters learn --------------------------------------------------------------
+    def apply_freezing(self) -> None:
+        if self.mode == "frozen_vae":
+            self.vae.requires_grad_(False)
+        elif self.mode == "frozen_encoder":
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "SimFlowModel":
+        super().train(mode)
+        # Frozen parts stay in eval mode (no dropout); perceptual/REPA targets are always frozen.
+        if self.mode == "frozen_vae":
+            self.vae.eval()
+        elif self.mode == "frozen_encoder":
+            self.vae.encoder.eval()
+        for frozen in (self.perceptual, self.repa_target):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters per optimiser: ``flow`` (flow + REPA projector), ``vae``, ``disc``."""
+        groups = {"flow": [p for p in self.flow.parameters() if p.requires_grad]}
+        if self.repa_projector is not None:
+            groups["flow"] += list(self.repa_projector.parameters())
+        if self.vae is not None:
+            vae_params = [p for p in self.vae.parameters() if p.requires_grad]
+            if vae_params:
+                groups["vae"] = vae_params
+        if self.discriminator is not None and self.mode in ("end_to_end", "frozen_encoder"):
+            groups["disc"] = list(self.discriminator.parameters())
+        return groups
+
+    # ---- latent plumbing ---------------------------------------------------------------------
+    @property
+    def flow_input_shape(self) -> tuple[int, int, int]:
+        f = self.flow
+        return (f.in_channels, f.img_size, f.img_size)
+
+    @torch.no_grad()
+    def calibrate_latent_scale(self, images: Tensor) -> float:
+        """Frozen modes: set latent_scale = 1/std of the pretrained VAE's latents on ``images``."""
+        if self.mode not in ("frozen_vae", "frozen_encoder") or bool(self.latent_scale_set):
+            return float(self.latent_scale)
+        latents = self._frozen_latents(images, scaled=False)
+        self.latent_scale.fill_(1.0 / latents.float().std().clamp(min=1e-6).item())
+        self.latent_scale_set.fill_(True)
+        return float(self.latent_scale)
+
+    def _frozen_latents(self, images: Tensor, scaled: bool = True) -> Tensor:
+        with torch.no_grad():
+            posterior = self.vae.encode(images)
+            latents = posterior.sample() if self.cfg.latent_source == "sample" else posterior.mode()
+        return latents * self.latent_scale if scaled else latents
+
+    def encode_latents(self, images: Tensor, sample: bool = True) -> tuple[Tensor, Tensor]:
+        """Images → (posterior mean, latent the flow models), both in the flow's units."""
+        if self.vae is None:
+            return images, images
+        posterior = self.vae.encode(images)
+        scale = self.latent_scale if self.mode != "end_to_end" else 1.0
+        latents = posterior.sample() if sample else posterior.mode()
+        return posterior.mode() * scale, latents * scale
+
+    def decode_latents(self, x: Tensor) -> Tensor:
+        """Flow-space map → images in [-1, 1] (unclamped)."""
+        if self.vae is None:
+            return x
+        scale = self.latent_scale if self.mode != "end_to_end" else 1.0
+        return self.vae.decode(x / scale)
+
+    def add_noise(self, x: Tensor) -> Tensor:
+        """Noise augmentation of the flow's input (frozen and pixel modes)."""
+        std = self.cfg.latent_noise_std
+        if self.mode == "pixel" and self.cfg.noise_type == "uniform":
+            # Dequantise 8-bit pixels: x ∈ {−1 + 2k/255}; add U[0, 1) on the 0..255 scale.
+            return x + torch.rand_like(x) * (2.0 / 255.0)
+        return x + std * torch.randn_like(x) if std > 0 else x
+
+    # ---- the objective -----------------------------------------------------------------------
+    def _reduce_nll(self, nll_per_sample: Tensor) -> Tensor:
+        if self.cfg.nll_reduction == "per_dim":
+            return nll_per_sample.mean() / self.flow.num_dims
+        return nll_per_sample.mean()
+
+    def training_losses(self, images: Tensor, labels: Tensor | None, step: int) -> LossOutput:
+        """All loss terms of one batch; see the module docstring for what each mode trains."""
+        cfg = self.cfg
+        terms: dict[str, Tensor] = {}
+        recon, posterior = None, None
+        if self.mode == "end_to_end":
+            posterior = self.vae.encode(images)
+            x = posterior.sample()
+            recon = self.vae.decode(x)
+        elif self.mode == "frozen_encoder":
+            x = self.add_noise(self._frozen_latents(images))
+            recon = self.vae.decode(x / self.latent_scale)
+        elif self.mode == "frozen_vae":
+            x = self.add_noise(self._frozen_latents(images))
+        else:  # pixel
+            x = self.add_noise(images)
+
+        repa_on = cfg.repa_weight > 0 and self.repa_projector is not None
+        out = self.flow.encode(x, labels, hidden_layer=cfg.repa_layer if repa_on else None)
+        nll = self.flow.nll_from(out.z, out.logdet)  # (B,) nats
+        terms["nll_per_dim"] = nll.detach().mean() / self.flow.num_dims
+        terms["logdet_per_dim"] = out.logdet.detach().mean() / self.flow.num_dims
+        terms["z_sq"] = out.z.detach().float().pow(2).mean()
+        prior_term = nll
+        if posterior is not None and cfg.include_entropy:
+            prior_term = nll - posterior.entropy()  # −log p_θ(x) + log q(x|i): the ELBO's prior KL
+        total = cfg.nll_weight * self._reduce_nll(prior_term)
+        terms["prior_kl_per_dim"] = prior_term.detach().mean() / self.flow.num_dims
+
+        if recon is not None:
+            rec = reconstruction_loss(recon, images, cfg.l1_weight, cfg.mse_weight)
+            terms["reconstruction"] = rec.detach()
+            total = total + rec
+            if self.perceptual is not None and cfg.lpips_weight > 0:
+                lp = self.perceptual(recon, images)
+                terms["lpips"] = lp.detach()
+                total = total + cfg.lpips_weight * lp
+            w_adv = adversarial_weight(step, cfg.adv_start_step, cfg.adv_weight)
+            if self.discriminator is not None and w_adv > 0:
+                self.discriminator.requires_grad_(False)  # the generator step must not train D
+                adv = generator_adversarial_loss(self.discriminator(recon))
+                self.discriminator.requires_grad_(True)
+                terms["adversarial"] = adv.detach()
+                total = total + w_adv * adv
+            terms["psnr"] = psnr(recon.detach(), images)
+        if posterior is not None:
+            terms["posterior_std"] = posterior.std.detach().mean()
+            terms["latent_mean_std"] = posterior.mean.detach().std()
+            if cfg.kl_weight > 0:
+                kl = kl_loss(posterior)
+                terms["kl"] = kl.detach()
+                total = total + cfg.kl_weight * kl
+        if repa_on:
+            target = self.repa_target(images)
+            grid = int(math.isqrt(out.hidden.shape[1]))
+            target = resample_tokens(target, grid)
+            projected = self.repa_projector(out.hidden)
+            repa = repa_alignment_loss(projected, target)
+            terms["repa"] = repa.detach()
+            total = total + cfg.repa_weight * repa
+        terms["total"] = total.detach()
+        return LossOutput(total, terms, None if recon is None else recon.detach())
+
+    def discriminator_loss(self, images: Tensor, recon: Tensor, step: int) -> Tensor | None:
+        """Hinge loss of the PatchGAN on real images vs (detached) reconstructions, or None."""
+        if self.discriminator is None or adversarial_weight(step, self.cfg.adv_start_step,
+                                                            self.cfg.adv_weight) == 0:
+            return None
+        return hinge_discriminator_loss(self.discriminator(images), self.discriminator(recon.detach()))
+
+    # ---- sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, noise: Tensor, labels: Tensor | None, guidance: float | None = None,
+                 denoise: bool = False, denoise_step_scale: float = 1.0, **reverse_options) -> Tensor:
+        """Prior noise (B, *flow_input_shape) → images in [-1, 1] (clamped).
+
+        ``denoise`` applies the Tweedie step with σ = ``latent_noise_std`` to the flow's sample
+        before decoding (the noise-augmented baselines; SimFlow needs none).
+        """
+        x = self.flow.reverse(noise, labels, guidance=guidance, **reverse_options)
+        if denoise and self.cfg.latent_noise_std > 0:
+            x = self.flow.denoise(x, self.cfg.latent_noise_std, labels, denoise_step_scale)
+        return self.decode_latents(x).clamp(-1, 1)
+
+
+def psnr(recon: Tensor, target: Tensor) -> Tensor:
+    """Mean PSNR in dB of images on the [-1, 1] scale (peak-to-peak 2)."""
+    mse = (recon.clamp(-1, 1) - target).float().pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    return (10 * torch.log10(4.0 / mse)).mean()
+
+
+def build_model(cfg: Config, image_channels: int, num_classes: int) -> SimFlowModel:
+    """Everything one variant needs, from its resolved config."""
+    m, v, f = cfg.model, cfg.vae, cfg.flow
+    vae = None
+    if m.mode != "pixel":
+        vae = VAE(in_channels=image_channels, latent_channels=v.latent_channels,
+                  base_channels=v.base_channels, channel_mult=tuple(v.channel_mult),
+                  num_res_blocks=v.num_res_blocks, attn_resolutions=tuple(v.attn_resolutions),
+                  posterior=v.posterior, fixed_std=v.fixed_std, dropout=v.dropout,
+                  resolution=cfg.data.image_size)
+        channels, size = vae.latent_shape(cfg.data.image_size)[:2]
+    else:
+        channels, size = image_channels, cfg.data.image_size
+    flow = TransformerFlow(channels, size, f.patch_size, f.channels, f.layers_per_block,
+                           num_classes=num_classes if f.class_conditional else 0,
+                           head_dim=f.head_dim, conditioning=f.conditioning,
+                           label_drop=f.label_drop, scale_param=f.scale_param,
+                           soft_clip=f.soft_clip)
+    trains_decoder = m.mode in ("end_to_end", "frozen_encoder")
+    perceptual = (build_perceptual_loss(m.lpips_weight, backbone_weights_path=m.lpips_backbone_weights_path)
+                  if trains_decoder else None)
+    discriminator = (PatchDiscriminator(image_channels, m.disc_channels, m.disc_layers)
+                     if trains_decoder and m.adv_weight > 0 else None)
+    projector = target = None
+    if m.repa_weight > 0:
+        target = build_repa_target(cfg)
+        with torch.no_grad():
+            probe = target(torch.zeros(1, image_channels, cfg.data.image_size, cfg.data.image_size))
+        projector = REPAProjector(f.channels, probe.shape[-1], m.repa_hidden)
+    return SimFlowModel(m, flow, vae, perceptual, discriminator, projector, target)
+
+
+def build_repa_target(cfg: Config) -> nn.Module:
+    m = cfg.model
+    if m.repa_target == "classifier":
+        if not m.repa_target_weights_path:
+            raise ValueError("model.repa_target=classifier needs model.repa_target_weights_path: the "
+                             "checkpoint written by `simflow feature-extractor`")
+        from simflow.fid import classifier_patch_tokens
+        return build_target_encoder("module", module=classifier_patch_tokens(m.repa_target_weights_path))
+    return build_target_encoder(m.repa_target, m.repa_target_weights_path)
