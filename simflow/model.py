@@ -279,7 +279,8 @@ def build_model(cfg: Config, image_channels: int, num_classes: int) -> SimFlowMo
     trains_decoder = m.mode in ("end_to_end", "frozen_encoder")
     perceptual = (build_perceptual_loss(m.lpips_weight, backbone_weights_path=m.lpips_backbone_weights_path)
                   if trains_decoder else None)
-    discriminator = (PatchDiscriminator(image_channels, m.disc_channels, m.disc_layers)
+    discriminator = (PatchDiscriminator(image_channels, m.disc_channels, m.disc_layers,
+                                        image_size=cfg.data.image_size)
                      if trains_decoder and m.adv_weight > 0 else None)
     projector = target = None
     if m.repa_weight > 0:
