@@ -1,0 +1,389 @@
+"""Datasets for SimFlow: ``digits`` (unit tests), ``fashion_mnist`` (the demo) and ``imagefolder`` (ImageNet).
+
+Every dataset returns ``(image, label)``: ``image`` is a float32 tensor ``(C, H, W)`` with values in
+``[-1, 1]`` and ``label`` a Python ``int``. Nothing is downloaded unless the user opts in
+(``SIMFLOW_ALLOW_DOWNLOAD=1`` for Fashion-MNIST); a missing dataset raises
+:class:`DatasetNotFoundError`, whose message lists every path tried and how to get the data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "KNOWN_DATASETS",
+    "build_dataset",
+    "center_crop_arr",
+    "dataset_info",
+    "read_idx",
+    "subset_indices",
+]
+
+# Where Debian's `dataset-fashion-mnist` package puts the gzipped idx files. A module constant so that
+# tests can point it elsewhere to exercise the not-found path on a machine that has the package.
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+ALLOW_DOWNLOAD_ENV = "SIMFLOW_ALLOW_DOWNLOAD"
+
+# Fraction of sklearn's digits kept as the deterministic test split (the last 20% of the array).
+DIGITS_TEST_FRACTION = 0.2
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset files were not found; the message lists every path tried and how to get the data."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a named dataset.
+
+    channels: image channels (1 = grayscale, 3 = RGB).
+    num_classes: number of class labels (labels are ``0 .. num_classes - 1``).
+    native_size: side in pixels of the stored images (8 for digits, 28 for Fashion-MNIST). ImageNet
+        images vary in size; 256 is given, the resolution of the ADM/DiT/SimFlow benchmark.
+    """
+
+    channels: int
+    num_classes: int
+    native_size: int
+
+
+_INFO = {
+    "digits": DatasetInfo(channels=1, num_classes=10, native_size=8),
+    "fashion_mnist": DatasetInfo(channels=1, num_classes=10, native_size=28),
+    "imagefolder": DatasetInfo(channels=3, num_classes=1000, native_size=256),
+}
+KNOWN_DATASETS: tuple[str, ...] = tuple(_INFO)
+
+
+def _check_name(name: str) -> None:
+    if name not in _INFO:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(KNOWN_DATASETS)}")
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Channels, classes and native size of the dataset called ``name`` (see :data:`KNOWN_DATASETS`)."""
+    _check_name(name)
+    return _INFO[name]
+
+
+def subset_indices(n_total: int, n: int, seed: int) -> np.ndarray:
+    """``n`` distinct indices of ``range(n_total)``, drawn with ``seed`` and sorted (all of them if n >= n_total).
+
+    Used for evaluation subsets (e.g. reference images for KID/precision/recall), so that the same seed
+    always picks the same images.
+    """
+    if n_total <= 0:
+        raise ValueError(f"n_total must be positive, got {n_total}")
+    if n <= 0:
+        raise ValueError(f"subset size n must be positive, got {n}")
+    if n >= n_total:
+        return np.arange(n_total, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_total, size=n, replace=False)).astype(np.int64)
+
+
+def _resize(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Bilinear resize of a (C, H, W) or (B, C, H, W) float tensor to a square ``image_size``.
+
+    Antialiasing is used when shrinking, so that downsampling does not alias.
+    """
+    batched = image.dim() == 4
+    x = image if batched else image.unsqueeze(0)
+    shrinking = image_size < max(x.shape[-2:])
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=shrinking)
+    x = x.clamp(-1.0, 1.0)  # bilinear cannot overshoot, but antialias kernels can by a hair
+    return x if batched else x.squeeze(0)
+
+
+def _check_split(split: str, name: str) -> bool:
+    """True for the training split; ``val`` is an alias of ``test`` for the two small datasets."""
+    if split == "train":
+        return True
+    if split in ("test", "val"):
+        return False
+    raise ValueError(f"dataset {name!r}: unknown split {split!r}; use 'train' or 'test' ('val' = 'test')")
+
+
+def _check_size(image_size: int) -> None:
+    if not isinstance(image_size, int) or image_size <= 0:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+
+
+class _HFlip:
+    """Random horizontal flip of a (C, H, W) tensor with probability 1/2 (training augmentation)."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) < 0.5:
+            return image.flip(-1)
+        return image
+
+
+# --------------------------------------------------------------------------------------------------
+# digits (sklearn)
+# --------------------------------------------------------------------------------------------------
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 1797 handwritten digits (8x8, values 0..16), as (1, S, S) float32 images in [-1, 1].
+
+    Split: the first 80% of sklearn's fixed order is ``train`` (1438 images), the last 20% ``test`` (359).
+    Images are mapped with ``x / 8 - 1`` (0 -> -1, 16 -> 1) and resized bilinearly to ``image_size``
+    once at construction (the whole set is 1797 images, so keeping it as floats is cheap).
+    """
+
+    num_classes = 10
+    channels = 1
+
+    def __init__(self, split: str, image_size: int, hflip: bool = False) -> None:
+        from sklearn.datasets import load_digits  # imported lazily: sklearn costs ~1 s to import
+
+        train = _check_split(split, "digits")
+        _check_size(image_size)
+        bunch = load_digits()
+        images = bunch.images.astype(np.float32)  # (1797, 8, 8), 0..16
+        labels = bunch.target.astype(np.int64)
+        n_test = int(round(DIGITS_TEST_FRACTION * len(images)))
+        sl = slice(0, len(images) - n_test) if train else slice(len(images) - n_test, None)
+        x = torch.from_numpy(images[sl]).unsqueeze(1) / 8.0 - 1.0
+        if image_size != 8:
+            x = _resize(x, image_size)
+        self.images = x.contiguous()
+        self.labels = labels[sl]
+        self.transform = _HFlip() if hflip else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+# --------------------------------------------------------------------------------------------------
+# Fashion-MNIST (idx files)
+# --------------------------------------------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an idx file (the MNIST format), gzipped (``.gz``) or plain, into a numpy array.
+
+    Format: 2 zero bytes, a dtype code byte, a byte with the number of dimensions, one big-endian
+    uint32 per dimension, then the data. Raises ValueError on a malformed file.
+    """
+    path = Path(path)
+    opener: Callable = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an idx file (bad magic number {data[:4].hex()!r})")
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(f"{path}: idx header says shape {shape} ({expected} bytes) but the file holds {len(data) - header}")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def _idx_file(directory: Path, stem: str) -> Path | None:
+    """The plain or gzipped idx file ``stem`` in ``directory``, or None."""
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _fashion_stems(train: bool) -> tuple[str, str]:
+    prefix = "train" if train else "t10k"
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+
+
+def _fashion_candidate_dirs(root: str | Path | None) -> list[Path]:
+    dirs: list[Path] = []
+    if root is not None:
+        root = Path(root).expanduser()
+        dirs += [root, root / "FashionMNIST" / "raw"]
+    dirs.append(DEBIAN_FASHION_MNIST_DIR)
+    return dirs
+
+
+def _find_fashion_files(dirs: list[Path], train: bool) -> tuple[Path, Path] | None:
+    img_stem, lbl_stem = _fashion_stems(train)
+    for d in dirs:
+        images, labels = _idx_file(d, img_stem), _idx_file(d, lbl_stem)
+        if images is not None and labels is not None:
+            return images, labels
+    return None
+
+
+@lru_cache(maxsize=4)
+def _load_fashion_arrays(images_path: Path, labels_path: Path, mtime: float) -> tuple[np.ndarray, np.ndarray]:
+    # Cached per file (and modification time), so building train and eval datasets reads each file once.
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{images_path}: expected uint8 images of shape (N, H, W), got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"{labels_path}: expected {len(images)} labels, got shape {labels.shape}")
+    return images, labels.astype(np.int64)
+
+
+class FashionMNISTDataset(Dataset):
+    """Fashion-MNIST (60k train, 10k test, 28x28 grayscale, 10 classes) as (1, S, S) float32 in [-1, 1].
+
+    Pixels map with ``x / 127.5 - 1``. The 28x28 images are zero-padded by 2 pixels on each side with the
+    background value -1 to 32x32; any other ``image_size`` is reached by a bilinear resize of that 32x32
+    image. The arrays stay in memory as uint8 and are converted per item.
+    """
+
+    num_classes = 10
+    channels = 1
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, image_size: int, source: Path, hflip: bool = False) -> None:
+        self.images = images
+        self.labels = labels
+        self.image_size = image_size
+        self.source = source
+        self.transform = _HFlip() if hflip else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = torch.from_numpy(self.images[index].astype(np.float32)).unsqueeze(0) / 127.5 - 1.0
+        x = F.pad(x, (2, 2, 2, 2), value=-1.0)  # 28 -> 32 with background
+        if self.image_size != 32:
+            x = _resize(x, self.image_size)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[index])
+
+
+def _download_fashion_mnist(root: Path, train: bool) -> None:
+    import torchvision
+
+    # torchvision writes root/FashionMNIST/raw/*-ubyte(.gz); the search below then finds them there.
+    torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
+
+
+def _build_fashion_mnist(root: str | None, split: str, image_size: int, hflip: bool) -> FashionMNISTDataset:
+    train = _check_split(split, "fashion_mnist")
+    _check_size(image_size)
+    dirs = _fashion_candidate_dirs(root)
+    found = _find_fashion_files(dirs, train)
+    allow_download = os.environ.get(ALLOW_DOWNLOAD_ENV, "0") == "1"
+    if found is None and allow_download and root is not None:
+        _download_fashion_mnist(Path(root).expanduser(), train)
+        found = _find_fashion_files(dirs, train)
+    if found is None:
+        img_stem, lbl_stem = _fashion_stems(train)
+        tried = "\n".join(f"  - {d}" for d in dirs)
+        if allow_download and root is None:
+            download_note = f"{ALLOW_DOWNLOAD_ENV}=1 is set, but no data.root was given to download into."
+        elif allow_download:
+            download_note = f"the torchvision download into {root} did not produce the files."
+        else:
+            download_note = f"downloading is off (set {ALLOW_DOWNLOAD_ENV}=1 and data.root to let torchvision download it)."
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST {split} split not found: need {img_stem}[.gz] and {lbl_stem}[.gz] in one of:\n{tried}\n"
+            f"Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs into "
+            f"{DEBIAN_FASHION_MNIST_DIR}), or set data.root to a folder holding the idx files; {download_note}"
+        )
+    images_path, labels_path = found
+    images, labels = _load_fashion_arrays(images_path, labels_path, images_path.stat().st_mtime)
+    return FashionMNISTDataset(images, labels, image_size, source=images_path.parent, hflip=hflip)
+
+
+# --------------------------------------------------------------------------------------------------
+# ImageFolder (ImageNet)
+# --------------------------------------------------------------------------------------------------
+
+
+def center_crop_arr(pil_image, image_size: int):
+    """ADM's centre crop (guided-diffusion ``image_datasets.center_crop_arr``), returned as a PIL image.
+
+    Halve the image with BOX filtering while its short side is >= 2 * image_size (cheap, alias-free
+    downsampling), then BICUBIC-resize so the short side equals image_size, then crop the centre square.
+    """
+    from PIL import Image
+
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
+
+
+class _ADMTransform:
+    """PIL RGB image -> ADM centre crop -> float32 (3, S, S) in [-1, 1] (a class so DataLoader workers can pickle it)."""
+
+    def __init__(self, image_size: int, hflip: bool) -> None:
+        self.image_size = image_size
+        self.flip = _HFlip() if hflip else None
+
+    def __call__(self, pil_image) -> torch.Tensor:
+        arr = np.asarray(center_crop_arr(pil_image.convert("RGB"), self.image_size), dtype=np.float32)
+        x = torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+        return self.flip(x) if self.flip is not None else x
+
+
+def _build_imagefolder(root: str | None, split: str, image_size: int, hflip: bool) -> Dataset:
+    import torchvision
+
+    _check_size(image_size)
+    if root is None:
+        raise DatasetNotFoundError(
+            "imagefolder needs data.root: a folder with one sub-folder per split (e.g. train/, val/), "
+            "each holding one folder of images per class (the ImageNet layout)."
+        )
+    folder = Path(root).expanduser() / split
+    if not folder.is_dir():
+        present = sorted(p.name for p in Path(root).expanduser().iterdir() if p.is_dir()) if Path(root).expanduser().is_dir() else []
+        raise DatasetNotFoundError(
+            f"imagefolder split {split!r} not found: tried {folder} (data.root={root}; "
+            f"split folders present: {present or 'none'}). Set data.root to the ImageNet folder that holds {split}/."
+        )
+    ds = torchvision.datasets.ImageFolder(str(folder), transform=_ADMTransform(image_size, hflip))
+    # ImageFolder returns (tensor, int) already; record the class count for model construction.
+    ds.num_classes = len(ds.classes)
+    ds.channels = 3
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def build_dataset(name: str, root: str | None, split: str, image_size: int, *, hflip: bool = False) -> Dataset:
+    """Build the dataset ``name`` (one of :data:`KNOWN_DATASETS`) for ``split`` at ``image_size``.
+
+    Items are ``(image, label)``: float32 ``(C, image_size, image_size)`` in [-1, 1] and an int.
+    ``root`` is the data folder (required for ``imagefolder``; optional for ``fashion_mnist``; ignored
+    for ``digits``). ``hflip`` turns on random horizontal flips (training augmentation, off by default).
+    The returned dataset has ``num_classes`` and ``channels`` attributes.
+    """
+    _check_name(name)
+    if name == "digits":
+        return DigitsDataset(split, image_size, hflip=hflip)
+    if name == "fashion_mnist":
+        return _build_fashion_mnist(root, split, image_size, hflip)
+    return _build_imagefolder(root, split, image_size, hflip)

@@ -1,0 +1,812 @@
+"""Sample-quality metrics (FID, IS, KID, precision/recall) through torch-fidelity, plus the demo's proxy extractor.
+
+Formats and conventions
+-----------------------
+* Samples are ``.npz`` files whose key ``arr_0`` holds uint8 NHWC images (C = 1 or 3), the format of
+  the ADM evaluator (openai/guided-diffusion ``evaluations/``); optional ``arr_1`` holds the labels.
+* Float images in [-1, 1] become uint8 with DiT's formula ``clamp(127.5 * x + 128, 0, 255).to(uint8)``,
+  which truncates: -1 -> 0 (0.5 truncated), 0 -> 128, 1 -> 255 (255.5 clamped). Reference images from
+  a simflow dataset go through the same conversion, so samples and references are quantised alike.
+* FID: the sample features' mean/covariance come from torch-fidelity's feature extractor and are
+  compared with cached reference statistics (``mu``, ``sigma``) by torch-fidelity's own Fréchet
+  function. The reference may be a file written by :func:`compute_reference_statistics` or ADM's
+  ``VIRTUAL_imagenet256_labeled.npz`` (Inception pool3 ``mu``/``sigma`` of the whole ImageNet train set),
+  which makes ImageNet numbers comparable with published gFID.
+* Inception weights are never bundled (no package ships them): torch-fidelity downloads them to
+  ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth`` when online; offline, put
+  the file there or pass its path (config key ``fid.feature_extractor_weights_path``).
+
+The demo proxy
+--------------
+Fashion-MNIST at 32x32 grayscale has no meaningful Inception features, and the weights are not
+available offline. The demo therefore trains :class:`SmallClassifier` (a small CNN) on the data set and
+registers it with torch-fidelity (:func:`register_classifier_extractor`): "FID" then means the Fréchet
+distance between Gaussians fitted to that classifier's 128-d penultimate features, and "IS" uses its
+10 logits. These are honest proxies for ranking models on the demo; **their values are not comparable
+with Inception FID/IS numbers** in any paper. The classifier's intermediate conv map also serves as the
+frozen REPA target encoder of the demo (:func:`classifier_patch_tokens`).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import tempfile
+import urllib.error
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "CLASSIFIER_EXTRACTOR_NAME",
+    "ClassifierPatchTokens",
+    "FeatureExtractorWeightsError",
+    "INCEPTION_EXTRACTOR_NAME",
+    "NpzImages",
+    "SmallClassifier",
+    "classifier_patch_tokens",
+    "compute_metrics",
+    "compute_reference_statistics",
+    "extract_features",
+    "frechet_distance",
+    "images_to_uint8",
+    "inception_weights_cache_path",
+    "load_classifier",
+    "load_reference_statistics",
+    "register_classifier_extractor",
+    "save_classifier",
+    "save_samples_npz",
+    "train_feature_extractor",
+]
+
+INCEPTION_EXTRACTOR_NAME = "inception-v3-compat"
+INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+CLASSIFIER_EXTRACTOR_NAME = "simflow-classifier"
+_CHECKPOINT_FORMAT = "simflow-classifier-v1"
+
+
+class FeatureExtractorWeightsError(FileNotFoundError):
+    """The feature extractor's weights are not available (offline and not cached, or a wrong path)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversions and sample files
+# --------------------------------------------------------------------------------------------------
+
+
+def images_to_uint8(images: Tensor) -> Tensor:
+    """Float images (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C), DiT's ``clamp(127.5 * x + 128, 0, 255)``.
+
+    The cast truncates toward zero, so -1 -> 0, 0 -> 128 and 1 -> 255; values outside [-1, 1] clip.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images_to_uint8 expects (B, C, H, W), got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images_to_uint8 expects float images in [-1, 1], got dtype {images.dtype}")
+    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+
+
+def _check_nhwc_uint8(array: np.ndarray, what: str) -> None:
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"{what} must be uint8 NHWC with 1 or 3 channels (the ADM npz format), "
+            f"got dtype {array.dtype} and shape {array.shape}"
+        )
+
+
+def _atomic_target(path: Path) -> Path:
+    """A temporary file next to ``path`` (same filesystem, so the final rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_samples_npz(path: str | Path, uint8_nhwc: np.ndarray, labels: np.ndarray | None = None) -> Path:
+    """Write samples as an uncompressed ``.npz`` with ``arr_0`` = uint8 NHWC images and ``arr_1`` = labels.
+
+    This is the layout written by guided-diffusion's sampling scripts and read by the ADM evaluator.
+    The file is uncompressed, so :class:`NpzImages` can memory-map it; it is written atomically.
+    """
+    path = Path(path)
+    images = np.asarray(uint8_nhwc)
+    _check_nhwc_uint8(images, "samples")
+    arrays = {"arr_0": images}
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),):
+            raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
+        arrays["arr_1"] = labels.astype(np.int64)
+    tmp = _atomic_target(path)
+    with open(tmp, "wb") as f:  # a file object keeps numpy from appending ".npz" to the name
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def _npz_member_memmap(path: Path, key: str) -> np.ndarray | None:
+    """Memory-map member ``key`` of an uncompressed npz (None when it is compressed or absent).
+
+    50k ImageNet samples are ~10 GB, so reading them lazily matters. An uncompressed zip member is
+    stored contiguously after its local header, so the .npy payload can be mapped in place.
+    """
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(f"{key}.npy")
+        except KeyError:
+            return None
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            offset = f.tell()
+    if dtype.hasobject:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+
+
+def load_npz_array(path: str | Path, key: str = "arr_0") -> np.ndarray:
+    """Array ``key`` of an npz: memory-mapped when stored uncompressed, else read into memory."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"npz file not found: {path}")
+    mapped = _npz_member_memmap(path, key)
+    if mapped is not None:
+        return mapped
+    with np.load(path) as npz:
+        if key not in npz.files:
+            raise KeyError(f"{path} has no array {key!r} (it has {npz.files})")
+        return npz[key]
+
+
+class NpzImages(Dataset):
+    """Images of an ADM-style npz (or a uint8 NHWC array) as torch-fidelity inputs.
+
+    Items are uint8 tensors (3, H, W): grayscale images are repeated to 3 channels, as torch-fidelity's
+    extractors require RGB. ``labels`` holds ``arr_1`` when the file has it, else None.
+    """
+
+    def __init__(self, source: str | Path | np.ndarray, key: str = "arr_0") -> None:
+        if isinstance(source, np.ndarray):
+            self.images = source
+            self.labels = None
+            self.path = None
+        else:
+            self.path = Path(source)
+            self.images = load_npz_array(self.path, key)
+            with zipfile.ZipFile(self.path) as zf:
+                has_labels = "arr_1.npy" in zf.namelist()
+            self.labels = load_npz_array(self.path, "arr_1") if has_labels and key == "arr_0" else None
+        _check_nhwc_uint8(self.images, f"images in {self.path or 'array'}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tensor:
+        x = torch.from_numpy(np.array(self.images[index], copy=True)).permute(2, 0, 1)
+        if x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
+        return x.contiguous()
+
+
+class _FloatDatasetAsUint8(Dataset):
+    """Wrap a simflow dataset ((float image in [-1, 1], label) items) as uint8 (3, H, W) items."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tensor:
+        image = self.dataset[index][0]
+        x = images_to_uint8(image.unsqueeze(0))[0].permute(2, 0, 1)
+        if x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
+        return x.contiguous()
+
+
+class _Uint8GrayToRGB(Dataset):
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.dataset[index].expand(3, -1, -1).contiguous()
+
+
+def as_fidelity_dataset(source: Any) -> Dataset:
+    """Turn an npz path, a uint8 NHWC array or a Dataset into a torch-fidelity input (uint8 (3, H, W) items).
+
+    Datasets may yield uint8 (1 or 3, H, W) tensors or simflow's ``(float image in [-1, 1], label)`` pairs.
+    """
+    if isinstance(source, (str, Path)):
+        return NpzImages(source)
+    if isinstance(source, np.ndarray):
+        return NpzImages(source)
+    if isinstance(source, Dataset):
+        first = source[0]
+        if torch.is_tensor(first) and first.dtype == torch.uint8 and first.dim() == 3:
+            if first.shape[0] == 3:
+                return source
+            if first.shape[0] == 1:
+                return _Uint8GrayToRGB(source)
+        if isinstance(first, (tuple, list)) and torch.is_tensor(first[0]) and first[0].is_floating_point():
+            return _FloatDatasetAsUint8(source)
+        raise ValueError(
+            "a dataset used for metrics must yield uint8 (C, H, W) tensors or (float image in [-1, 1], label) "
+            f"pairs; its first item is {type(first).__name__}"
+        )
+    raise TypeError(f"expected an npz path, a uint8 NHWC array or a Dataset, got {type(source).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fréchet distance (independent implementation, used to check the torch-fidelity path)
+# --------------------------------------------------------------------------------------------------
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): |mu1-mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+
+    Uses scipy's matrix square root (the pytorch-fid/TTUR formulation); when the product is singular an
+    ``eps`` multiple of the identity is added to both covariances. Computed in float64.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, dtype=np.float64)), np.atleast_1d(np.asarray(mu2, dtype=np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64)), np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if isinstance(covmean, tuple):  # older scipy returned (sqrtm, error) with disp=False
+        covmean = covmean[0]
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        # Tiny imaginary parts come from round-off on near-singular products; large ones mean bad input.
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3 * max(1.0, np.abs(covmean).max())):
+            raise ValueError(f"frechet_distance: imaginary component {np.abs(covmean.imag).max():g} in sqrtm")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo proxy: a small classifier, its torch-fidelity extractor and its REPA patch tokens
+# --------------------------------------------------------------------------------------------------
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    # GroupNorm (not BatchNorm) so that train() and eval() compute the same function: the network is
+    # used frozen as a metric and as a REPA target, and must not depend on batch composition.
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(min(8, c_out), c_out), nn.SiLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(min(8, c_out), c_out), nn.SiLU(),
+    )
+
+
+class SmallClassifier(nn.Module):
+    """A small CNN classifier for (B, C, S, S) float images in [-1, 1] (C = 1 or 3, S = 32 by default).
+
+    Layout: three conv stages of width ``w``, ``2w``, ``4w`` at S, S/2 and S/4 (average pooling in
+    between). ``patch_map`` is the last stage's map, (B, 4w, S/4, S/4), used as REPA patch tokens;
+    ``forward_features`` global-averages it and applies a linear layer to the ``feature_dim``-d
+    penultimate features (the FID features), followed by SiLU and the class logits.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, feature_dim: int = 128, image_size: int = 32) -> None:
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"SmallClassifier supports 1 or 3 input channels, got {in_channels}")
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width, feature_dim=feature_dim, image_size=image_size)
+        self.in_channels, self.num_classes, self.image_size = in_channels, num_classes, image_size
+        self.stage1 = _conv_block(in_channels, width)
+        self.stage2 = _conv_block(width, 2 * width)
+        self.stage3 = _conv_block(2 * width, 4 * width)
+        self.to_features = nn.Linear(4 * width, feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.stage3[0].out_channels
+
+    def patch_map(self, x: Tensor) -> Tensor:
+        """(B, C, S, S) -> (B, 4w, S/4, S/4) conv features."""
+        x = F.avg_pool2d(self.stage1(x), 2)
+        x = F.avg_pool2d(self.stage2(x), 2)
+        return self.stage3(x)
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, S, S) -> (features (B, feature_dim), logits (B, num_classes))."""
+        feats = self.to_features(self.patch_map(x).mean(dim=(2, 3)))
+        return feats, self.head(F.silu(feats))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x)[1]
+
+
+def _match_input(x: Tensor, in_channels: int, image_size: int) -> Tensor:
+    """Adapt a float (B, C, H, W) batch to the classifier: channel count and spatial size."""
+    if x.shape[1] != in_channels:
+        if in_channels == 1:
+            x = x.mean(dim=1, keepdim=True)  # grayscale repeated to RGB: the mean is exact
+        elif x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        else:
+            raise ValueError(f"cannot feed {x.shape[1]}-channel images to a {in_channels}-channel classifier")
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > image_size)
+    return x
+
+
+def load_classifier(checkpoint_path: str | Path, map_location: str | torch.device = "cpu") -> SmallClassifier:
+    """Load a :class:`SmallClassifier` written by :func:`train_feature_extractor` (eval mode, frozen)."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"classifier checkpoint not found: {path}. Train it first (train_feature_extractor / the "
+            "'feature_extractor' workflow rule)."
+        )
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a simflow classifier checkpoint (expected format {_CHECKPOINT_FORMAT!r})")
+    model = SmallClassifier(**ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def save_classifier(model: SmallClassifier, path: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a checkpoint that :func:`load_classifier` reads (atomically, tensors on CPU)."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": _CHECKPOINT_FORMAT, "config": dict(model.config), "state_dict": state, "metrics": dict(metrics or {})}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def train_feature_extractor(
+    dataset: Dataset,
+    out_path: str | Path,
+    steps: int = 2000,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    *,
+    eval_dataset: Dataset | None = None,
+    width: int = 32,
+    feature_dim: int = 128,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Train a :class:`SmallClassifier` on ``dataset`` ((float image, label) items) and save its checkpoint.
+
+    AdamW with a cosine learning-rate decay over ``steps`` steps of ``batch_size`` images drawn with
+    replacement (seeded). Returns ``{"accuracy", "accuracy_split", "final_loss", "steps", "num_params",
+    "checkpoint"}``; accuracy is on ``eval_dataset`` when given, else on (up to 5000 of) the training images.
+    """
+    if steps <= 0 or batch_size <= 0:
+        raise ValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    image, _ = dataset[0]
+    if image.dim() != 3 or image.shape[-1] != image.shape[-2]:
+        raise ValueError(f"train_feature_extractor expects square (C, S, S) images, got {tuple(image.shape)}")
+    num_classes = int(getattr(dataset, "num_classes", 10))
+    torch.manual_seed(seed)
+    model = SmallClassifier(image.shape[0], num_classes, width, feature_dim, image.shape[-1]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    gen = torch.Generator().manual_seed(seed)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=steps * batch_size, generator=gen)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+
+    if eval_dataset is None:
+        split, eval_ds = "train", torch.utils.data.Subset(dataset, range(min(5000, len(dataset))))
+    else:
+        split, eval_ds = "eval", eval_dataset
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(eval_ds, batch_size=512):
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+            total += len(y)
+    result = {
+        "accuracy": correct / total,
+        "accuracy_split": split,
+        "final_loss": float(loss.item()),
+        "steps": steps,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "checkpoint": str(out_path),
+    }
+    save_classifier(model, out_path, metrics={k: v for k, v in result.items() if k != "checkpoint"})
+    return result
+
+
+class ClassifierPatchTokens(nn.Module):
+    """Frozen patch-token encoder for REPA: float images (B, C, H, W) in [-1, 1] -> tokens (B, N, D).
+
+    The tokens are the classifier's last conv stage (:meth:`SmallClassifier.patch_map`), D = 4 * width,
+    N = (S/4)^2 for the classifier's image size S (64 tokens at 32x32), or ``grid_size``^2 when a grid is
+    given (adaptive average pooling, to match the flow's token count). Inputs are resized and their
+    channels adapted to the classifier. The module never trains and returns no gradient (it is a target).
+    """
+
+    def __init__(self, classifier: SmallClassifier, grid_size: int | None = None) -> None:
+        super().__init__()
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.grid_size = grid_size
+        self.embed_dim = classifier.patch_dim
+        side = grid_size if grid_size is not None else classifier.image_size // 4
+        self.num_patches = side * side
+
+    def train(self, mode: bool = True) -> "ClassifierPatchTokens":
+        # A frozen target stays in eval mode even when a parent module calls .train().
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = _match_input(images.float(), self.classifier.in_channels, self.classifier.image_size)
+        fmap = self.classifier.patch_map(x)
+        if self.grid_size is not None and fmap.shape[-1] != self.grid_size:
+            fmap = F.adaptive_avg_pool2d(fmap, self.grid_size)
+        return fmap.flatten(2).transpose(1, 2).contiguous()
+
+
+def classifier_patch_tokens(checkpoint_path: str | Path, grid_size: int | None = None) -> ClassifierPatchTokens:
+    """The demo's frozen REPA target encoder: see :class:`ClassifierPatchTokens`."""
+    return ClassifierPatchTokens(load_classifier(checkpoint_path), grid_size)
+
+
+_EXTRACTOR_BASE: type | None = None
+
+
+def _classifier_extractor_base() -> type:
+    """Build (once) the torch-fidelity FeatureExtractorBase subclass wrapping a SmallClassifier.
+
+    Defined lazily because importing torch_fidelity costs ~3 s; ``simflow.fid`` is also imported for REPA.
+    """
+    global _EXTRACTOR_BASE
+    if _EXTRACTOR_BASE is not None:
+        return _EXTRACTOR_BASE
+    from torch_fidelity import FeatureExtractorBase
+    from torch_fidelity.helpers import vassert
+
+    class ClassifierFeatureExtractor(FeatureExtractorBase):
+        """uint8 (B, 3, H, W) -> ("features" (B, feature_dim), "logits" (B, num_classes)) of a SmallClassifier.
+
+        The checkpoint is the class attribute set at registration, or ``feature_extractor_weights_path``.
+        """
+
+        checkpoint_path: str | None = None
+
+        def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **kwargs: Any) -> None:
+            super().__init__(name, features_list)
+            path = feature_extractor_weights_path or self.checkpoint_path
+            if path is None:
+                raise FeatureExtractorWeightsError(f"no classifier checkpoint registered for feature extractor {name!r}")
+            self.classifier = load_classifier(path)
+
+        @staticmethod
+        def get_provided_features_list() -> tuple[str, ...]:
+            return ("features", "logits")
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric: str) -> str:
+            return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+        @staticmethod
+        def can_be_compiled() -> bool:
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile() -> Tensor:
+            return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+            vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting image as torch.Tensor with dtype=torch.uint8")
+            vassert(x.dim() == 4 and x.shape[1] == 3, f"Input is not Bx3xHxW: {x.shape}")
+            # Inverse of images_to_uint8 up to quantisation: 0 -> -1, 255 -> 1.
+            xf = _match_input(x.float() / 127.5 - 1.0, self.classifier.in_channels, self.classifier.image_size)
+            feats, logits = self.classifier.forward_features(xf)
+            out = {"features": feats, "logits": logits}
+            return tuple(out[name] for name in self.features_list)
+
+    _EXTRACTOR_BASE = ClassifierFeatureExtractor
+    return _EXTRACTOR_BASE
+
+
+def register_classifier_extractor(checkpoint_path: str | Path, name: str = CLASSIFIER_EXTRACTOR_NAME) -> str:
+    """Register the classifier at ``checkpoint_path`` as torch-fidelity feature extractor ``name``; returns ``name``.
+
+    Registering the same name again points it at the new checkpoint (torch-fidelity forbids replacing a
+    registry entry, so the registered class's checkpoint attribute is updated instead). A name taken by
+    another extractor (e.g. ``inception-v3-compat``) raises ValueError.
+    """
+    import torch_fidelity
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    base = _classifier_extractor_base()
+    path = str(Path(checkpoint_path).resolve())
+    load_classifier(path)  # fail now, with a clear message, rather than inside a metric computation
+    existing = FEATURE_EXTRACTORS_REGISTRY.get(name)
+    if existing is not None:
+        if not (isinstance(existing, type) and issubclass(existing, base)):
+            raise ValueError(f"feature extractor name {name!r} is taken by {existing.__name__}; choose another name")
+        existing.checkpoint_path = path
+        return name
+    cls = type(f"ClassifierFeatureExtractor_{name.replace('-', '_')}", (base,), {"checkpoint_path": path})
+    torch_fidelity.register_feature_extractor(name, cls)
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature extraction through torch-fidelity
+# --------------------------------------------------------------------------------------------------
+
+
+def inception_weights_cache_path() -> Path:
+    """Where torch-fidelity looks for (and downloads) the Inception weights: $TORCH_HOME/hub/checkpoints/..."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
+
+
+def _resolve_cuda(cuda: bool | None) -> bool:
+    if cuda is None:
+        return torch.cuda.is_available()
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("cuda=True was requested for the metrics but no CUDA device is available; pass cuda=False")
+    return bool(cuda)
+
+
+def _default_verbose() -> bool:
+    # torch-fidelity's progress bars and prints go to stderr; keep logs of batch jobs clean.
+    return sys.stderr.isatty()
+
+
+def _extractor_class(name: str) -> type:
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        raise ValueError(
+            f"feature extractor {name!r} is not registered with torch-fidelity (known: "
+            f"{', '.join(FEATURE_EXTRACTORS_REGISTRY)}); for the demo classifier call "
+            f"register_classifier_extractor(checkpoint, name={name!r}) first"
+        )
+    return FEATURE_EXTRACTORS_REGISTRY[name]
+
+
+def _create_extractor(name: str, layers: Iterable[str], weights_path: str | Path | None, cuda: bool, verbose: bool):
+    """torch-fidelity's ``create_feature_extractor``, with one clear error when weights are unavailable."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    _extractor_class(name)
+    if weights_path is not None and not Path(weights_path).is_file():
+        raise FeatureExtractorWeightsError(
+            f"feature extractor weights not found at {weights_path} (fid.feature_extractor_weights_path)"
+        )
+    try:
+        return create_feature_extractor(
+            name, list(dict.fromkeys(layers)), cuda=cuda, verbose=verbose,
+            feature_extractor_weights_path=None if weights_path is None else str(weights_path),
+        )
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as err:  # the download of missing weights failed
+        if weights_path is not None:
+            raise
+        if name == INCEPTION_EXTRACTOR_NAME:
+            where = (
+                f"Put the file {INCEPTION_WEIGHTS_FILENAME} at {inception_weights_cache_path()} "
+                f"(i.e. $TORCH_HOME/hub/checkpoints/{INCEPTION_WEIGHTS_FILENAME}), or set the config key "
+                "fid.feature_extractor_weights_path to its location. Fetch it on a machine with internet from "
+                "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILENAME
+            )
+        else:
+            where = f"Pre-download them into {torch.hub.get_dir()}, or set fid.feature_extractor_weights_path."
+        raise FeatureExtractorWeightsError(
+            f"could not load the weights of feature extractor {name!r}: the download failed ({err}). {where}"
+        ) from err
+
+
+def extract_features(source: Any, feat_extractor, batch_size: int = 64, cuda: bool = False, verbose: bool = False) -> dict[str, Tensor]:
+    """Run a torch-fidelity extractor over ``source`` (see :func:`as_fidelity_dataset`) -> {layer: (N, D) float}."""
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    dataset = as_fidelity_dataset(source)
+    if len(dataset) < 2:
+        raise ValueError(f"need at least 2 images for feature statistics, got {len(dataset)}")
+    return get_featuresdict_from_dataset(dataset, feat_extractor, batch_size, cuda, save_cpu_ram=True, verbose=verbose)
+
+
+def _statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    stats = fid_features_to_statistics(features.double())
+    return np.asarray(stats["mu"], dtype=np.float64), np.asarray(stats["sigma"], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference statistics and metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def _reference_metadata(path: Path) -> dict[str, Any]:
+    with np.load(path, allow_pickle=False) as npz:
+        meta = {}
+        for key in ("feature_extractor", "feature_layer", "num_images"):
+            if key in npz.files:
+                meta[key] = npz[key].item()
+        return meta
+
+
+def compute_reference_statistics(
+    dataset_or_npz: Any,
+    out_path: str | Path,
+    feature_extractor: str = INCEPTION_EXTRACTOR_NAME,
+    feature_extractor_weights_path: str | Path | None = None,
+    batch_size: int = 64,
+    cuda: bool | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """FID reference statistics of a data set, computed once and cached at ``out_path``.
+
+    ``dataset_or_npz``: an npz of uint8 NHWC images, such an array, or a Dataset (simflow's float pairs or
+    uint8 tensors). Writes an npz with ``mu`` (D,), ``sigma`` (D, D) (float64), ``num_images``,
+    ``feature_extractor`` and ``feature_layer``. An existing file made with the same extractor is reused
+    unless ``overwrite``; one made with another extractor raises ValueError.
+    """
+    out_path = Path(out_path)
+    cls = _extractor_class(feature_extractor)
+    layer = cls.get_default_feature_layer_for_metric("fid")
+    if out_path.is_file() and not overwrite:
+        meta = _reference_metadata(out_path)
+        if meta.get("feature_extractor") == feature_extractor and meta.get("feature_layer") == layer:
+            return out_path
+        raise ValueError(
+            f"{out_path} exists but holds statistics for extractor {meta.get('feature_extractor')!r} "
+            f"(layer {meta.get('feature_layer')!r}), not {feature_extractor!r}/{layer!r}; delete it or pass overwrite=True"
+        )
+    use_cuda = _resolve_cuda(cuda)
+    verbose = _default_verbose()
+    fe = _create_extractor(feature_extractor, [layer], feature_extractor_weights_path, use_cuda, verbose)
+    feats = extract_features(dataset_or_npz, fe, batch_size, use_cuda, verbose)[layer]
+    mu, sigma = _statistics(feats)
+    tmp = _atomic_target(out_path)
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(len(feats)),
+                 feature_extractor=np.str_(feature_extractor), feature_layer=np.str_(layer))
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def load_reference_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(mu (D,), sigma (D, D)) as float64 from a file of :func:`compute_reference_statistics` or ADM's
+    reference batch (e.g. ``VIRTUAL_imagenet256_labeled.npz``, whose ``mu``/``sigma`` are Inception pool3)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"reference statistics not found: {path}. Compute them with compute_reference_statistics, or download "
+            "ADM's VIRTUAL_imagenet256_labeled.npz (openai/guided-diffusion evaluations/README.md) for ImageNet 256."
+        )
+    with np.load(path, allow_pickle=False) as npz:
+        missing = [k for k in ("mu", "sigma") if k not in npz.files]
+        if missing:
+            raise KeyError(f"{path} is not a statistics file: missing {missing} (it has {npz.files})")
+        mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise ValueError(f"{path}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    return mu, sigma
+
+
+def compute_metrics(
+    samples_npz: str | Path,
+    reference: str | Path,
+    reference_images: Any = None,
+    feature_extractor: str = INCEPTION_EXTRACTOR_NAME,
+    feature_extractor_weights_path: str | Path | None = None,
+    isc: bool = True,
+    kid: bool = True,
+    prc: bool = False,
+    cuda: bool | None = None,
+    *,
+    batch_size: int = 64,
+    isc_splits: int = 10,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    prc_neighborhood: int = 3,
+    rng_seed: int = 2020,
+) -> dict[str, Any]:
+    """FID (and IS, KID, precision/recall) of the samples in ``samples_npz``.
+
+    FID: torch-fidelity's extractor over the samples -> mu/sigma -> torch-fidelity's
+    ``fid_statistics_to_metric`` against the reference statistics file ``reference``. IS uses the
+    samples alone (torch-fidelity: ``isc_splits`` shuffled splits, mean and std). KID and precision/recall
+    need ``reference_images`` (npz path, array or Dataset); without them their keys are absent.
+    Precision/recall use the FID feature layer (Inception pool3 as in the ADM evaluator, not VGG16).
+
+    Returns ``{"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall",
+    "num_samples", "feature_extractor"}`` (``num_reference_images`` too when reference images are used).
+    """
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    use_cuda = _resolve_cuda(cuda)
+    verbose = _default_verbose()
+    cls = _extractor_class(feature_extractor)
+    reference = Path(reference)
+    mu_ref, sigma_ref = load_reference_statistics(reference)
+    ref_extractor = _reference_metadata(reference).get("feature_extractor")
+    if ref_extractor is not None and ref_extractor != feature_extractor:
+        raise ValueError(
+            f"{reference} holds statistics of extractor {ref_extractor!r} but metrics were asked with "
+            f"{feature_extractor!r}; FID is only meaningful with the same extractor on both sides"
+        )
+    layer = {m: cls.get_default_feature_layer_for_metric(m) for m in ("isc", "fid", "kid")}
+    layer["prc"] = layer["fid"]
+    need_ref_images = (kid or prc) and reference_images is not None
+    if (kid or prc) and reference_images is None:
+        warnings.warn("compute_metrics: no reference_images given, so KID and precision/recall are skipped", stacklevel=2)
+    layers = [layer["fid"]] + ([layer["isc"]] if isc else []) + ([layer["kid"]] if need_ref_images else [])
+
+    fe = _create_extractor(feature_extractor, layers, feature_extractor_weights_path, use_cuda, verbose)
+    feats = extract_features(samples_npz, fe, batch_size, use_cuda, verbose)
+    mu, sigma = _statistics(feats[layer["fid"]])
+    if mu.shape != mu_ref.shape:
+        raise ValueError(
+            f"feature dimension mismatch: {feature_extractor!r} gives {mu.size}-d features but {reference} "
+            f"holds {mu_ref.size}-d statistics (ADM reference batches need inception-v3-compat)"
+        )
+    out: dict[str, Any] = {
+        "fid": fid_statistics_to_metric({"mu": mu, "sigma": sigma}, {"mu": mu_ref, "sigma": sigma_ref}, False)[KEY_METRIC_FID],
+        "num_samples": int(len(feats[layer["fid"]])),
+        "feature_extractor": feature_extractor,
+    }
+    if isc:
+        m = isc_features_to_metric(feats[layer["isc"]], splits=isc_splits, shuffle=True, rng_seed=rng_seed)
+        out["isc_mean"], out["isc_std"] = m[KEY_METRIC_ISC_MEAN], m[KEY_METRIC_ISC_STD]
+    if need_ref_images:
+        ref_feats = extract_features(reference_images, fe, batch_size, use_cuda, verbose)
+        out["num_reference_images"] = int(len(ref_feats[layer["fid"]]))
+        if kid:
+            f1, f2 = feats[layer["kid"]], ref_feats[layer["kid"]]
+            m = kid_features_to_metric(
+                f1, f2, kid_subsets=kid_subsets, kid_subset_size=min(kid_subset_size, len(f1), len(f2)),
+                rng_seed=rng_seed, verbose=False,
+            )
+            out["kid_mean"], out["kid_std"] = m[KEY_METRIC_KID_MEAN], m[KEY_METRIC_KID_STD]
+        if prc:
+            m = prc_features_to_metric(
+                feats[layer["prc"]], ref_feats[layer["prc"]], prc_neighborhood=prc_neighborhood,
+                save_cpu_ram=True, verbose=False,
+            )
+            out["precision"], out["recall"] = m[KEY_METRIC_PRECISION], m[KEY_METRIC_RECALL]
+    return out
