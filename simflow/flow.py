@@ -76,13 +76,25 @@ class KVCache:
     positions already written; attention at a new position reads the views ``[..., :length]``. The
     buffers are allocated once per sampling call and reused by every block (sized for the deepest),
     so no tensor is concatenated or reallocated in the token loop.
+
+    Two ways to use it:
+
+    * :meth:`write` (dynamic shapes): appends at ``length`` and returns the views up to the new
+      end, so attention cost grows with the position. The default sampling path.
+    * :meth:`write_at` + :meth:`mask` (static shapes): writes at a *tensor* position and returns
+      the full ``T``-long buffers; attention masks the positions after it. Every token step then has
+      the same shapes and no Python-int position, which is what ``torch.compile`` (no recompile per
+      token) and CUDA-graph capture need. Such a cache is zero-filled (``zero=True``): unwritten
+      slots are masked out, but a NaN left in uninitialised memory would survive the 0 weight.
     """
 
     def __init__(self, layers: int, batch: int, heads: int, seq_len: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, zero: bool = False):
         shape = (layers, batch, heads, seq_len, head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        alloc = torch.zeros if zero else torch.empty
+        self.keys = alloc(shape, device=device, dtype=dtype)
+        self.values = alloc(shape, device=device, dtype=dtype)
+        self.positions = torch.arange(seq_len, device=device)
         self.length = 0
 
     def reset(self) -> None:
@@ -96,6 +108,19 @@ class KVCache:
         self.keys[layer, :, :, self.length:end] = k
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def write_at(self, layer: int, position: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Static-shape write of one position: ``position`` is a (1,) long tensor, ``k, v`` are
+        (B, heads, 1, head_dim). Returns the full (B, heads, T, head_dim) buffers of ``layer``;
+        combine with :meth:`mask`. ``length`` is not touched (the position tensor is the state)."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, position, k.to(keys.dtype))
+        values.index_copy_(2, position, v.to(values.dtype))
+        return keys, values
+
+    def mask(self, position: Tensor) -> Tensor:
+        """(1, 1, 1, T) boolean attention mask: True at the slots ≤ ``position`` ((1,) long)."""
+        return (self.positions <= position).view(1, 1, 1, -1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,13 +146,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
-                query_scale: Tensor | None = None) -> Tensor:
+                query_scale: Tensor | None = None, position: Tensor | None = None) -> Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if query_scale is not None:
             q = q * query_scale.to(q.dtype)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif position is not None:  # static shapes: the whole buffer, later slots masked out
+            k, v = cache.write_at(layer, position, k, v)
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
+                                                 attn_mask=cache.mask(position))
         else:
             k, v = cache.write(layer, k, v)
             # With one new position every cached position is in its past, so attention is
@@ -174,13 +203,24 @@ class TransformerLayer(nn.Module):
             nn.init.zeros_(self.modulation[1].weight)
             nn.init.zeros_(self.modulation[1].bias)
 
+    def modulation_of(self, cond: Tensor) -> Tensor:
+        """AdaLN shift/scale/gate of both sub-layers for condition (B, width) → (B, 1, 6·width).
+
+        The condition is constant over the tokens of a sample, so the sampler computes this once
+        per block instead of once per token (it would otherwise cost half as much as the layer)."""
+        return self.modulation(cond)[:, None]
+
     def forward(self, x: Tensor, cond: Tensor | None, cache: KVCache | None = None, layer: int = 0,
-                query_scale: Tensor | None = None) -> Tensor:
+                query_scale: Tensor | None = None, position: Tensor | None = None,
+                modulation: Tensor | None = None) -> Tensor:
         if self.modulation is None:
-            x = x + self.attn(self.norm1(x), cache, layer, query_scale)
+            x = x + self.attn(self.norm1(x), cache, layer, query_scale, position)
             return x + self.mlp(self.norm2(x))
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
-        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, cache, layer, query_scale)
+        if modulation is None:
+            modulation = self.modulation_of(cond)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, cache, layer, query_scale,
+                                  position)
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
 

@@ -1,0 +1,93 @@
+"""``simflow <stage> --config FILE [--set key.path=value ...]`` and the helper commands.
+
+Exit status: 0 on success, 2 for a problem with the input (config, dataset, missing upstream
+file), 3 for a non-finite loss, 1 for a failed or cancelled job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from simflow.stages import STAGES
+
+STAGE_HELP = {
+    "feature-extractor": "train the demo's small classifier used as the FID feature extractor",
+    "fid-ref": "compute FID reference statistics once",
+    "pretrain-vae": "train the learnable-variance VAE used by the frozen variants",
+    "train": "train one variant (resumes from its latest checkpoint)",
+    "sample": "generate samples (npz in the ADM evaluator's format + PNG grid)",
+    "fid": "FID/IS(/KID/PR) of the samples with torch-fidelity",
+    "reconstruct": "rFID, PSNR and reconstruction under latent noise (Figure 3a/3b)",
+    "nll": "test-set bits/dim",
+    "latents": "encode a validation set and save the latent maps",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="simflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=STAGE_HELP[stage])
+        p.add_argument("--config", "-c", help="stage config YAML (defaults for every missing key)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    cfg = sub.add_parser("config", help="show the options, the JSON schema, or a resolved config")
+    cfg.add_argument("action", choices=["describe", "schema", "resolve"])
+    cfg.add_argument("--config", "-c")
+    cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    import importlib.util
+    if importlib.util.find_spec("simflow.bench"):  # TEMP until bench lands
+        bench = sub.add_parser("bench", help="benchmark training and sampling throughput")
+        from simflow import bench as bench_module
+        bench_module.add_arguments(bench)
+    return parser
+
+
+def config_command(args: argparse.Namespace) -> int:
+    import yaml
+
+    from simflow.config import describe, json_schema, load_config, to_dict
+    if args.action == "describe":
+        for key, type_name, default, text in describe():
+            print(f"{key} ({type_name}, default {default!r}): {text}")
+    elif args.action == "schema":
+        print(json.dumps(json_schema(), indent=2))
+    else:
+        print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "config":
+        return guarded(args.command, lambda: config_command(args))
+    if args.command == "bench":
+        from simflow import bench
+        return bench.main(args)
+    from simflow.stages import run_stage
+    return guarded(args.command, lambda: (run_stage(args.command, args.config, args.overrides), 0)[1])
+
+
+def guarded(command: str, fn) -> int:
+    """Run ``fn``; known failures become one line on stderr and an exit status."""
+    from simflow.config import ConfigError
+    from simflow.data import DatasetNotFoundError
+    from simflow.launch import LaunchError
+    from simflow.train import NonFiniteLossError
+    try:
+        return fn()
+    except (ConfigError, DatasetNotFoundError, FileNotFoundError, ValueError) as err:
+        print(f"simflow {command}: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"simflow {command}: error: {err}", file=sys.stderr)
+        return 3
+    except LaunchError as err:
+        print(f"simflow {command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""The stages of the study, one function each, and :func:`run_stage`, their common entry point.
+
+A stage reads its resolved :class:`~simflow.config.Config`, does one job on one GPU job (or a CPU),
+writes **final** files atomically at the end (their existence means the stage finished; the
+workflow relies on it) and logs into its variant's MLflow run. Which files each stage writes is
+listed in :data:`STAGE_OUTPUTS`.
+
+``run_stage`` honours ``launcher.backend``: ``local`` runs here; ``submitit-local`` and ``slurm``
+submit one checkpointable :class:`~simflow.launch.StageJob` (one task per GPU) and wait for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from simflow.config import Config, load_config, save_config, to_dict
+from simflow.data import build_dataset, subset_indices
+from simflow.distributed import DistEnv, barrier, init_distributed, shutdown
+from simflow.flow import bits_per_dim
+from simflow.model import SimFlowModel, build_model, psnr
+from simflow.tracking import StageRun, flatten, init_study, init_variant_run, resolve_tracking_uri
+
+STAGE_OUTPUTS = {
+    "feature-extractor": ["classifier.pt", "classifier.json"],
+    "fid-ref": ["reference_stats.npz"],
+    "pretrain-vae": ["vae.pt", "train_summary.json"],
+    "train": ["model.pt", "train_summary.json"],
+    "sample": ["samples.npz", "samples.png"],
+    "fid": ["metrics/fid.json"],
+    "reconstruct": ["metrics/reconstruct.json", "interpolation.npz"],
+    "nll": ["metrics/nll.json"],
+    "latents": ["latents.npz"],
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Small utilities
+# ------------------------------------------------------------------------------------------
+def write_json(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_png(path: Path, image: np.ndarray) -> Path:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_npz(path: Path, **arrays: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+class RunLogger:
+    """Adapter from the training loop's logger protocol to an MLflow :class:`StageRun`."""
+
+    def __init__(self, run: StageRun, run_dir: Path):
+        self.run, self.run_dir = run, run_dir
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+        self.run.log_metrics(metrics, step)
+
+    def log_image(self, image: np.ndarray, name: str) -> None:
+        path = write_png(self.run_dir / name, image)
+        self.run.log_artifact(path, str(Path(name).parent) if Path(name).parent != Path(".") else None)
+
+
+def eval_images(cfg: Config, n: int, split: str = "test", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed subset of ``n`` images of ``split`` (the same for every variant)."""
+    dataset = build_dataset(cfg.data.name, cfg.data.root, split, cfg.data.image_size)
+    idx = subset_indices(len(dataset), n, seed)
+    items = [dataset[int(i)] for i in idx]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def load_trained(cfg: Config, device: torch.device) -> SimFlowModel:
+    """The trained model of this variant (EMA weights when ``sample.use_ema``)."""
+    path = Path(cfg.run_dir) / "model.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run `simflow train` for this variant first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    info = ckpt["data_info"]
+    model = build_model(cfg, info["channels"], info["num_classes"])
+    model.load_state_dict(ckpt["ema" if cfg.sample.use_ema else "model"])
+    return model.to(device).eval()
+
+
+def register_extractor(cfg: Config) -> None:
+    if cfg.eval.feature_extractor == "simflow-classifier":
+        if not cfg.eval.classifier_path:
+            raise ValueError("eval.feature_extractor=simflow-classifier needs eval.classifier_path "
+                             "(the classifier.pt of `simflow feature-extractor`)")
+        from simflow.fid import register_classifier_extractor
+        register_classifier_extractor(cfg.eval.classifier_path)
+
+
+def batched(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+# ------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------
+def stage_feature_extractor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
+    from simflow.fid import train_feature_extractor
+    run_dir = Path(cfg.run_dir)
+    if not env.is_main:
+        return {}
+    train_set = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size)
+    test_set = build_dataset(cfg.data.name, cfg.data.root, "test", cfg.data.image_size)
+    result = train_feature_extractor(train_set, run_dir / "classifier.pt", steps=cfg.eval.classifier_steps,
+                                     batch_size=64, seed=cfg.train.seed, eval_dataset=test_set,
+                                     width=16, device=env.device)
+    run.log_metrics({"feature_extractor/accuracy": result["accuracy"]})
+    write_json(run_dir / "classifier.json", result)
+    return result
+
+
+def stage_fid_ref(cfg: Config, env: DistEnv, run: StageRun) -> dict:
+    from simflow.fid import compute_reference_statistics
+    if not env.is_main:
+        return {}
+    register_extractor(cfg)
+    dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size)
+    subset = Subset(dataset, subset_indices(len(dataset), cfg.eval.num_reference, 0).tolist())
+    out = compute_reference_statistics(subset, Path(cfg.run_dir) / "reference_stats.npz",
+                                       cfg.eval.feature_extractor, cfg.eval.feature_extractor_weights_path,
+                                       cuda=env.device.type == "cuda")
+    return {"reference_stats": str(out), "num_images": len(subset)}
+
+
+def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -> dict:
+    from simflow.train import atomic_save, train
+    run_dir = Path(cfg.run_dir)
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        try:
+            run.log_params_once(flatten(to_dict(cfg)))
+        except ValueError as err:  # a changed config re-run into the same MLflow run
+            warnings.warn(f"MLflow params not updated: {err}", stacklevel=1)
+        run.log_artifact(run_dir / "config.yaml", "config")
+    result = train(cfg, env, RunLogger(run, run_dir) if env.is_main else None, vae_only=vae_only)
+    summary = result.summary
+    if not env.is_main:
+        return summary
+    if not summary["finished"]:
+        print(f"stopped at step {summary['steps']} of {cfg.train.steps} (train.max_steps_this_run); "
+              "the same command resumes from the checkpoint", flush=True)
+        return summary
+    dataset_info = {"channels": result.model.vae.in_channels if result.model.vae is not None
+                    else result.model.flow.in_channels,
+                    "num_classes": result.model.flow.num_classes or _num_classes(cfg)}
+    if vae_only:
+        vae_state = {k[len("vae."):]: v for k, v in result.ema_state.items() if k.startswith("vae.")}
+        atomic_save({"vae": vae_state, "config": to_dict(cfg), "data_info": dataset_info}, run_dir / "vae.pt")
+    else:
+        atomic_save({"ema": result.ema_state, "model": result.model.state_dict(), "config": to_dict(cfg),
+                     "data_info": dataset_info, "summary": summary}, run_dir / "model.pt")
+        from simflow.train import sample_grid
+        RunLogger(run, run_dir).log_image(sample_grid(result.model, result.ema_state), "samples/final.png")
+    run.log_metrics({"train/train_time_s": summary["train_time_s"], "train/img_per_s_mean": summary["img_per_s"]},
+                    summary["steps"])
+    write_json(run_dir / "train_summary.json", summary)
+    return summary
+
+
+def _num_classes(cfg: Config) -> int:
+    return build_dataset(cfg.data.name, cfg.data.root, "test", cfg.data.image_size).num_classes
+
+
+def stage_pretrain_vae(cfg: Config, env: DistEnv, run: StageRun) -> dict:
+    return _finish_training(cfg, env, run, vae_only=True)
+
+
+def stage_train(cfg: Config, env: DistEnv, run: StageRun) -> dict:
+    return _finish_training(cfg, env, run, vae_only=False)
+
+
+def sample_noise_and_labels(cfg: Config, model: SimFlowModel, indices: range) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Noise and label of every global sample index, each drawn from its own seeded generator, so
+    the samples do not depend on how many processes or jobs produced them."""
+    shape = model.flow_input_shape
+    noise, labels = [], []
+    k = model.flow.num_classes
+    for i in indices:
+        gen = torch.Generator().manual_seed(cfg.sample.seed * 1_000_003 + i)
+        noise.append(torch.randn(shape, generator=gen) * cfg.sample.temperature)
+        if k:
+            labels.append(i % k if cfg.sample.labels == "balanced" else int(torch.randint(k, (1,), generator=gen)))
+    return torch.stack(noise), (torch.tensor(labels) if k else None)
+
+
+def rank_slice(n: int, env: DistEnv) -> range:
+    """Contiguous share of the global indices 0..n-1 for this rank."""
+    per = math.ceil(n / env.world_size)
+    return range(env.rank * per, min(n, (env.rank + 1) * per))
+
+
+def stage_sample(cfg: Config, env: DistEnv, run: StageRun) -> dict:
+    from simflow.fid import images_to_uint8, save_samples_npz
+    from simflow.train import autocast, make_grid
+    run_dir = Path(cfg.run_dir)
+    model = load_trained(cfg, env.device)
+    s = cfg.sample
+    guidance = None if s.guidance == 0 else s.guidance
+    options: dict[str, Any] = {"use_cache": s.use_cache}
+    if guidance is not None:
+        options.update(guidance_method=s.guidance_method, attn_temp=s.attn_temp)
+        if s.guidance_method == "linear":
+            options.update(guide=s.guide, annealed=s.annealed)
+        elif s.guidance_method == "precision":
+            options.update(annealed=s.annealed)
+    mine = rank_slice(s.num_samples, env)
+    images, labels = [], []
+    for sl in batched(len(mine), s.batch_size):
+        noise, y = sample_noise_and_labels(cfg, model, mine[sl])
+        y = None if y is None else y.to(env.device)
+        with autocast(cfg, env.device):
+            out = model.generate(noise.to(env.device), y, guidance=guidance, denoise=s.denoise,
+                                 denoise_step_scale=s.denoise_step_scale, **options)
+        bad = ~torch.isfinite(out.float()).flatten(1).all(1)
+        if bad.any():
+            warnings.warn(f"{int(bad.sum())} non-finite samples in this batch (guidance too strong?)",
+                          stacklevel=1)
+        images.append(images_to_uint8(torch.nan_to_num(out.float())).cpu().numpy())
+        labels.append(np.full(len(noise), -1) if y is None else y.cpu().numpy())
+    shard = run_dir / f"samples.rank{env.rank}.npz"
+    save_npz(shard, images=np.concatenate(images), labels=np.concatenate(labels))
+    barrier(env)
+    if not env.is_main:
+        return {}
+    parts = [np.load(run_dir / f"samples.rank{r}.npz") for r in range(env.world_size)]
+    all_images = np.concatenate([p["images"] for p in parts])
+    all_labels = np.concatenate([p["labels"] for p in parts])
+    for r in range(env.world_size):
+        (run_dir / f"samples.rank{r}.npz").unlink()
+    save_samples_npz(run_dir / "samples.npz", all_images, all_labels)
+    grid = make_grid(all_images[:64], ncol=8)
+    RunLogger(run, run_dir).log_image(grid, "samples.png")
+    return {"num_samples": int(len(all_images))}
+
+
+def stage_fid(cfg: Config, env: DistEnv, run: StageRun) -> dict:
+    from simflow.fid import compute_metrics
+    if not env.is_main:
+        return {}
+    if not cfg.eval.reference_stats:
+        raise ValueError("eval.reference_stats is not set: run `simflow fid-ref` and point it at the "
+                         "reference_stats.npz (or at ADM's VIRTUAL_imagenet256_labeled.npz)")
+    register_extractor(cfg)
+    reference_images = None
+    if cfg.eval.kid or cfg.eval.prc:
+        dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size)
+        reference_images = Subset(dataset, subset_indices(len(dataset), cfg.eval.num_reference, 0).tolist())
+    metrics = compute_metrics(Path(cfg.run_dir) / "samples.npz", cfg.eval.reference_stats, reference_images,
+                              cfg.eval.feature_extractor, cfg.eval.feature_extractor_weights_path,
+                              isc=cfg.eval.isc, kid=cfg.eval.kid, prc=cfg.eval.prc,
+                              cuda=env.device.type == "cuda")
+    run.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    write_json(Path(cfg.run_dir) / "metrics" / "fid.json", metrics)
+    return metrics
+
+
+@torch.no_grad()
+def stage_reconstruct(cfg: Config, env: DistEnv, run: StageRun) -> dict:
+    from simflow.fid import compute_metrics, images_to_uint8, save_samples_npz
+    run_dir = Path(cfg.run_dir)
+    if not env.is_main:
+        return {}
+    model = load_trained(cfg, env.device)
+    out_json = run_dir / "metrics" / "reconstruct.json"
+    if model.vae is None:
+        save_npz(run_dir / "interpolation.npz", arr_0=np.zeros((0, 1, 1, 1), np.uint8), not_applicable=True)
+        result = {"rfid": None, "psnr": None, "noise_sweep": [], "not_applicable": "pixel-space model (no VAE)"}
+        write_json(out_json, result)
+        return result
+    images, labels = eval_images(cfg, cfg.eval.num_recon)
+    vae = model.vae
+    recon, means = [], []
+    for sl in batched(len(images), 128):
+        mean = vae.encode(images[sl].to(env.device)).mode()
+        means.append(mean)
+        recon.append(vae.decode(mean).clamp(-1, 1).cpu())
+    recon_t, mean_t = torch.cat(recon), torch.cat(means)
+    result: dict[str, Any] = {"psnr": float(psnr(recon_t, images)), "mse": float((recon_t - images).pow(2).mean())}
+    if cfg.eval.reference_stats:
+        register_extractor(cfg)
+        npz = save_samples_npz(run_dir / "reconstructions.npz", images_to_uint8(recon_t).numpy())
+        fid = compute_metrics(npz, cfg.eval.reference_stats, None, cfg.eval.feature_extractor,
+                              cfg.eval.feature_extractor_weights_path, isc=False, kid=False, prc=False,
+                              cuda=env.device.type == "cuda")
+        result["rfid"] = fid["fid"]
+    else:
+        result["rfid"] = None
+    gen = torch.Generator().manual_seed(0)
+    sweep = []
+    for std in cfg.eval.noise_levels:
+        noisy = []
+        for sl in batched(len(mean_t), 128):
+            eps = torch.randn(mean_t[sl].shape, generator=gen).to(env.device)
+            noisy.append(vae.decode(mean_t[sl] + std * eps).clamp(-1, 1).cpu())
+        noisy_t = torch.cat(noisy)
+        sweep.append({"noise_std": std, "psnr": float(psnr(noisy_t, images)),
+                      "mse": float((noisy_t - images).pow(2).mean())})
+    result["noise_sweep"] = sweep
+    result["posterior"] = cfg.vae.posterior if model.mode == "end_to_end" else f"pretrained {cfg.vae.posterior}"
+    # Figure 3b: decoded linear interpolation between two images of different classes.
+    a = 0
+    b = int(torch.nonzero(labels != labels[a])[0]) if (labels != labels[a]).any() else min(1, len(labels) - 1)
+    ts = torch.linspace(0, 1, 8, device=mean_t.device)
+    path = torch.stack([(1 - t) * mean_t[a] + t * mean_t[b] for t in ts])
+    save_npz(run_dir / "interpolation.npz", arr_0=images_to_uint8(vae.decode(path).clamp(-1, 1)).cpu().numpy())
+    run.log_metrics({"eval/rfid": result["rfid"] if result["rfid"] is not None else float("nan"),
+                     "eval/recon_psnr": result["psnr"]})
+    for k, row in enumerate(sweep):
+        run.log_metrics({"eval/noise_sweep_psnr": row["psnr"]}, step=k)
+    write_json(out_json, result)
+    return result
+
+
+@torch.no_grad()
+def stage_nll(cfg: Config, env: DistEnv, run: StageRun) -> dict:
+    if not env.is_main:
+        return {}
+    model = load_trained(cfg, env.device)
+    images, labels = eval_images(cfg, cfg.eval.num_nll)
+    y_all = labels if model.flow.num_classes else None
+    nlls = []
+    gen_state = torch.get_rng_state()
+    torch.manual_seed(0)  # the posterior noise / dequantisation noise of this evaluation
+    for sl in batched(len(images), 128):
+        x = images[sl].to(env.device)
+        y = None if y_all is None else y_all[sl].to(env.device)
+        if model.vae is None:
+            x = x + torch.rand_like(x) * (2.0 / 255.0)  # uniform dequantisation (TarFlow's bpd)
+        else:
+            _, x = model.encode_latents(x, sample=True)
+        nlls.append(model.flow.nll(x.float(), y).cpu())
+    torch.set_rng_state(gen_state)
+    nll = torch.cat(nlls)
+    d = model.flow.num_dims
+    correction = math.log(127.5) if model.vae is None else 0.0
+    result = {"nll_bpd": float(bits_per_dim(nll, d, correction).mean()),
+              "nll_nats_per_dim": float(nll.mean() / d),
+              "space": "pixels (uniform dequantisation, 8-bit bits/dim)" if model.vae is None
+              else "latents (bits per latent dimension; not comparable to pixel bits/dim)",
+              "num_images": len(images)}
+    run.log_metrics({"eval/nll_bpd": result["nll_bpd"]})
+    write_json(Path(cfg.run_dir) / "metrics" / "nll.json", result)
+    return result
+
+
+@torch.no_grad()
+def stage_latents(cfg: Config, env: DistEnv, run: StageRun) -> dict:
+    if not env.is_main:
+        return {}
+    model = load_trained(cfg, env.device)
+    out = Path(cfg.run_dir) / "latents.npz"
+    if model.vae is None:
+        save_npz(out, not_applicable=True)
+        return {"not_applicable": True}
+    images, labels = eval_images(cfg, cfg.eval.num_latents, split="test", seed=1)
+    mus, zs = [], []
+    torch.manual_seed(0)
+    for sl in batched(len(images), 128):
+        mu, z = model.encode_latents(images[sl].to(env.device), sample=True)
+        mus.append(mu.cpu().numpy())
+        zs.append(z.cpu().numpy())
+    save_npz(out, mu=np.concatenate(mus), z=np.concatenate(zs), labels=labels.numpy())
+    return {"num_latents": len(images)}
+
+
+STAGES: dict[str, Callable[[Config, DistEnv, StageRun], dict]] = {
+    "feature-extractor": stage_feature_extractor,
+    "fid-ref": stage_fid_ref,
+    "pretrain-vae": stage_pretrain_vae,
+    "train": stage_train,
+    "sample": stage_sample,
+    "fid": stage_fid,
+    "reconstruct": stage_reconstruct,
+    "nll": stage_nll,
+    "latents": stage_latents,
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------
+def variant_run_id_file(cfg: Config) -> Path:
+    """The MLflow run-id file of this variant; created (with the study's parent run) when the
+    config names none, e.g. for a stage run by hand outside the workflow."""
+    if cfg.tracking.run_id_file:
+        return Path(cfg.tracking.run_id_file)
+    path = Path(cfg.run_dir) / "mlflow_run_id.txt"
+    if not path.exists():
+        uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.results_root)
+        parent = Path(cfg.results_root) / cfg.study / "mlflow_parent_run_id.txt"
+        init_study(uri, cfg.tracking.experiment, cfg.study, parent)
+        init_variant_run(uri, cfg.tracking.experiment, parent, cfg.variant, path)
+    return path
+
+
+def run_stage(stage: str, config_path: str | None, overrides: list[str] | None = None) -> dict:
+    """Load the config, then run ``stage`` here or through the configured launcher."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    overrides = list(overrides or [])
+    cfg = load_config(config_path, overrides)
+    if cfg.launcher.backend != "local":
+        from simflow.launch import LauncherConfig, StageJob, launch
+        launcher = LauncherConfig.from_dict(to_dict(cfg.launcher))
+        job = StageJob(stage, str(config_path) if config_path else None, overrides + ["launcher.backend=local"])
+        return launch(job, launcher, job_name=f"{cfg.study}.{cfg.variant}.{stage}")
+    env = init_distributed()
+    try:
+        uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.results_root)
+        enabled = cfg.tracking.enabled and env.is_main
+        run_id_file = variant_run_id_file(cfg) if enabled else Path(os.devnull)
+        with StageRun(uri, run_id_file, stage.replace("-", "_"), enabled=enabled) as run:
+            return STAGES[stage](cfg, env, run)
+    finally:
+        shutdown()

@@ -1,0 +1,598 @@
+"""MLflow tracking for a study: one experiment, a parent run per study, a child run per variant.
+
+Layout in the tracking store::
+
+    experiment <experiment_name>
+      run <study_name>                       parent, written to <study>/parent_run_id.txt
+        run <variant>  (mlflow.parentRunId)  one per variant, written to <variant>/run_id.txt
+          stage train  -> params, metrics, tags slurm_job_id.train, host.train, ...
+          stage sample -> ...
+          stage fid    -> ...
+
+Every stage of a variant (possibly a different process, node or SLURM job, possibly a requeued
+one) attaches to the variant's run through :class:`StageRun`; run ids travel between stages as
+small text files so that Snakemake can order the rules on them.
+
+Only global rank 0 of a job may call into this module: callers gate (``StageRun(enabled=rank ==
+0)``). The default store is a SQLite file inside the results folder. SQLite is fine for a
+handful of concurrent writers on one machine or a local disk; on NFS prefer an ``http://``
+tracking server (``mlflow server --backend-store-uri sqlite:///...``) and point every job at it
+with ``MLFLOW_TRACKING_URI`` or the configured URI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+__all__ = [
+    "StageRun",
+    "flatten",
+    "init_study",
+    "init_tracking_store",
+    "init_variant_run",
+    "provenance_tags",
+    "read_run_id",
+    "resolve_tracking_uri",
+]
+
+log = logging.getLogger(__name__)
+
+# Quieten MLflow before it is first imported: no tqdm bars for artifact uploads in SLURM logs,
+# no GitPython warning when git is missing on a compute node. setdefault keeps a user's choice.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# MLflow 3 sends usage telemetry to an external server; compute nodes are often offline, where
+# each attempt waits on a timeout (about 2 s more per process exit). Opt out unless asked.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+# Limits of MLflow's REST/SQL stores (mlflow/utils/validation.py in 3.17).
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAM_VALUE_LEN = 6000
+
+_SQLITE_PREFIX = "sqlite:///"
+
+# URIs whose store this process has already initialised (init_tracking_store is idempotent but
+# costs a lock plus a schema check; every public entry point calls it).
+_initialised_uris: set[str] = set()
+_init_guard = threading.Lock()
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str | float | int]:
+    """Flatten a nested mapping into dotted keys, for MLflow params.
+
+    ``{"model": {"depth": 8, "dims": [64, 128]}, "lr": 1e-4}`` becomes
+    ``{"model.depth": 8, "model.dims": "[64, 128]", "lr": 0.0001}``. Lists and tuples, ``None``
+    and any other non-scalar become their ``str``; bools stay bools (a subclass of int).
+    """
+    out: dict[str, str | float | int] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name))
+        elif isinstance(value, (int, float, str)):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
+
+
+def resolve_tracking_uri(configured: str | None, results_dir: str | Path) -> str:
+    """Pick the tracking URI: the configured value, else ``$MLFLOW_TRACKING_URI``, else a SQLite
+    file ``<results_dir>/mlflow.db`` (absolute).
+
+    A relative SQLite path (``sqlite:///runs/mlflow.db``) is made absolute against the current
+    directory, so that jobs started elsewhere (SLURM, submitit) reach the same file.
+    """
+    for candidate in (configured, os.environ.get("MLFLOW_TRACKING_URI")):
+        if candidate is not None and str(candidate).strip():
+            return _absolute_sqlite(str(candidate).strip())
+    db = Path(results_dir).expanduser().resolve() / "mlflow.db"
+    return f"{_SQLITE_PREFIX}{db}"
+
+
+def _absolute_sqlite(uri: str) -> str:
+    path = _sqlite_path(uri)
+    if path is None or path.is_absolute():
+        return uri
+    return f"{_SQLITE_PREFIX}{path.resolve()}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``sqlite:////abs`` is absolute), else None."""
+    if not uri.startswith(_SQLITE_PREFIX):
+        return None
+    rest = uri[len(_SQLITE_PREFIX):].split("?", 1)[0]
+    if rest in ("", ":memory:"):
+        return None
+    return Path(rest)
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive ``fcntl.flock`` on ``lock_path`` (created if needed), held for the block.
+
+    flock is per open file description, so it also serialises threads of one process that each
+    open the file, and it is released by the kernel if the holder dies.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written ids)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_run_id(run_id_file: str | Path) -> str:
+    """The run id stored in ``run_id_file`` (one line). Raises FileNotFoundError with a hint."""
+    path = Path(run_id_file)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"MLflow run id file {path} does not exist: create the run first "
+            "(simflow.tracking.init_study / init_variant_run, i.e. the workflow's mlflow init rules)"
+        )
+    run_id = path.read_text().strip()
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+        raise ValueError(
+            f"MLflow run id file {path} holds {run_id!r}, not a 32-hex-digit run id; delete the file "
+            "to create a new run"
+        )
+    return run_id
+
+
+def _lock_for(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+# --------------------------------------------------------------------------------------------
+# provenance
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _git_state() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the git checkout holding this package; (None, None) if not a checkout.
+
+    Read from the package's own folder, not the cwd: Snakemake may run in another directory.
+    ``git status --porcelain`` counts untracked, non-ignored files as dirty.
+    """
+    pkg_dir = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(
+                ["git", *args], cwd=pkg_dir, capture_output=True, text=True, timeout=20, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return proc.stdout if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None, None
+    # --no-optional-locks: never take .git/index.lock (a concurrent `git commit` would fail)
+    status = git("--no-optional-locks", "status", "--porcelain")
+    return commit.strip(), (None if status is None else bool(status.strip()))
+
+
+def provenance_tags() -> dict[str, str]:
+    """Tags that say where and from what code a process runs.
+
+    ``host``; ``git_commit``, ``git_dirty`` and MLflow's own ``mlflow.source.git.commit`` when
+    the package is a git checkout (left out otherwise); ``slurm_job_id`` when under SLURM.
+    """
+    tags = {"host": socket.gethostname()}
+    commit, dirty = _git_state()
+    if commit is not None:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    if dirty is not None:
+        tags["git_dirty"] = str(dirty).lower()
+    if os.environ.get("SLURM_JOB_ID"):
+        tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+    return tags
+
+
+def _job_id() -> str | None:
+    """The scheduler's id of this job: SLURM's, else submitit-local's, else None."""
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+
+
+# --------------------------------------------------------------------------------------------
+# store, study and variant runs
+# --------------------------------------------------------------------------------------------
+def _client(tracking_uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def init_tracking_store(tracking_uri: str) -> None:
+    """Create the store's schema once, before parallel jobs write to it.
+
+    MLflow creates (and migrates) a SQLite schema on the first connection of every process; when
+    several processes do that at once on a fresh file they race and corrupt it for good
+    (``table _alembic_tmp_... already exists``). So the first connection is made under an
+    exclusive file lock ``<db>.lock`` next to the database. For ``http(s)://`` and other URIs
+    the server owns the schema and nothing is done. Idempotent and cheap after the first call.
+    """
+    with _init_guard:
+        if tracking_uri in _initialised_uris:
+            return
+        db = _sqlite_path(tracking_uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with _file_lock(db.with_name(db.name + ".lock")):
+                # Any query opens the store, which creates/upgrades the schema and the Default
+                # experiment; MLflow caches the store per URI for the rest of the process.
+                _client(tracking_uri).search_experiments(max_results=1)
+        elif tracking_uri.startswith(("file:", "/", ".", "~")):
+            raise ValueError(
+                f"tracking URI {tracking_uri!r} is a file store, which MLflow 3.17 refuses; use "
+                "'sqlite:///<abs path>/mlflow.db' or an 'http://host:port' tracking server"
+            )
+        _initialised_uris.add(tracking_uri)
+
+
+def _artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
+    """``<db folder>/mlartifacts/<experiment>`` for a SQLite store, so artifacts stay next to
+    the results instead of ``./mlruns`` in whatever the cwd is; None (server default) otherwise."""
+    db = _sqlite_path(tracking_uri)
+    if db is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment_name).strip("_") or "experiment"
+    return (db.resolve().parent / "mlartifacts" / safe).as_uri()
+
+
+def _get_or_create_experiment(client: Any, tracking_uri: str, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"MLflow experiment {name!r} exists but is deleted; restore it "
+                f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or use another name"
+            )
+        return str(exp.experiment_id)
+    try:
+        return str(client.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name)))
+    except MlflowException:
+        # Another process created it between our lookup and create (http store, no shared lock).
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+def _existing_run(client: Any, run_id_file: Path) -> Any | None:
+    """The live run named by ``run_id_file``, or None if the file or the run is missing/deleted."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id_file.is_file():
+        return None
+    run_id = run_id_file.read_text().strip()
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        log.warning("run id file %s names run %s, which is not in the store: creating a new run",
+                    run_id_file, run_id)
+        return None
+    if run.info.lifecycle_stage == "deleted":
+        log.warning("run %s named by %s is deleted: creating a new run", run_id, run_id_file)
+        return None
+    return run
+
+
+def _str_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
+
+
+def init_study(
+    tracking_uri: str,
+    experiment_name: str,
+    study_name: str,
+    run_id_file: Path,
+    tags: dict[str, Any] | None = None,
+) -> str:
+    """Create (once) the experiment and the study's parent run; return the parent run id.
+
+    Idempotent: if ``run_id_file`` names a live run it is reused. Otherwise the experiment is
+    created if needed (artifacts under ``<db folder>/mlartifacts``), a parent run named
+    ``study_name`` with tag ``study`` (plus ``tags`` and :func:`provenance_tags`) is created and
+    ended as FINISHED (it is a container; a stage that logs into it reopens it), and its id is
+    written atomically to ``run_id_file``. Concurrent callers are serialised by a lock file
+    next to ``run_id_file``.
+    """
+    run_id_file = Path(run_id_file)
+    init_tracking_store(tracking_uri)
+    client = _client(tracking_uri)
+    with _file_lock(_lock_for(run_id_file)):
+        run = _existing_run(client, run_id_file)
+        if run is not None:
+            return str(run.info.run_id)
+        exp_id = _get_or_create_experiment(client, tracking_uri, experiment_name)
+        all_tags = {**provenance_tags(), **_str_tags(tags), "study": study_name, "simflow.kind": "study"}
+        run = client.create_run(exp_id, tags=all_tags, run_name=study_name)
+        client.set_terminated(run.info.run_id, status="FINISHED")
+        _write_atomic(run_id_file, run.info.run_id + "\n")
+        log.info("created MLflow study run %s (%s) in experiment %s", run.info.run_id, study_name,
+                 experiment_name)
+        return str(run.info.run_id)
+
+
+def init_variant_run(
+    tracking_uri: str,
+    experiment_name: str,
+    parent_run_id_file: Path,
+    variant: str,
+    run_id_file: Path,
+    tags: dict[str, Any] | None = None,
+) -> str:
+    """Create (once) the child run of ``variant`` under the study's parent run; return its id.
+
+    Idempotent like :func:`init_study`. The child is named ``variant``, tagged
+    ``mlflow.parentRunId`` (so the UI nests it), ``variant``, the parent's ``study``, ``tags``
+    and :func:`provenance_tags`, and lives in the parent's experiment, which must be
+    ``experiment_name``.
+    """
+    run_id_file = Path(run_id_file)
+    parent_id = read_run_id(parent_run_id_file)
+    init_tracking_store(tracking_uri)
+    client = _client(tracking_uri)
+    with _file_lock(_lock_for(run_id_file)):
+        run = _existing_run(client, run_id_file)
+        if run is not None:
+            return str(run.info.run_id)
+        parent = client.get_run(parent_id)
+        exp = client.get_experiment(parent.info.experiment_id)
+        if exp.name != experiment_name:
+            raise ValueError(
+                f"parent run {parent_id} (from {parent_run_id_file}) belongs to experiment "
+                f"{exp.name!r}, not {experiment_name!r}: delete {parent_run_id_file} to start a new "
+                "study run, or fix the configured experiment name"
+            )
+        all_tags = {
+            **provenance_tags(),
+            **_str_tags(tags),
+            "mlflow.parentRunId": parent_id,
+            "variant": variant,
+            "simflow.kind": "variant",
+        }
+        if "study" in parent.data.tags:
+            all_tags.setdefault("study", parent.data.tags["study"])
+        run = client.create_run(exp.experiment_id, tags=all_tags, run_name=variant)
+        client.set_terminated(run.info.run_id, status="FINISHED")
+        _write_atomic(run_id_file, run.info.run_id + "\n")
+        log.info("created MLflow variant run %s (%s) under %s", run.info.run_id, variant, parent_id)
+        return str(run.info.run_id)
+
+
+# --------------------------------------------------------------------------------------------
+# a stage attached to a run
+# --------------------------------------------------------------------------------------------
+class _SignalKill(SystemExit):
+    """Raised by StageRun's SIGTERM handler: ends the run as KILLED, exits with 128 + signum."""
+
+
+class StageRun:
+    """Attach one stage (``train``, ``sample``, ``fid`` ...) of a variant to its MLflow run.
+
+    ``with StageRun(uri, run_id_file, "train", enabled=rank == 0) as tr: tr.log_metrics(...)``.
+
+    On enter the run named by ``run_id_file`` is reopened (``mlflow.start_run(run_id=...)``, so
+    fluent ``mlflow.log_*`` calls also land in it) and tagged with ``stage``,
+    ``slurm_job_id.<stage>`` / ``job_id.<stage>``, ``host.<stage>`` and :func:`provenance_tags`.
+    A SIGTERM handler (main thread only) turns ``scancel``/the time limit into a KILLED run and
+    exit status 143. On exit the run ends FINISHED on success, FAILED on an exception, KILLED on
+    KeyboardInterrupt or a signal (SIGTERM, or submitit's requeue exit after a timeout or
+    preemption; the requeued job reopens the run). The previous SIGTERM handler is restored.
+
+    Metrics: ``log_metrics({"loss": 0.3}, step)`` logs floats at an integer step (use the global
+    optimiser step so a resumed run lines up); non-finite values are skipped with a warning.
+    With ``enabled=False`` (ranks > 0, tracking switched off) every method is a no-op and
+    nothing is read or written.
+    """
+
+    def __init__(self, tracking_uri: str, run_id_file: Path, stage: str, enabled: bool = True) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", stage):
+            raise ValueError(f"stage name {stage!r} must be letters, digits, '_', '.' or '-' (it becomes a tag key)")
+        self.tracking_uri = tracking_uri
+        self.run_id_file = Path(run_id_file)
+        self.stage = stage
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self._client: Any = None
+        self._old_handler: Any = None
+        self._handler_installed = False
+        self._signalled: int | None = None
+        self._started_active = False
+
+    # -- context management ------------------------------------------------------------------
+    def __enter__(self) -> StageRun:
+        if not self.enabled:
+            return self
+        import mlflow
+
+        run_id = read_run_id(self.run_id_file)
+        init_tracking_store(self.tracking_uri)
+        self._client = _client(self.tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            # The caller already has this run open (its own start_run): log into it, but leave
+            # opening and ending it to the caller.
+            self._started_active = False
+        else:
+            mlflow.start_run(run_id=run_id, nested=active is not None)
+            self._started_active = True
+        self.run_id = run_id
+        tags = {**provenance_tags(), "stage": self.stage, f"host.{self.stage}": socket.gethostname()}
+        job_id = _job_id()
+        if job_id is not None:
+            tags[f"job_id.{self.stage}"] = job_id
+        if os.environ.get("SLURM_JOB_ID"):
+            tags[f"slurm_job_id.{self.stage}"] = os.environ["SLURM_JOB_ID"]
+        try:
+            self.set_tags(tags)
+        except BaseException:
+            if self._started_active:  # do not leave the run RUNNING and attached
+                mlflow.end_run(status="FAILED")
+            self.run_id = None
+            raise
+        if threading.current_thread() is threading.main_thread():
+            self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._handler_installed = True
+        return self
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        # End the run from __exit__, in ordinary control flow, not from inside the handler:
+        # the interrupted code may be in the middle of an SQLite write of its own.
+        self._signalled = signum
+        raise _SignalKill(128 + signum)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if not self.enabled or self.run_id is None:
+            return False
+        if self._handler_installed:
+            signal.signal(signal.SIGTERM, self._old_handler)
+            self._handler_installed = False
+        status = self._status_for(exc)
+        import mlflow
+
+        if not self._started_active:
+            return False
+        try:
+            mlflow.end_run(status=status)
+        except Exception:  # never mask the stage's own exception with a tracking error
+            log.exception("could not end MLflow run %s as %s", self.run_id, status)
+            if exc is None:
+                raise
+        return False
+
+    def _status_for(self, exc: BaseException | None) -> str:
+        if exc is None:
+            return "FINISHED"
+        if isinstance(exc, KeyboardInterrupt) or self._signalled is not None:
+            return "KILLED"
+        if isinstance(exc, SystemExit):
+            if exc.code in (0, None):
+                return "FINISHED"
+            # submitit exits with -1 right after requeueing a timed-out/preempted job (USR2)
+            if exc.code == -1 and os.environ.get("SUBMITIT_EXECUTOR"):
+                return "KILLED"
+        return "FAILED"
+
+    # -- logging ---------------------------------------------------------------------------------
+    def _check_attached(self) -> bool:
+        if not self.enabled:
+            return False
+        if self.run_id is None:
+            raise RuntimeError("StageRun is not entered: use it as `with StageRun(...) as tr:`")
+        return True
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags on the run (values made strings; None values skipped)."""
+        if not self._check_attached():
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in _str_tags(tags).items()]
+        for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=items[i:i + _MAX_PARAMS_PER_BATCH])
+
+    def log_params_once(self, params: Mapping[str, Any]) -> None:
+        """Log ``flatten(params)``, skipping keys the run already has (a requeued or later stage
+        re-logging the same config). A key present with a *different* value is an error: the
+        run would describe two configurations."""
+        if not self._check_attached():
+            return
+        from mlflow.entities import Param
+
+        existing = self._client.get_run(self.run_id).data.params
+        new: list[Param] = []
+        conflicts = []
+        for key, value in flatten(params).items():
+            text = str(value)[:_MAX_PARAM_VALUE_LEN]
+            if key in existing:
+                if existing[key] != text:
+                    conflicts.append(f"{key}: run has {existing[key]!r}, now {text!r}")
+                continue
+            new.append(Param(key, text))
+        if conflicts:
+            raise ValueError(
+                f"MLflow run {self.run_id} ({self.run_id_file}) already holds different values for "
+                "these params (MLflow params are immutable): " + "; ".join(conflicts)
+                + f". Delete {self.run_id_file} to track this configuration in a new run, or "
+                "restore the old values."
+            )
+        for i in range(0, len(new), _MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=new[i:i + _MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log the finite values of ``metrics`` at ``step`` (0 if None) in one batch."""
+        if not self._check_attached():
+            return
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        batch = []
+        for key, value in metrics.items():
+            v = float(value)
+            if not math.isfinite(v):
+                # no step in the text: Python shows a given warning once per call site, not per step
+                warnings.warn(f"MLflow: not logging non-finite values of metric {key!r} (got {v})",
+                              RuntimeWarning, stacklevel=2)
+                continue
+            batch.append(Metric(key, v, now_ms, int(step or 0)))
+        for i in range(0, len(batch), _MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=batch[i:i + _MAX_METRICS_PER_BATCH])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Copy the file or folder ``path`` into the run's artifacts (under ``artifact_path``)."""
+        if not self._check_attached():
+            return
+        p = Path(path)
+        if p.is_dir():
+            self._client.log_artifacts(self.run_id, str(p), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def log_dict(self, d: Mapping[str, Any], name: str) -> None:
+        """Store ``d`` as the artifact ``name`` (JSON, or YAML for a .yaml/.yml name)."""
+        if not self._check_attached():
+            return
+        self._client.log_dict(self.run_id, dict(d), name)

@@ -1,0 +1,434 @@
+"""The training loop shared by ``pretrain-vae`` and ``train``.
+
+Habits (nanoGPT / DiT / MAE): one checkpoint dict, written atomically; the data order is a pure
+function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would;
+EMA from step 0; bf16 autocast on CUDA without a GradScaler; every rank-dependent decision is made
+on the **global** rank.
+
+Gradient synchronisation: the model has up to three optimisers (flow, VAE, discriminator), frozen
+parts, and a generator pass in which the discriminator must not learn. Rather than wrapping it in
+``DistributedDataParallel`` (whose unused-parameter bookkeeping fights all three), gradients are
+averaged explicitly with one flat all-reduce per optimiser after the backward passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from simflow.config import Config, to_dict
+from simflow.data import build_dataset
+from simflow.distributed import DistEnv, all_reduce_mean_
+from simflow.model import SimFlowModel, build_model
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss is NaN/inf; names the step and the last good checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------
+# Data order
+# ------------------------------------------------------------------------------------------
+class StepBatches:
+    """Global batch of step s = slice of epoch e's permutation, seeded by (seed, e).
+
+    The global batch is split contiguously by global rank, so the union over ranks is the same
+    global batch whatever the world size. Stateless: resuming at step s needs nothing but s.
+    """
+
+    def __init__(self, dataset_len: int, global_batch: int, seed: int):
+        if global_batch > dataset_len:
+            raise ValueError(f"train.global_batch_size {global_batch} exceeds the dataset size {dataset_len}")
+        self.n = dataset_len
+        self.global_batch = global_batch
+        self.seed = seed
+        self.per_epoch = dataset_len // global_batch  # drop the ragged tail of each epoch
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._cache is None or self._cache[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = (epoch, torch.randperm(self.n, generator=gen))
+        return self._cache[1]
+
+    def indices(self, step: int, rank: int, world_size: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.per_epoch)
+        batch = self._permutation(epoch)[k * self.global_batch:(k + 1) * self.global_batch]
+        per_rank = self.global_batch // world_size
+        return batch[rank * per_rank:(rank + 1) * per_rank]
+
+
+def collate(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[int(i)] for i in indices]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------
+# Optimisation pieces
+# ------------------------------------------------------------------------------------------
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on ≥2-D weights only (nanoGPT), fused on CUDA."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.train.betas),
+                             fused=device.type == "cuda")
+
+
+class EMA:
+    """Exponential moving average of the trainable floating-point parameters (and a copy of the
+    buffers, e.g. the latent scale), kept as a full state dict of the model.
+
+    The decay warms up as min(decay, (1 + t)/(10 + t)) over update t, so a short run (the demo)
+    is not evaluated on weights that have barely left their initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.tracked = {name for name, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for name, value in model.state_dict().items():
+            if name in self.tracked and decay > 0:
+                self.state[name].lerp_(value, 1 - decay)
+            else:
+                self.state[name].copy_(value)
+
+
+def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def autocast(cfg: Config, device: torch.device):
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------
+class TrainLogger(Protocol):
+    """Where rank 0 sends metrics and images (an MLflow StageRun in the stages)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None: ...
+    def log_image(self, image: np.ndarray, name: str) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    model: SimFlowModel
+    ema_state: dict
+    summary: dict
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / "checkpoints"
+
+
+def find_resume_checkpoint(cfg: Config) -> Path | None:
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume != "auto":
+        path = Path(cfg.train.resume)
+        if not path.exists():
+            raise FileNotFoundError(f"train.resume={cfg.train.resume}: no such checkpoint")
+        return path
+    latest = checkpoint_dir(cfg) / "latest.pt"
+    return latest if latest.exists() else None
+
+
+def load_pretrained_vae(model: SimFlowModel, path: str | None) -> None:
+    if model.mode not in ("frozen_vae", "frozen_encoder"):
+        return
+    if not path:
+        raise ValueError(f"model.mode={model.mode} needs model.pretrained_vae: the vae.pt written "
+                         "by `simflow pretrain-vae`")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"model.pretrained_vae={path} does not exist; run `simflow "
+                                "pretrain-vae` first (the workflow does)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.vae.load_state_dict(state["vae"])
+
+
+def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
+          vae_only: bool = False) -> TrainResult:
+    """Run (or resume) training as configured; return the model, its EMA state and a summary.
+
+    ``vae_only`` trains the autoencoder alone (the ``pretrain-vae`` stage): the flow is built but
+    gets no optimiser and the NLL weight is 0. ``logger`` is used on rank 0 only.
+    """
+    device = env.device
+    t_cfg = cfg.train
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    world = env.world_size
+    if t_cfg.global_batch_size % world:
+        raise ValueError(f"train.global_batch_size={t_cfg.global_batch_size} is not divisible by "
+                         f"the world size {world}; change the batch or the number of GPUs")
+    per_rank = t_cfg.global_batch_size // world
+    micro = min(per_rank, t_cfg.micro_batch_size or per_rank)
+    if per_rank % micro:
+        raise ValueError(f"per-rank batch {per_rank} is not divisible by train.micro_batch_size={micro}")
+    accumulation = per_rank // micro
+
+    dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, hflip=cfg.data.hflip)
+    seed_everything(t_cfg.seed * world + env.rank)  # model init is identical: re-seeded below
+    torch.manual_seed(t_cfg.seed)
+    if vae_only:
+        cfg.model.nll_weight = 0.0
+    model = build_model(cfg, dataset.channels, dataset.num_classes).to(device)
+    load_pretrained_vae(model, cfg.model.pretrained_vae)
+    groups = model.parameter_groups()
+    if vae_only:
+        groups.pop("flow", None)
+    lrs = {"flow": t_cfg.lr, "vae": t_cfg.vae_lr, "disc": t_cfg.disc_lr}
+    optimizers = {name: make_optimizer(params, lrs[name], cfg, device) for name, params in groups.items()}
+    batches = StepBatches(len(dataset), t_cfg.global_batch_size, t_cfg.seed)
+
+    start_step = 0
+    ckpt_path = find_resume_checkpoint(cfg)
+    ema = None
+    if ckpt_path is not None:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
+        ema = EMA(model, t_cfg.ema_decay)
+        ema.state = {k: v.to(device) for k, v in ckpt["ema"].items()}
+        start_step = ckpt["step"]
+        set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if env.is_main:
+            print(f"resumed from {ckpt_path} at step {start_step}", flush=True)
+    else:
+        if model.mode in ("frozen_vae", "frozen_encoder"):
+            images, _ = collate(dataset, batches.indices(0, 0, 1))
+            model.calibrate_latent_scale(images.to(device))
+        ema = EMA(model, t_cfg.ema_decay)
+        seed_everything(t_cfg.seed * world + env.rank)  # per-rank streams for noise and dropout
+    last_good = ckpt_path
+
+    def save_checkpoint(step: int) -> Path:
+        nonlocal last_good
+        rngs = gather_rng(env)
+        if env.is_main:
+            state = {"model": model.state_dict(), "ema": ema.state,
+                     "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+                     "step": step, "rng": rngs, "config": to_dict(cfg), "world_size": world}
+            path = checkpoint_dir(cfg) / "latest.pt"
+            atomic_save(state, path)
+            if t_cfg.keep_every and step % t_cfg.keep_every == 0:
+                atomic_save(state, checkpoint_dir(cfg) / f"step_{step:07d}.pt")
+            last_good = path
+        return checkpoint_dir(cfg) / "latest.pt"
+
+    model.train()
+    step = start_step
+    steps_this_run = 0
+    images_seen, t_start, t_window = 0, time.perf_counter(), time.perf_counter()
+    progress = make_progress(t_cfg.steps, start_step, env)
+    terms_acc: dict[str, float] = {}
+    while step < t_cfg.steps:
+        if t_cfg.max_steps_this_run is not None and steps_this_run >= t_cfg.max_steps_this_run:
+            break
+        factor = lr_factor(step, t_cfg.warmup_steps, t_cfg.steps, t_cfg.min_lr_ratio)
+        for name, opt in optimizers.items():
+            for group in opt.param_groups:
+                group["lr"] = lrs[name] * factor
+        images, labels = collate(dataset, batches.indices(step, env.rank, world))
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+        recon_chunks = []
+        terms_step: dict[str, torch.Tensor] = {}
+        for chunk in range(accumulation):
+            sl = slice(chunk * micro, (chunk + 1) * micro)
+            with autocast(cfg, device):
+                out = model.training_losses(images[sl], labels[sl], step)
+            (out.total / accumulation).backward()
+            for k, v in out.terms.items():
+                terms_step[k] = terms_step.get(k, 0.0) + v.float() / accumulation
+            if out.recon is not None:
+                recon_chunks.append(out.recon)
+
+        loss_check = terms_step["total"].detach().clone().reshape(1)
+        all_reduce_mean_([loss_check], env)
+        if not torch.isfinite(loss_check).all():
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss_check.item()}) at step {step} of {cfg.variant}; the last "
+                f"good checkpoint is {last_good or 'none (no checkpoint written yet)'}, kept as it was. "
+                "Lower train.lr / model.nll_weight, or check the data, then resume from it.")
+
+        norms = {}
+        for name, opt in optimizers.items():
+            if name == "disc":
+                continue
+            params = [p for g in opt.param_groups for p in g["params"]]
+            all_reduce_mean_([p.grad for p in params if p.grad is not None], env)
+            norms[name] = (torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip) if t_cfg.grad_clip > 0
+                           else grad_norm(params))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        if "disc" in optimizers and recon_chunks:
+            recon = torch.cat(recon_chunks)
+            with autocast(cfg, device):
+                d_loss = model.discriminator_loss(images, recon, step)
+            if d_loss is not None:
+                d_loss.backward()
+                params = [p for g in optimizers["disc"].param_groups for p in g["params"]]
+                all_reduce_mean_([p.grad for p in params if p.grad is not None], env)
+                if t_cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip)
+                optimizers["disc"].step()
+                terms_step["disc_loss"] = d_loss.detach().float()
+            optimizers["disc"].zero_grad(set_to_none=True)
+
+        ema.update(model, step)
+        step += 1
+        steps_this_run += 1
+        images_seen += t_cfg.global_batch_size
+        for k, v in terms_step.items():
+            terms_acc[k] = terms_acc.get(k, 0.0) + float(v)
+        progress.update(1)
+
+        if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+            now = time.perf_counter()
+            n = t_cfg.log_every if step % t_cfg.log_every == 0 else (step - start_step) % t_cfg.log_every or 1
+            metrics = {f"train/{k}": v / n for k, v in terms_acc.items()}
+            metrics.update({f"train/grad_norm_{k}": float(v) for k, v in norms.items()})
+            metrics["train/lr"] = t_cfg.lr * factor
+            metrics["train/img_per_s"] = n * t_cfg.global_batch_size / max(now - t_window, 1e-9)
+            terms_acc, t_window = {}, now
+            if env.is_main:
+                progress.set_postfix(loss=f"{metrics['train/total']:.4f}", img_s=f"{metrics['train/img_per_s']:.0f}")
+                if not progress.enabled:
+                    print(f"step {step}/{t_cfg.steps} loss {metrics['train/total']:.4f} "
+                          f"img/s {metrics['train/img_per_s']:.1f}", flush=True)
+                if logger:
+                    logger.log_metrics(metrics, step)
+        if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0 and step < t_cfg.steps:
+            save_checkpoint(step)
+        if logger and env.is_main and t_cfg.sample_every and step % t_cfg.sample_every == 0:
+            logger.log_image(sample_grid(model, ema.state), f"samples/step_{step:07d}.png")
+    progress.close()
+    finished = step >= t_cfg.steps
+    save_checkpoint(step)  # also after max_steps_this_run, so a restart resumes exactly here
+    elapsed = time.perf_counter() - t_start
+    summary = {"steps": step, "finished": finished, "train_time_s": elapsed,
+               "img_per_s": images_seen / max(elapsed, 1e-9), "world_size": world,
+               "global_batch_size": t_cfg.global_batch_size, "accumulation": accumulation,
+               "final_loss": None if not terms_step else float(terms_step["total"]),
+               "num_params": {n: sum(p.numel() for p in ps) for n, ps in groups.items()}}
+    return TrainResult(model, ema.state, summary)
+
+
+def gather_rng(env: DistEnv) -> list[dict]:
+    """Every rank's RNG state (rank order), so a resume restores each rank's own stream."""
+    state = rng_state()
+    if not env.enabled:
+        return [state]
+    import torch.distributed as dist
+    states: list = [None] * env.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+class _NullProgress:
+    enabled = False
+
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw) -> None: ...
+    def close(self) -> None: ...
+
+
+def make_progress(total: int, initial: int, env: DistEnv):
+    """tqdm on a terminal (rank 0), plain log lines otherwise (SLURM logs stay small)."""
+    import sys
+    if not env.is_main or not sys.stderr.isatty():
+        return _NullProgress()
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    bar.enabled = True
+    return bar
+
+
+@torch.no_grad()
+def sample_grid(model: SimFlowModel, ema_state: dict, n: int = 16) -> np.ndarray:
+    """A fixed-noise grid from the EMA weights, uint8 (H·rows, W·cols, C), for MLflow."""
+    from simflow.fid import images_to_uint8
+    ema_model = copy.deepcopy(model)
+    ema_model.load_state_dict(ema_state)
+    ema_model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn((n, *model.flow_input_shape), generator=gen).to(device)
+    labels = (torch.arange(n, device=device) % model.flow.num_classes) if model.flow.num_classes else None
+    images = images_to_uint8(ema_model.generate(noise, labels)).cpu().numpy()
+    return make_grid(images)
+
+
+def make_grid(images: np.ndarray, ncol: int | None = None) -> np.ndarray:
+    """uint8 (N, H, W, C) → one uint8 image (rows·H, ncol·W, C)."""
+    n, h, w, c = images.shape
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / ncol))
+    grid = np.zeros((rows * h, ncol * w, c), dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = images[i]
+    return grid
