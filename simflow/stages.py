@@ -429,7 +429,10 @@ def run_stage(stage: str, config_path: str | None, overrides: list[str] | None =
     if cfg.launcher.backend != "local":
         from simflow.launch import LauncherConfig, StageJob, launch
         launcher = LauncherConfig.from_dict(to_dict(cfg.launcher))
-        job = StageJob(stage, str(config_path) if config_path else None, overrides + ["launcher.backend=local"])
+        # The job (and any requeue of it) runs from a snapshot of the resolved config, so editing
+        # the YAML while it waits in the queue cannot change what it does.
+        snapshot = save_config(cfg, Path(cfg.run_dir) / "jobs" / f"{stage}.yaml")
+        job = StageJob(stage, str(snapshot), ["launcher.backend=local"])
         return launch(job, launcher, job_name=f"{cfg.study}.{cfg.variant}.{stage}")
     env = init_distributed()
     try:
