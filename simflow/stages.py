@@ -24,7 +24,7 @@ from torch.utils.data import Subset
 
 from simflow.config import Config, load_config, save_config, to_dict
 from simflow.data import build_dataset, subset_indices
-from simflow.distributed import DistEnv, barrier, init_distributed, shutdown
+from simflow.distributed import DistEnv, barrier, check_launch_backend, init_distributed, shutdown
 from simflow.flow import bits_per_dim
 from simflow.model import SimFlowModel, build_model, psnr
 from simflow.tracking import StageRun, flatten, init_study, init_variant_run, resolve_tracking_uri
@@ -245,11 +245,15 @@ def stage_sample(cfg: Config, env: DistEnv, run: StageRun) -> dict:
         images.append(images_to_uint8(torch.nan_to_num(out.float())).cpu().numpy())
         labels.append(np.full(len(noise), -1) if y is None else y.cpu().numpy())
     shard = run_dir / f"samples.rank{env.rank}.npz"
-    save_npz(shard, images=np.concatenate(images), labels=np.concatenate(labels))
+    if images:
+        save_npz(shard, images=np.concatenate(images), labels=np.concatenate(labels))
+    else:  # more ranks than sample indices to share: this rank's share is empty
+        save_npz(shard, images=np.zeros((0,), np.uint8), labels=np.zeros((0,), np.int64))
     barrier(env)
     if not env.is_main:
         return {}
     parts = [np.load(run_dir / f"samples.rank{r}.npz") for r in range(env.world_size)]
+    parts = [p for p in parts if len(p["labels"])]
     all_images = np.concatenate([p["images"] for p in parts])
     all_labels = np.concatenate([p["labels"] for p in parts])
     for r in range(env.world_size):
@@ -427,6 +431,7 @@ def run_stage(stage: str, config_path: str | None, overrides: list[str] | None =
     overrides = list(overrides or [])
     cfg = load_config(config_path, overrides)
     if cfg.launcher.backend != "local":
+        check_launch_backend(cfg.launcher.backend)  # not from each rank of torchrun / srun
         from simflow.launch import LauncherConfig, StageJob, launch
         launcher = LauncherConfig.from_dict(to_dict(cfg.launcher))
         # The job (and any requeue of it) runs from a snapshot of the resolved config, so editing

@@ -29,7 +29,7 @@ from torch import nn
 
 from simflow.config import Config, to_dict
 from simflow.data import build_dataset
-from simflow.distributed import DistEnv, all_reduce_mean_
+from simflow.distributed import DistEnv, all_reduce_mean_, mean_over_ranks
 from simflow.model import SimFlowModel, build_model
 
 
@@ -252,7 +252,10 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
         ema = EMA(model, t_cfg.ema_decay)
         ema.state = {k: v.to(device) for k, v in ckpt["ema"].items()}
         start_step = ckpt["step"]
-        set_rng_state(ckpt["rng"][env.rank] if env.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][env.rank])
+        else:  # resumed on another world size: fresh, distinct per-rank streams
+            seed_everything((t_cfg.seed * world + env.rank) * 1_000_003 + start_step)
         if env.is_main:
             print(f"resumed from {ckpt_path} at step {start_step}", flush=True)
     else:
@@ -349,7 +352,9 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
         if step % t_cfg.log_every == 0 or step == t_cfg.steps:
             now = time.perf_counter()
             n = t_cfg.log_every if step % t_cfg.log_every == 0 else (step - start_step) % t_cfg.log_every or 1
-            metrics = {f"train/{k}": v / n for k, v in terms_acc.items()}
+            # Every rank gets here at the same steps: log the mean over ranks, i.e. the value of
+            # the global batch (rank 0's own terms describe 1/world of it).
+            metrics = {f"train/{k}": v / n for k, v in mean_over_ranks(terms_acc, env).items()}
             metrics.update({f"train/grad_norm_{k}": float(v) for k, v in norms.items()})
             metrics["train/lr"] = t_cfg.lr * factor
             metrics["train/img_per_s"] = n * t_cfg.global_batch_size / max(now - t_window, 1e-9)
@@ -372,7 +377,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
     summary = {"steps": step, "finished": finished, "train_time_s": elapsed,
                "img_per_s": images_seen / max(elapsed, 1e-9), "world_size": world,
                "global_batch_size": t_cfg.global_batch_size, "accumulation": accumulation,
-               "final_loss": None if not terms_step else float(terms_step["total"]),
+               "final_loss": None if not terms_step else float(loss_check),  # mean over ranks
                "num_params": {n: sum(p.numel() for p in ps) for n, ps in groups.items()}}
     return TrainResult(model, ema.state, summary)
 
