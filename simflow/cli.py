@@ -37,11 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("action", choices=["describe", "schema", "resolve"])
     cfg.add_argument("--config", "-c")
     cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    import importlib.util
-    if importlib.util.find_spec("simflow.bench"):  # TEMP until bench lands
-        bench = sub.add_parser("bench", help="benchmark training and sampling throughput")
-        from simflow import bench as bench_module
-        bench_module.add_arguments(bench)
+    bench = sub.add_parser("bench", help="benchmark training and sampling throughput")
+    from simflow import bench as bench_module
+    bench_module.add_arguments(bench)
     return parser
 
 
@@ -65,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return guarded(args.command, lambda: config_command(args))
     if args.command == "bench":
         from simflow import bench
-        return bench.main(args)
+        return guarded("bench", lambda: bench.main(args))
     from simflow.stages import run_stage
     return guarded(args.command, lambda: (run_stage(args.command, args.config, args.overrides), 0)[1])
 

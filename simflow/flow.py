@@ -31,6 +31,10 @@ Sampling inverts the blocks in reverse order, token by token, with a preallocate
 pass** of size 2B and combines their per-token parameters with a pluggable
 :class:`GuidanceStrategy`. The unconditional branch is the null class for conditional models, or the
 same input under an attention temperature τ (TarFlow's guidance for unconditional models).
+
+Speed options of :meth:`TransformerFlow.reverse` (static-shape step, ``torch.compile``, CUDA graphs,
+block-wise Jacobi) and :meth:`TransformerFlow.compile_blocks` for training are measured by
+``simflow bench`` and documented, with their tolerances, in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -72,10 +76,12 @@ def unpatchify(tokens: Tensor, channels: int, height: int, width: int, patch_siz
 class KVCache:
     """Preallocated keys and values of every layer of one flow block, written in place.
 
-    Shapes: ``keys``/``values`` are ``(layers, B, heads, T, head_dim)``. ``length`` is the number of
-    positions already written; attention at a new position reads the views ``[..., :length]``. The
-    buffers are allocated once per sampling call and reused by every block (sized for the deepest),
-    so no tensor is concatenated or reallocated in the token loop.
+    Shapes: ``keys``/``values`` are lists (one per layer) of ``(B, heads, T, head_dim)`` tensors —
+    separate tensors, not views of one stacked buffer, because ``torch.compile`` copies a whole
+    stacked buffer when a view of it is written in place. ``length`` is the number of positions
+    already written; attention at a new position reads the views ``[..., :length]``. The buffers
+    are allocated once per sampling call and reused by every block (sized for the deepest), so no
+    tensor is concatenated or reallocated in the token loop.
 
     Two ways to use it:
 
@@ -90,10 +96,10 @@ class KVCache:
 
     def __init__(self, layers: int, batch: int, heads: int, seq_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype, zero: bool = False):
-        shape = (layers, batch, heads, seq_len, head_dim)
+        shape = (batch, heads, seq_len, head_dim)
         alloc = torch.zeros if zero else torch.empty
-        self.keys = alloc(shape, device=device, dtype=dtype)
-        self.values = alloc(shape, device=device, dtype=dtype)
+        self.keys = [alloc(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.values = [alloc(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.positions = torch.arange(seq_len, device=device)
         self.length = 0
 
@@ -105,9 +111,9 @@ class KVCache:
         cached keys and values up to and including them."""
         n = k.shape[2]
         end = self.length + n
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def write_at(self, layer: int, position: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Static-shape write of one position: ``position`` is a (1,) long tensor, ``k, v`` are
@@ -146,17 +152,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
-                query_scale: Tensor | None = None, position: Tensor | None = None) -> Tensor:
+                query_scale: Tensor | None = None,
+                slot: tuple[Tensor, Tensor] | None = None) -> Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if query_scale is not None:
             q = q * query_scale.to(q.dtype)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif position is not None:  # static shapes: the whole buffer, later slots masked out
-            k, v = cache.write_at(layer, position, k, v)
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
-                                                 attn_mask=cache.mask(position))
+        elif slot is not None:  # static shapes: (position, mask); later slots masked out
+            k, v = cache.write_at(layer, slot[0], k, v)
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=slot[1])
         else:
             k, v = cache.write(layer, k, v)
             # With one new position every cached position is in its past, so attention is
@@ -203,25 +209,28 @@ class TransformerLayer(nn.Module):
             nn.init.zeros_(self.modulation[1].weight)
             nn.init.zeros_(self.modulation[1].bias)
 
-    def modulation_of(self, cond: Tensor) -> Tensor:
-        """AdaLN shift/scale/gate of both sub-layers for condition (B, width) → (B, 1, 6·width).
+    def modulation_of(self, cond: Tensor) -> tuple[Tensor, ...]:
+        """AdaLN terms of condition (B, width): (shift1, 1 + scale1, gate1, shift2, 1 + scale2,
+        gate2), each (B, 1, width).
 
-        The condition is constant over the tokens of a sample, so the sampler computes this once
-        per block instead of once per token (it would otherwise cost half as much as the layer)."""
-        return self.modulation(cond)[:, None]
+        The condition is constant over the tokens of a sample, so the sampler computes these once
+        per block instead of once per token (per token they would cost half as much as the layer)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
+        return shift1, 1 + scale1, gate1, shift2, 1 + scale2, gate2
 
     def forward(self, x: Tensor, cond: Tensor | None, cache: KVCache | None = None, layer: int = 0,
-                query_scale: Tensor | None = None, position: Tensor | None = None,
-                modulation: Tensor | None = None) -> Tensor:
+                query_scale: Tensor | None = None, slot: tuple[Tensor, Tensor] | None = None,
+                modulation: tuple[Tensor, ...] | None = None) -> Tensor:
+        """``slot`` = (position, mask) selects the static-shape cache path; ``modulation`` (from
+        :meth:`modulation_of`) replaces computing the AdaLN terms from ``cond``."""
         if self.modulation is None:
-            x = x + self.attn(self.norm1(x), cache, layer, query_scale, position)
+            x = x + self.attn(self.norm1(x), cache, layer, query_scale, slot)
             return x + self.mlp(self.norm2(x))
         if modulation is None:
             modulation = self.modulation_of(cond)
-        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
-        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, cache, layer, query_scale,
-                                  position)
-        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation
+        x = x + gate1 * self.attn(self.norm1(x) * scale1 + shift1, cache, layer, query_scale, slot)
+        return x + gate2 * self.mlp(self.norm2(x) * scale2 + shift2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,13 +249,16 @@ class GuidanceStrategy(Protocol):
 
     ``weight`` is the guidance scale w (0 = no guidance); ``position`` the token index in the block's
     order (0-based) and ``num_tokens`` the block's length T, for schedules annealed over tokens.
+    A strategy whose class sets ``accepts_position_tensor = True`` also accepts ``position`` as a
+    (1, n, 1) long tensor for n positions at once (used by Jacobi sampling; others are called
+    position by position).
     """
 
     def __call__(self, cond: StepParams, uncond: StepParams, weight: float, position: int,
                  num_tokens: int) -> StepParams: ...
 
 
-def annealed_weight(weight: float, position: int, num_tokens: int) -> float:
+def annealed_weight(weight: float, position: int | Tensor, num_tokens: int) -> float | Tensor:
     """TarFlow's annealed schedule: w_i = w·(i+1)/T, ramping up over the token index."""
     return weight * (position + 1) / num_tokens
 
@@ -257,6 +269,8 @@ class LinearGuidance:
     ``guide`` chooses what is extrapolated: ``"shift"``, ``"scale"`` or ``"both"``; ``annealed``
     ramps w over the token index as in TarFlow's FID evaluation.
     """
+
+    accepts_position_tensor = True
 
     def __init__(self, guide: str = "both", annealed: bool = False):
         if guide not in ("shift", "scale", "both"):
@@ -280,6 +294,8 @@ class PrecisionGuidance:
 
     With s = min(σ_c/σ_u, 1)²: σ = σ_c / √(1 + w − w·s) and μ = ((1+w)·μ_c − w·s·μ_u)/(1 + w − w·s).
     """
+
+    accepts_position_tensor = True
 
     def __init__(self, annealed: bool = False):
         self.annealed = annealed
@@ -378,17 +394,121 @@ class FlowBlock(nn.Module):
             hidden = self.order(hidden)  # back to raster order, so callers see the image grid
         return self.order(z).to(x.dtype), logdet, hidden
 
+    def modulations(self, ada_cond: Tensor | None) -> list[tuple[Tensor, ...]] | None:
+        """Per-layer AdaLN terms of a fixed condition (see :meth:`TransformerLayer.modulation_of`),
+        or None without AdaLN."""
+        if ada_cond is None or self.layers[0].modulation is None:
+            return None
+        return [layer.modulation_of(ada_cond) for layer in self.layers]
+
     def step(self, token_in: Tensor, position: int, cache: KVCache, add_cond: Tensor | None,
-             ada_cond: Tensor | None, query_scale: Tensor | None) -> StepParams:
+             ada_cond: Tensor | None, query_scale: Tensor | None,
+             modulations: list[tuple[Tensor, ...]] | None = None) -> StepParams:
         """Parameters of ``position`` given the transformer input of that position (B, 1, width)
-        (not yet position-embedded) and the cache holding all earlier positions."""
+        (not yet position-embedded) and the cache holding all earlier positions. ``modulations``
+        (from :meth:`modulations`) replaces recomputing the AdaLN terms of ``ada_cond``."""
         h = token_in + self.pos_embed[:, position:position + 1]
         if add_cond is not None:
             h = h + add_cond[:, None]
         for i, layer in enumerate(self.layers):
-            h = layer(h, ada_cond, cache=cache, layer=i, query_scale=query_scale)
+            h = layer(h, ada_cond, cache=cache, layer=i, query_scale=query_scale,
+                      modulation=None if modulations is None else modulations[i])
         cache.length += 1
         return self.params(h)
+
+    def step_static(self, token_in: Tensor, position: Tensor, cache: KVCache,
+                    add_cond: Tensor | None, query_scale: Tensor | None,
+                    modulations: list[tuple[Tensor, ...]] | None) -> tuple[Tensor, Tensor]:
+        """Static-shape version of :meth:`step`: ``position`` is a (1,) long tensor, the cache
+        (``zero=True``) is read in full under a length mask and ``cache.length`` is not used, so
+        every call has identical shapes. Returns (shift, log_scale), each (B, 1, D) in fp32.
+        AdaLN needs ``modulations`` (the condition is not an argument)."""
+        h = token_in + self.pos_embed.index_select(1, position)
+        if add_cond is not None:
+            h = h + add_cond[:, None]
+        slot = (position, cache.mask(position))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, None, cache=cache, layer=i, query_scale=query_scale, slot=slot,
+                      modulation=None if modulations is None else modulations[i])
+        p = self.params(h)
+        return p.shift, p.log_scale
+
+    def chunk_params(self, inputs: Tensor, start: int, cache: KVCache, add_cond: Tensor | None,
+                     query_scale: Tensor | None, modulations: list[tuple[Tensor, ...]] | None) -> StepParams:
+        """Parameters of positions ``start … start+n−1`` from their transformer inputs (B, n, width)
+        (not yet position-embedded), attending causally within the chunk and to the cached
+        positions < ``start`` (block-wise Jacobi). The chunk's keys/values are written at ``start``
+        and ``cache.length`` is left at ``start``, so the next iterate overwrites them."""
+        n = inputs.shape[1]
+        h = inputs + self.pos_embed[:, start:start + n]
+        if add_cond is not None:
+            h = h + add_cond[:, None]
+        cache.length = start
+        for i, layer in enumerate(self.layers):
+            h = layer(h, None, cache=cache, layer=i, query_scale=query_scale,
+                      modulation=None if modulations is None else modulations[i])
+        return self.params(h)
+
+
+def _static_step(block: FlowBlock, token_in: Tensor, position: Tensor, cache: KVCache,
+                 add_cond: Tensor | None, query_scale: Tensor | None,
+                 modulations: list[tuple[Tensor, ...]] | None) -> tuple[Tensor, Tensor]:
+    """Free-function form of :meth:`FlowBlock.step_static`, the unit that is compiled or captured
+    (one compiled artefact serves every block of the same depth)."""
+    return block.step_static(token_in, position, cache, add_cond, query_scale, modulations)
+
+
+_COMPILED_STEPS: dict[str, Callable] = {}
+
+
+def compiled_static_step(mode: str = "default") -> Callable:
+    """``torch.compile`` of :func:`_static_step` with static shapes, built once per mode and
+    process (``"reduce-overhead"`` adds CUDA graphs on GPU)."""
+    if mode not in _COMPILED_STEPS:
+        _COMPILED_STEPS[mode] = torch.compile(_static_step, mode=None if mode == "default" else mode,
+                                              dynamic=False)
+    return _COMPILED_STEPS[mode]
+
+
+class CUDAGraphStep:
+    """One flow block's static-shape token step captured once as a CUDA graph and replayed per
+    token. Inputs are copied into static buffers (``token_in`` (B, 1, width), ``position`` (1,));
+    the returned (shift, log_scale) are the graph's static outputs, overwritten by the next replay.
+    Capture happens under the caller's autocast settings (with the autocast weight cache off, as
+    graph capture requires)."""
+
+    def __init__(self, block: FlowBlock, cache: KVCache, add_cond: Tensor | None,
+                 query_scale: Tensor | None, modulations: list[tuple[Tensor, ...]] | None,
+                 token_shape: tuple[int, ...], token_dtype: torch.dtype):
+        device = cache.keys[0].device
+        if device.type != "cuda":
+            raise ValueError("CUDA-graph sampling needs the model and noise on a CUDA device")
+        self.token_in = torch.zeros(token_shape, device=device, dtype=token_dtype)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self._args = (block, cache, add_cond, query_scale, modulations)  # kept alive with the graph
+        amp = torch.is_autocast_enabled("cuda")
+        amp_dtype = torch.get_autocast_dtype("cuda")
+
+        def run() -> tuple[Tensor, Tensor]:
+            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp, cache_enabled=False):
+                return _static_step(block, self.token_in, self.position, cache, add_cond,
+                                    query_scale, modulations)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture (lazy inits, kernel selection)
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = run()
+
+    def __call__(self, token_in: Tensor, position: Tensor) -> tuple[Tensor, Tensor]:
+        self.token_in.copy_(token_in)
+        self.position.copy_(position)
+        self.graph.replay()
+        return self.outputs
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,11 +662,26 @@ class TransformerFlow(nn.Module):
         """
         return (x.float() + step_scale * noise_std ** 2 * self.score(x, y)).to(x.dtype)
 
+    # ---- speed options --------------------------------------------------------------------
+    def compile_blocks(self, **compile_options) -> "TransformerFlow":
+        """``torch.compile`` every block's forward in place (the training / density path; options go
+        to :func:`torch.compile`, e.g. ``mode="max-autotune"``). Parameter names and the state dict
+        are unchanged. Blocks of equal depth share one compiled graph. Compile after making any
+        ``copy.deepcopy`` of the model (e.g. an EMA), which a compiled module may not survive.
+        Sampling is unaffected: it uses :meth:`FlowBlock.step`, see ``reverse(compile_step=...)``."""
+        for block in self.blocks:
+            block.compile(**compile_options)
+        return self
+
     # ---- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
     def reverse(self, z: Tensor, y: Tensor | None = None, guidance: float | None = None,
                 guidance_method: str | GuidanceStrategy = "linear", attn_temp: float | None = None,
-                use_cache: bool = True, **guidance_options) -> Tensor:
+                use_cache: bool = True, *, static_shapes: bool = False,
+                compile_step: bool | str = False, cuda_graph: bool = False,
+                jacobi_block_size: int | None = None, jacobi_tol: float = 1e-3,
+                jacobi_max_iter: int = 32, stats: dict | None = None,
+                **guidance_options) -> Tensor:
         """Invert the flow: noise z (B, C, H, W) → x, autoregressively token by token.
 
         Guidance (``guidance`` = w; ``None`` samples without it, any number, 0 included, runs the
@@ -556,9 +691,43 @@ class TransformerFlow(nn.Module):
         ``annealed=True`` or ``guide="shift"`` go to its constructor) or is a strategy object.
         ``use_cache=False`` recomputes every step with a full causal pass (slow; the reference
         implementation the cached path is tested against).
+
+        Speed options (keyword only; each is tested against the default path, see
+        docs/performance.md for tolerances and measurements):
+
+        * ``static_shapes``: every token step has the same shapes (full-length cache under a
+          length mask, tensor position), so it can be compiled or graph-captured.
+        * ``compile_step``: ``torch.compile`` the static step (True → default mode, or a mode name
+          such as ``"reduce-overhead"``); implies ``static_shapes``.
+        * ``cuda_graph``: capture the static step of each block as a CUDA graph and replay it per
+          token (CUDA only); implies ``static_shapes``.
+        * ``jacobi_block_size``: block-wise Jacobi sampling (STARFlow): chunks of this many tokens
+          are solved by parallel fixed-point iteration, stopping when no element of the chunk
+          changes by more than ``jacobi_tol`` or after ``min(jacobi_max_iter, chunk)`` iterations
+          (a chunk of n tokens is exact after n iterations). Approximate for ``jacobi_tol > 0``;
+          one host sync per iteration (the stopping test).
+        * ``stats``: a dict to receive sampler statistics (Jacobi: iterations per chunk).
         """
         strategy = (build_guidance(guidance_method, **guidance_options)
                     if isinstance(guidance_method, str) else guidance_method)
+        static = static_shapes or bool(compile_step) or cuda_graph
+        if not use_cache and (static or jacobi_block_size is not None):
+            raise ValueError("use_cache=False is the plain reference path; it cannot be combined "
+                             "with static_shapes/compile_step/cuda_graph/jacobi_block_size")
+        if jacobi_block_size is not None:
+            if static:
+                raise ValueError("jacobi_block_size cannot be combined with static_shapes/"
+                                 "compile_step/cuda_graph (Jacobi chunks have their own shapes)")
+            if int(jacobi_block_size) < 1 or jacobi_max_iter < 1 or jacobi_tol < 0:
+                raise ValueError(f"Jacobi sampling needs jacobi_block_size ≥ 1, jacobi_max_iter ≥ 1 "
+                                 f"and jacobi_tol ≥ 0; got {jacobi_block_size}, {jacobi_max_iter}, "
+                                 f"{jacobi_tol}")
+        if cuda_graph and compile_step:
+            raise ValueError("choose one of cuda_graph=True (manual capture) and compile_step "
+                             "(torch.compile; mode 'reduce-overhead' also uses CUDA graphs)")
+        if cuda_graph and z.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs CUDA tensors; z is on {z.device} "
+                             "(use static_shapes or compile_step on CPU)")
         b = z.shape[0]
         guided = guidance is not None
         if guided and self.class_embed is None and attn_temp is None:
@@ -579,16 +748,37 @@ class TransformerFlow(nn.Module):
         tokens = patchify(z, self.patch_size)
         batch = 2 * b if guided else b
         param_dtype = next(self.parameters()).dtype
-        cache = KVCache(max(self.layers_per_block), batch, self.width // self.head_dim,
-                        self.num_tokens, self.head_dim, z.device,
-                        torch.get_autocast_dtype(z.device.type) if torch.is_autocast_enabled(z.device.type) else param_dtype)
+        cache_dtype = (torch.get_autocast_dtype(z.device.type)
+                       if torch.is_autocast_enabled(z.device.type) else param_dtype)
+        cache = None
+        if use_cache:  # the plain path needs none
+            cache = KVCache(max(self.layers_per_block), batch, self.width // self.head_dim,
+                            self.num_tokens, self.head_dim, z.device, cache_dtype, zero=static)
+        step_fn: Callable | None = None
+        if compile_step:
+            mode = compile_step if isinstance(compile_step, str) else "default"
+            step_fn = compiled_static_step(mode)
+            if "cudagraphs" in mode or mode == "reduce-overhead":
+                # CUDA-graph trees only replay when mutated inputs keep a fixed address.
+                for buffer in cache.keys + cache.values:
+                    torch._dynamo.mark_static_address(buffer)
+        elif static and not cuda_graph:
+            step_fn = _static_step
+        if stats is not None and jacobi_block_size is not None:
+            stats["jacobi_iterations"] = []
         for block in reversed(self.blocks):
-            if use_cache:
-                tokens = self._reverse_block_cached(block, tokens, cache, add_cond, ada_cond,
-                                                    query_scale, strategy, guidance, guided)
+            common = (add_cond, ada_cond, query_scale, strategy, guidance, guided)
+            if not use_cache:
+                tokens = self._reverse_block_uncached(block, tokens, *common)
+            elif jacobi_block_size is not None:
+                tokens, iters = self._reverse_block_jacobi(
+                    block, tokens, cache, *common, int(jacobi_block_size), jacobi_tol, jacobi_max_iter)
+                if stats is not None:
+                    stats["jacobi_iterations"].append(iters)
+            elif static:
+                tokens = self._reverse_block_static(block, tokens, cache, *common, step_fn=step_fn)
             else:
-                tokens = self._reverse_block_uncached(block, tokens, add_cond, ada_cond,
-                                                      query_scale, strategy, guidance, guided)
+                tokens = self._reverse_block_cached(block, tokens, cache, *common)
         return unpatchify(tokens, self.in_channels, self.img_size, self.img_size, self.patch_size)
 
     @staticmethod
@@ -601,6 +791,31 @@ class TransformerFlow(nn.Module):
         uncond = StepParams(p.shift[b:], p.log_scale[b:])
         return strategy(cond, uncond, weight, position, num_tokens)
 
+    @classmethod
+    def _combine_chunk(cls, p: StepParams, strategy: GuidanceStrategy, weight: float, start: int,
+                       num_tokens: int, guided: bool) -> StepParams:
+        """:meth:`_combine` for a chunk of positions ``start…``. An annealed weight depends on the
+        position: strategies that accept a tensor of positions get them all at once, others are
+        applied position by position."""
+        if not guided:
+            return p
+        n = p.shift.shape[1]
+        if getattr(strategy, "accepts_position_tensor", False):
+            positions = torch.arange(start, start + n, device=p.shift.device).view(1, n, 1)
+            return cls._combine(p, strategy, weight, positions, num_tokens, guided)
+        parts = [cls._combine(StepParams(p.shift[:, j:j + 1], p.log_scale[:, j:j + 1]), strategy,
+                              weight, start + j, num_tokens, guided)
+                 for j in range(p.shift.shape[1])]
+        return StepParams(torch.cat([q.shift for q in parts], 1),
+                          torch.cat([q.log_scale for q in parts], 1))
+
+    @staticmethod
+    def _embed_token(block: FlowBlock, x_i: Tensor, guided: bool) -> Tensor:
+        """Transformer input of the next position from the new token x_i (B, n, D): both CFG
+        branches share the token, so it is embedded once and duplicated."""
+        h = block.proj_in(x_i.to(block.proj_in.weight.dtype))
+        return torch.cat([h, h]) if guided else h
+
     def _reverse_block_cached(self, block: FlowBlock, z_tokens: Tensor, cache: KVCache,
                               add_cond, ada_cond, query_scale, strategy, weight, guided) -> Tensor:
         z_ord = block.order(z_tokens).float()
@@ -608,21 +823,86 @@ class TransformerFlow(nn.Module):
         x_ord = torch.empty_like(z_ord)
         cache.reset()
         batch = 2 * b if guided else b
+        mods = block.modulations(ada_cond)
         token_in = block.sos.expand(batch, -1, -1)
         for i in range(t):
-            p = self._combine(block.step(token_in, i, cache, add_cond, ada_cond, query_scale),
+            p = self._combine(block.step(token_in, i, cache, add_cond, ada_cond, query_scale, mods),
                               strategy, weight, i, t, guided)
             x_i = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
             x_ord[:, i:i + 1] = x_i
             if i + 1 < t:
-                x_in = torch.cat([x_i, x_i]) if guided else x_i
-                token_in = block.proj_in(x_in.to(block.proj_in.weight.dtype))
+                token_in = self._embed_token(block, x_i, guided)
         return block.order(x_ord).to(z_tokens.dtype)
+
+    def _reverse_block_static(self, block: FlowBlock, z_tokens: Tensor, cache: KVCache,
+                              add_cond, ada_cond, query_scale, strategy, weight, guided,
+                              step_fn: Callable | None) -> Tensor:
+        """Token loop with identical shapes at every step; ``step_fn`` is :func:`_static_step`,
+        its compiled form, or None for a per-block CUDA graph."""
+        z_ord = block.order(z_tokens).float()
+        b, t, _ = z_ord.shape
+        x_ord = torch.empty_like(z_ord)
+        batch = 2 * b if guided else b
+        mods = block.modulations(ada_cond)
+        # detach + contiguous: the first input must look like the later ones (no requires_grad,
+        # which a parameter's view keeps under no_grad; no 0-stride), or torch.compile recompiles.
+        token_in = block.sos.detach().expand(batch, -1, -1).contiguous()
+        if step_fn is None:
+            graphed = CUDAGraphStep(block, cache, add_cond, query_scale, mods,
+                                    tuple(token_in.shape), token_in.dtype)
+            step = graphed
+        else:
+            def step(tok: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+                return step_fn(block, tok, pos, cache, add_cond, query_scale, mods)
+        positions = cache.positions
+        for i in range(t):
+            shift, log_scale = step(token_in, positions[i:i + 1])
+            p = self._combine(StepParams(shift, log_scale), strategy, weight, i, t, guided)
+            x_i = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
+            x_ord[:, i:i + 1] = x_i
+            if i + 1 < t:
+                token_in = self._embed_token(block, x_i, guided)
+        return block.order(x_ord).to(z_tokens.dtype)
+
+    def _reverse_block_jacobi(self, block: FlowBlock, z_tokens: Tensor, cache: KVCache,
+                              add_cond, ada_cond, query_scale, strategy, weight, guided,
+                              chunk: int, tol: float, max_iter: int) -> tuple[Tensor, list[int]]:
+        """Block-wise Jacobi inverse: each chunk of positions is a fixed point x = f(x) of the
+        affine inverse given its own (guessed) earlier tokens; iterate from the guess x = z."""
+        z_ord = block.order(z_tokens).float()
+        b, t, _ = z_ord.shape
+        x_ord = torch.empty_like(z_ord)
+        batch = 2 * b if guided else b
+        mods = block.modulations(ada_cond)
+        first_in = block.sos.expand(batch, -1, -1)  # transformer input of the chunk's first position
+        iterations = []
+        for start in range(0, t, chunk):
+            end = min(start + chunk, t)
+            z_c = z_ord[:, start:end]
+            x_c = z_c
+            n_iter = min(max_iter, end - start)
+            for it in range(n_iter):
+                inputs = first_in if end - start == 1 else torch.cat(
+                    [first_in, self._embed_token(block, x_c[:, :-1], guided)], dim=1)
+                p = self._combine_chunk(block.chunk_params(inputs, start, cache, add_cond,
+                                                           query_scale, mods),
+                                        strategy, weight, start, t, guided)
+                x_new = z_c * torch.exp(p.log_scale) + p.shift
+                # Token 0 of the chunk is exact after one pass, token j after j + 1 passes.
+                done = it + 1 == n_iter or bool((x_new - x_c).abs().max() <= tol)
+                x_c = x_new
+                if done:
+                    break
+            iterations.append(it + 1)
+            cache.length = end
+            x_ord[:, start:end] = x_c
+            first_in = self._embed_token(block, x_c[:, -1:], guided)
+        return block.order(x_ord).to(z_tokens.dtype), iterations
 
     def _reverse_block_uncached(self, block: FlowBlock, z_tokens: Tensor, add_cond, ada_cond,
                                 query_scale, strategy, weight, guided) -> Tensor:
         z_ord = block.order(z_tokens).float()
-        b, t, _ = z_ord.shape
+        t = z_ord.shape[1]
         x_ord = torch.zeros_like(z_ord)
         for i in range(t):
             x_in = torch.cat([x_ord, x_ord]) if guided else x_ord

@@ -1,0 +1,681 @@
+"""`simflow bench`: throughput of the flow's training step, its sampler and FID feature extraction.
+
+What is measured (all on synthetic inputs; weights are random, see ``--weights``):
+
+* **train**: one optimisation step of the flow NLL (per-dimension mean, as the study trains it):
+  forward + backward + AdamW (fused on CUDA), under bf16 autocast on CUDA. Reported as img/s, and
+  as achieved TFLOP/s and MFU against the device's dense bf16 peak (``--peak-tflops`` overrides the
+  built-in table). FLOPs per step are counted analytically (:func:`train_flops`):
+
+      FLOPs = 6·N_tok·B·T  +  6·N_cond·B  +  6·L·w·B·T²
+
+  with N_tok the weights of every linear map applied per token (qkv, attention output, MLP,
+  proj_in, proj_out), N_cond those applied once per sample (AdaLN modulation), L the number of
+  transformer layers, w the width, B the batch and T the tokens per image. The last term is causal
+  attention (QKᵀ and AV over the lower triangle: 2·w·T²/2 multiply-adds each per layer forward; ×3
+  for forward + backward). This counts only the work a causal model needs (FlashAttention's
+  convention), so it is a lower bound on what a kernel computing full tiles executes.
+* **sampling**: images/s of ``TransformerFlow.reverse`` in several modes (``--modes``):
+  ``uncached`` (full causal pass per token, the plain reference), ``cached`` (the default
+  preallocated KV cache), ``static`` (static-shape step), ``compiled`` (torch.compile of the static
+  step), ``cuda_graph`` (CUDA-graph replay of the static step), ``jacobi`` (block-wise Jacobi) and
+  ``baseline`` (:func:`reference_tarflow_reverse`: TarFlow's straightforward sampler with a
+  concatenating cache and separate conditional / unconditional passes). Append ``+cfg`` to run a
+  mode with classifier-free guidance. Every mode's output is compared with the ``cached`` output of
+  the same noise (``max_abs_diff_vs_cached``); Jacobi also reports its iterations.
+* **attention**: causal SDPA at the model's training shape (forward + backward) with
+  ``is_causal=True``, as the flow calls it, against TarFlow's explicit boolean mask.
+* **fid**: images/s of feature extraction through torch-fidelity with the demo's registered
+  classifier extractor (``simflow.fid``), and with Inception when its weights are available
+  locally (``--inception-weights`` or torch-fidelity's cache). Skipped with a reason otherwise.
+
+Output: a JSON document (``--out`` or stdout) and a one-line summary on stderr.
+Run ``python -m simflow.bench --help`` (or ``simflow bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from simflow.flow import GuidanceStrategy, TransformerFlow, build_guidance, patchify, unpatchify
+
+# --------------------------------------------------------------------------------------------
+# Model presets
+# --------------------------------------------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    # A seconds-long CPU run.
+    "tiny": dict(in_channels=4, img_size=8, patch_size=1, channels=64, layers_per_block=[1, 1, 2],
+                 head_dim=16, num_classes=10, batch=16, sample_batch=8),
+    # 256 tokens at a small width: the CPU target (cached ≥ 10× faster than uncached).
+    "cpu256": dict(in_channels=4, img_size=16, patch_size=1, channels=64, layers_per_block=[2, 2],
+                   head_dim=16, num_classes=10, batch=8, sample_batch=8),
+    # The demo study's flow (config defaults: 8×8×4 latents of 32 px Fashion-MNIST).
+    "demo": dict(in_channels=4, img_size=8, patch_size=1, channels=128, layers_per_block=[2, 2, 4],
+                 head_dim=32, num_classes=10, batch=64, sample_batch=16),
+    # The paper's flow (paper.md §2): 16×16×64 latents of the f16d64 VAE, width 1152, 56 layers.
+    "imagenet256": dict(in_channels=64, img_size=16, patch_size=1, channels=1152,
+                        layers_per_block=[2, 2, 2, 2, 2, 46], head_dim=64, num_classes=1000,
+                        batch=64, sample_batch=64),
+    # TarFlow's ImageNet-64 pixel model: patch 2 (1024 tokens), width 768, 8 blocks × 8 layers.
+    "tarflow64": dict(in_channels=3, img_size=64, patch_size=2, channels=768,
+                      layers_per_block=[8] * 8, head_dim=64, num_classes=1000, batch=64,
+                      sample_batch=16),
+}
+
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor datasheets, without sparsity). The first
+# matching substring of torch.cuda.get_device_name() wins, so specific names come first.
+BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H20", 148.0),
+    ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+    ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.2),
+    ("RTX 3090", 71.0), ("A6000", 154.8),
+]
+
+BASE_MODES = ("uncached", "cached", "static", "compiled", "cuda_graph", "jacobi", "baseline")
+
+
+# --------------------------------------------------------------------------------------------
+# The straightforward TarFlow-style sampler (reference for the speed comparison only)
+# --------------------------------------------------------------------------------------------
+class ConcatKVCache:
+    """TarFlow's key/value cache: per layer, the new (B, heads, 1, head_dim) keys and values are
+    appended with ``torch.cat`` at every token, reallocating and copying the whole cache (O(T²)
+    copies per block). Same ``write``/``length`` interface as :class:`simflow.flow.KVCache`.
+    Reference for benchmarks and tests; production sampling uses the preallocated cache."""
+
+    def __init__(self, layers: int):
+        self.keys: list[Tensor | None] = [None] * layers
+        self.values: list[Tensor | None] = [None] * layers
+        self.length = 0
+
+    def reset(self) -> None:
+        self.keys = [None] * len(self.keys)
+        self.values = [None] * len(self.values)
+        self.length = 0
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = k, v
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+
+@torch.no_grad()
+def reference_tarflow_reverse(flow: TransformerFlow, z: Tensor, y: Tensor | None = None,
+                              guidance: float | None = None,
+                              guidance_method: str | GuidanceStrategy = "linear",
+                              attn_temp: float | None = None, **guidance_options) -> Tensor:
+    """The straightforward TarFlow-style sampler, NOT used in production: a concatenating cache
+    (:class:`ConcatKVCache`), conditional and unconditional branches as two separate batch-B
+    passes with one cache each, and the AdaLN modulation recomputed at every token. Same arguments
+    and result as :meth:`TransformerFlow.reverse` (z (B, C, H, W) → x); the baseline of the
+    sampling-speed comparison."""
+    strategy = (build_guidance(guidance_method, **guidance_options)
+                if isinstance(guidance_method, str) else guidance_method)
+    guided = guidance is not None
+    if guided and flow.class_embed is None and attn_temp is None:
+        raise ValueError("guidance on an unconditional model needs attn_temp")
+    b = z.shape[0]
+    emb_c = flow.class_embedding(y, b, z.device)
+    add_c, ada_c = flow._conds(emb_c)
+    add_u = ada_u = scale_u = None
+    if guided:
+        if attn_temp is not None:
+            add_u, ada_u = add_c, ada_c
+            scale_u = torch.full((b, 1, 1, 1), 1.0 / attn_temp, device=z.device)
+        else:
+            add_u, ada_u = flow._conds(flow.class_embedding(None, b, z.device))
+    tokens = patchify(z, flow.patch_size)
+    for block in reversed(flow.blocks):
+        z_ord = block.order(tokens).float()
+        t = z_ord.shape[1]
+        x_ord = torch.empty_like(z_ord)
+        caches = [ConcatKVCache(len(block.layers)), ConcatKVCache(len(block.layers))]
+        token_in = block.sos.expand(b, -1, -1)
+        for i in range(t):
+            p = block.step(token_in, i, caches[0], add_c, ada_c, None)
+            if guided:
+                p_u = block.step(token_in, i, caches[1], add_u, ada_u, scale_u)
+                p = strategy(p, p_u, guidance, i, t)
+            x_i = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
+            x_ord[:, i:i + 1] = x_i
+            token_in = block.proj_in(x_i.to(block.proj_in.weight.dtype))
+        tokens = block.order(x_ord).to(z.dtype)
+    return unpatchify(tokens, flow.in_channels, flow.img_size, flow.img_size, flow.patch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Preset merged with explicit overrides → TransformerFlow kwargs plus batch sizes."""
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; known: {sorted(PRESETS)}")
+    cfg = dict(PRESETS[args.preset])
+    overrides = dict(in_channels=args.in_channels, img_size=args.img_size, patch_size=args.patch,
+                     channels=args.channels, layers_per_block=args.layers, head_dim=args.head_dim,
+                     num_classes=args.num_classes, batch=args.batch, sample_batch=args.sample_batch)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    if cfg["img_size"] % cfg["patch_size"]:
+        raise ValueError(f"--img-size {cfg['img_size']} is not divisible by --patch {cfg['patch_size']}")
+    if cfg["channels"] % cfg["head_dim"]:
+        raise ValueError(f"--channels {cfg['channels']} is not divisible by --head-dim {cfg['head_dim']}")
+    return cfg
+
+
+def build_flow(cfg: dict[str, Any], weights: str, device: torch.device, seed: int) -> TransformerFlow:
+    """The benchmarked flow. ``weights="random"`` gives the zero-initialised output projections and
+    AdaLN maps small random values (std 0.02), so blocks are not the identity (which would make
+    Jacobi converge in one pass and hide the sampler's real work); ``"init"`` keeps the init."""
+    torch.manual_seed(seed)
+    kwargs = {k: v for k, v in cfg.items() if k not in ("batch", "sample_batch")}
+    flow = TransformerFlow(**kwargs)
+    if weights == "random":
+        with torch.no_grad():
+            for name, param in flow.named_parameters():
+                if "proj_out" in name or "modulation" in name:
+                    param.normal_(0.0, 0.02)
+    elif weights != "init":
+        raise ValueError(f"--weights must be 'random' or 'init', got {weights!r}")
+    return flow.to(device)
+
+
+def load_flow_weights(flow: TransformerFlow, path: str, key: str) -> None:
+    """Load trained flow weights: a ``simflow train`` checkpoint (``key`` = ``ema`` or ``model``; the
+    flow's entries are those prefixed ``flow.``) or a plain flow state dict. The model options must
+    match the checkpoint's flow (a mismatch raises, naming the differing entries)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt
+    if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
+        state = ckpt[key]
+    if any(k.startswith("flow.") for k in state):
+        state = {k[len("flow."):]: v for k, v in state.items() if k.startswith("flow.")}
+    try:
+        flow.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"--checkpoint {path}: its flow does not match the benchmarked model; pass the "
+                         f"checkpoint's --in-channels/--img-size/--patch/--channels/--layers/--head-dim/"
+                         f"--num-classes. {err}") from None
+
+
+def train_flops(flow: TransformerFlow, batch: int) -> dict[str, float]:
+    """Analytic FLOPs of one training step (forward + backward), see the module docstring."""
+    per_token = per_sample = 0
+    for name, module in flow.named_modules():
+        if isinstance(module, nn.Linear):
+            if ".modulation." in name:
+                per_sample += module.weight.numel()
+            else:
+                per_token += module.weight.numel()
+    t, w = flow.num_tokens, flow.width
+    layers = sum(flow.layers_per_block)
+    dense = 6 * per_token * batch * t + 6 * per_sample * batch
+    attention = 6 * layers * w * batch * t * t
+    return {"per_token_params": per_token, "per_sample_params": per_sample,
+            "dense_flops": float(dense), "attention_flops": float(attention),
+            "total_flops": float(dense + attention)}
+
+
+def bf16_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key in name:
+            return peak
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
+          ) -> tuple[list[float], list[float], Any]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times. Returns the wall seconds and the
+    process CPU seconds of each timed run (device synchronised around each) and the last result.
+
+    On a shared CPU the wall time includes waiting for other processes; the process CPU time of a
+    single-threaded run (``--threads 1``) does not, so it is the steadier figure there."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    synchronize(device)
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        synchronize(device)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu, result
+
+
+def autocast_context(device: torch.device, amp: str):
+    if amp == "none":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Parts
+# --------------------------------------------------------------------------------------------
+def bench_train(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.Namespace,
+                device: torch.device, amp: str) -> dict[str, Any]:
+    """Training-step throughput: forward + backward + AdamW of the per-dim NLL."""
+    batch = cfg["batch"]
+    flow.train()
+    if args.compile_train:
+        flow.compile_blocks(**({} if args.compile_mode == "default" else {"mode": args.compile_mode}))
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(flow.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4,
+                            fused=fused)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    x = torch.randn(batch, flow.in_channels, flow.img_size, flow.img_size, generator=gen).to(device)
+    y = (torch.arange(batch) % flow.num_classes).to(device) if flow.num_classes else None
+
+    def step() -> Tensor:
+        with autocast_context(device, amp):
+            z, logdet = flow(x, y)
+            loss = flow.nll_from(z, logdet).mean() / flow.num_dims
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    compile_start = time.perf_counter()
+    step()  # first step: allocator warm-up (and compilation with --compile-train)
+    synchronize(device)
+    first_step_s = time.perf_counter() - compile_start
+    times, cpu_times, loss = timed(step, device, args.steps, max(args.warmup - 1, 0))
+    sec = min(times)
+    flops = train_flops(flow, batch)
+    achieved = flops["total_flops"] / sec / 1e12
+    peak = args.peak_tflops if args.peak_tflops else bf16_peak_tflops(device)
+    out = {
+        "batch": batch, "amp": amp, "compiled": bool(args.compile_train), "fused_adamw": fused,
+        "first_step_s": first_step_s, "step_s": sec, "step_s_median": statistics.median(times),
+        "step_s_all": times, "step_cpu_s": min(cpu_times),
+        "img_per_s": batch / sec, "tokens_per_s": batch * flow.num_tokens / sec,
+        "loss": float(loss), **flops, "achieved_tflops": achieved,
+        "peak_bf16_tflops": peak, "mfu": (achieved / peak) if peak else None,
+    }
+    if device.type == "cuda":
+        out["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    flow.eval()
+    return out
+
+
+def parse_mode(mode: str) -> tuple[str, bool]:
+    base, _, suffix = mode.partition("+")
+    if base not in BASE_MODES or suffix not in ("", "cfg"):
+        raise ValueError(f"unknown sampling mode {mode!r}; use one of {', '.join(BASE_MODES)}, "
+                         "optionally with '+cfg'")
+    return base, suffix == "cfg"
+
+
+def default_modes(device: torch.device, tokens: int, jacobi: bool) -> list[str]:
+    if device.type == "cuda":
+        modes = ["cached", "static", "cuda_graph", "cached+cfg", "cuda_graph+cfg",
+                 "baseline", "baseline+cfg"]
+    else:
+        modes = ["cached", "static", "cached+cfg", "baseline", "baseline+cfg"]
+        if tokens <= 256:  # the plain path costs ~T/2 × the cached one
+            modes.insert(0, "uncached")
+    if jacobi:
+        modes += ["jacobi", "jacobi+cfg"]
+    return modes
+
+
+def bench_sampling(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.Namespace,
+                   device: torch.device, amp: str) -> dict[str, Any]:
+    """Images/s of every requested sampling mode, with its deviation from the cached sampler."""
+    flow.eval()
+    b = cfg["sample_batch"]
+    modes = args.modes.split(",") if args.modes else default_modes(
+        device, flow.num_tokens, args.jacobi_block_size is not None)
+    parsed = [parse_mode(m.strip()) for m in modes]
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    z = torch.randn(b, flow.in_channels, flow.img_size, flow.img_size, generator=gen).to(device)
+    y = (torch.arange(b) % flow.num_classes).to(device) if flow.num_classes else None
+    guide: dict[str, Any] = dict(guidance=args.guidance, guidance_method=args.guidance_method)
+    if flow.num_classes == 0:
+        guide["attn_temp"] = args.attn_temp
+    if args.annealed:
+        guide["annealed"] = True
+
+    def sampler(base: str, cfg_on: bool, stats: dict) -> Callable[[], Tensor]:
+        kwargs = dict(guide) if cfg_on else {}
+        if base == "baseline":
+            return lambda: reference_tarflow_reverse(flow, z, y, **kwargs)
+        options = {"uncached": dict(use_cache=False), "cached": {},
+                   "static": dict(static_shapes=True),
+                   "compiled": dict(compile_step=args.sampling_compile_mode),
+                   "cuda_graph": dict(cuda_graph=True),
+                   "jacobi": dict(jacobi_block_size=args.jacobi_block_size, jacobi_tol=args.jacobi_tol,
+                                  jacobi_max_iter=args.jacobi_max_iter, stats=stats)}[base]
+        if base == "jacobi" and args.jacobi_block_size is None:
+            raise ValueError("sampling mode 'jacobi' needs --jacobi-block-size")
+        return lambda: flow.reverse(z, y, **kwargs, **options)
+
+    references: dict[bool, Tensor] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    with autocast_context(device, amp):
+        for (base, cfg_on), name in zip(parsed, modes, strict=True):
+            if cfg_on not in references:
+                references[cfg_on] = sampler("cached", cfg_on, {})().float()
+            stats: dict = {}
+            # The plain path costs ~T/2 × the cached one: one timed run, no warm-up.
+            warmup = 0 if base == "uncached" else args.sample_warmup
+            start = time.perf_counter()
+            fn = sampler(base, cfg_on, stats)
+            for _ in range(warmup):  # compilation / graph capture / allocator warm-up
+                fn()
+            synchronize(device)
+            runs[name] = dict(base=base, cfg=cfg_on, fn=fn, stats=stats, warmup=warmup,
+                              warmup_s=time.perf_counter() - start, wall=[], cpu=[], x=None)
+        # Timed runs go round-robin over the modes, so a load change on a shared machine hits
+        # every mode alike rather than whichever mode happened to run then.
+        for rep in range(args.sample_repeats):
+            for run in runs.values():
+                if run["base"] == "uncached" and rep > 0:
+                    continue
+                wall, cpu, run["x"] = timed(run["fn"], device, 1, 0)
+                run["wall"] += wall
+                run["cpu"] += cpu
+    results: dict[str, Any] = {}
+    for name, run in runs.items():
+        ref = references[run["cfg"]]
+        x, sec = run["x"], min(run["wall"])
+        diff = (x.float() - ref).abs()
+        entry = {"seconds": sec, "seconds_median": statistics.median(run["wall"]),
+                 "seconds_all": run["wall"], "cpu_seconds": min(run["cpu"]), "img_per_s": b / sec,
+                 "warmup_runs": run["warmup"], "warmup_s": run["warmup_s"],
+                 "max_abs_diff_vs_cached": float(diff.max()),
+                 "rms_diff_vs_cached": float(diff.pow(2).mean().sqrt()),
+                 "finite": bool(torch.isfinite(x).all())}
+        if run["base"] == "jacobi":
+            iters = [i for block in run["stats"]["jacobi_iterations"] for i in block]
+            entry.update(block_size=args.jacobi_block_size, tol=args.jacobi_tol,
+                         max_iter=args.jacobi_max_iter, mean_iterations=statistics.mean(iters),
+                         parallel_passes=sum(iters),
+                         sequential_steps=flow.num_tokens * len(flow.blocks),
+                         rel_rms_error=float(diff.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()))
+        results[name] = entry
+    speedups: dict[str, float] = {}
+    cpu_speedups: dict[str, float] = {}
+
+    def ratio(slow: str, fast: str) -> None:
+        if slow in results and fast in results:
+            speedups[f"{fast}_vs_{slow}"] = results[slow]["seconds"] / results[fast]["seconds"]
+            cpu_speedups[f"{fast}_vs_{slow}"] = results[slow]["cpu_seconds"] / results[fast]["cpu_seconds"]
+
+    ratio("uncached", "cached")
+    for fast in ("static", "compiled", "cuda_graph", "jacobi"):
+        ratio("cached", fast)
+        ratio("cached+cfg", fast + "+cfg")
+    for mode in results:
+        if mode.endswith("+cfg") and not mode.startswith("baseline"):
+            ratio("baseline+cfg", mode)
+        elif not mode.startswith(("baseline", "uncached")) and "+" not in mode:
+            ratio("baseline", mode)
+    out = {"batch": b, "amp": amp, "tokens": flow.num_tokens, "guidance": guide, "modes": results,
+           "timing": "seconds = fastest of the timed runs (wall); speedups are ratios of it",
+           "speedups": speedups}
+    if device.type == "cpu":
+        out["speedups_cpu_time"] = cpu_speedups
+    return out
+
+
+def bench_attention(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.Namespace,
+                    device: torch.device, amp: str) -> dict[str, Any]:
+    """Causal SDPA at the model's training shape, forward + backward: ``is_causal=True`` (no mask,
+    what the flow uses; flash-eligible) against TarFlow's explicit boolean ``tril`` mask."""
+    b, t = cfg["batch"], flow.num_tokens
+    heads, hd = flow.width // flow.head_dim, flow.head_dim
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}[amp]
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    q, k, v = (torch.randn(b, heads, t, hd, generator=gen).to(device, dtype).requires_grad_(True)
+               for _ in range(3))
+    mask = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    fn = torch.nn.functional.scaled_dot_product_attention
+
+    def run(**kwargs) -> Tensor:
+        out = fn(q, k, v, **kwargs)
+        out.sum().backward()
+        return out.detach()
+
+    results = {}
+    for name, kwargs in (("is_causal", {"is_causal": True}), ("explicit_mask", {"attn_mask": mask})):
+        times, _, out = timed(lambda kwargs=kwargs: run(**kwargs), device, args.steps, 1)
+        results[name] = {"seconds": min(times)}
+        results[name]["output"] = out
+    diff = (results["is_causal"].pop("output").float() - results["explicit_mask"].pop("output").float())
+    return {"shape": [b, heads, t, hd], "dtype": str(dtype).replace("torch.", ""), **results,
+            "speedup_is_causal": results["explicit_mask"]["seconds"] / results["is_causal"]["seconds"],
+            "max_abs_diff": float(diff.abs().max())}
+
+
+def bench_fid(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Feature-extraction throughput through torch-fidelity (skipped, with a reason, when the
+    pieces are unavailable)."""
+    try:
+        from simflow import fid as simfid
+    except Exception as err:  # the module may be absent or broken in a partial checkout
+        return {"skipped": f"simflow.fid cannot be imported: {err}"}
+    needed = ("SmallClassifier", "register_classifier_extractor", "save_classifier", "extract_features")
+    missing = [n for n in needed if not hasattr(simfid, n)]
+    if missing:
+        return {"skipped": f"simflow.fid lacks {', '.join(missing)}"}
+    import numpy as np
+    from torch_fidelity.utils import create_feature_extractor
+
+    cuda = device.type == "cuda"
+    n = args.fid_images
+    rng = np.random.default_rng(args.seed)
+    out: dict[str, Any] = {"images": n, "batch": args.fid_batch}
+    with tempfile.TemporaryDirectory() as tmp:
+        images = rng.integers(0, 256, size=(n, 32, 32, 1), dtype=np.uint8)
+        ckpt = simfid.save_classifier(simfid.SmallClassifier(in_channels=1, image_size=32),
+                                      Path(tmp) / "bench_classifier.pt")
+        name = simfid.register_classifier_extractor(ckpt, name="simflow-bench-classifier")
+        extractors = [("classifier", name, None, images)]
+        weights = Path(args.inception_weights) if args.inception_weights else simfid.inception_weights_cache_path()
+        if weights.is_file():
+            extractors.append(("inception", simfid.INCEPTION_EXTRACTOR_NAME, str(weights),
+                               rng.integers(0, 256, size=(min(n, args.inception_images), 32, 32, 3),
+                                            dtype=np.uint8)))
+        else:
+            out["inception"] = {"skipped": f"no Inception weights at {weights} (pass --inception-weights)"}
+        for label, ext_name, path, data in extractors:
+            try:
+                kwargs = {} if path is None else {"feature_extractor_weights_path": path}
+                fe = create_feature_extractor(ext_name, ["2048" if label == "inception" else "features"],
+                                              cuda=cuda, verbose=False, **kwargs)
+                simfid.extract_features(data[:2 * args.fid_batch], fe, args.fid_batch, cuda)  # warm-up
+                def extract(data=data, fe=fe):
+                    return simfid.extract_features(data, fe, args.fid_batch, cuda)
+
+                times, _, _ = timed(extract, device, 1, 0)
+                out[label] = {"extractor": ext_name, "images": len(data), "seconds": times[0],
+                              "img_per_s": len(data) / times[0]}
+            except Exception as err:  # report, do not fail the whole benchmark
+                out[label] = {"skipped": f"{type(err).__name__}: {err}"}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``simflow bench``."""
+    m = parser.add_argument_group("model")
+    m.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="model size: tiny (CPU, seconds), cpu256 (256 tokens, CPU target), demo, "
+                        "imagenet256 (the paper's flow, GPU), tarflow64 (TarFlow ImageNet-64, GPU)")
+    m.add_argument("--channels", type=int, help="transformer width (overrides the preset)")
+    m.add_argument("--layers", type=_int_list, help="layers per block, e.g. 2,2,2,2,2,46")
+    m.add_argument("--img-size", type=int, help="H = W of the modelled map")
+    m.add_argument("--in-channels", type=int, help="channels of the modelled map")
+    m.add_argument("--patch", type=int, help="patch size")
+    m.add_argument("--head-dim", type=int, help="attention head size")
+    m.add_argument("--num-classes", type=int, help="0 = unconditional (CFG uses attention temperature)")
+    m.add_argument("--weights", default="random", choices=["random", "init"],
+                   help="random: non-identity blocks (default); init: the zero-initialised model")
+    m.add_argument("--checkpoint", help="load trained flow weights (simflow train checkpoint or a flow "
+                   "state dict); give the matching model options. Jacobi convergence and error are "
+                   "only meaningful with trained weights")
+    m.add_argument("--checkpoint-key", default="ema", choices=["ema", "model"],
+                   help="which weights of a simflow train checkpoint")
+    r = parser.add_argument_group("run")
+    r.add_argument("--parts", default="train,sample,attention,fid",
+                   help="comma list of train, sample, attention, fid (default: all)")
+    r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 …")
+    r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                   help="autocast dtype (auto: bf16 on CUDA, none on CPU)")
+    r.add_argument("--threads", type=int, help="torch.set_num_threads on CPU")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", help="write the JSON here (default: stdout)")
+    t = parser.add_argument_group("training step")
+    t.add_argument("--batch", type=int, help="training batch (preset default)")
+    t.add_argument("--steps", type=int, default=5, help="timed steps (the fastest counts)")
+    t.add_argument("--warmup", type=int, default=2, help="untimed steps, the first included")
+    t.add_argument("--compile-train", action="store_true", help="torch.compile every flow block")
+    t.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode for --compile-train (default, max-autotune, …)")
+    t.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: bf16 table)")
+    s = parser.add_argument_group("sampling")
+    s.add_argument("--sample-batch", type=int, help="sampling batch (preset default)")
+    s.add_argument("--modes", help="comma list of " + ", ".join(BASE_MODES)
+                   + ", each optionally +cfg (default: depends on the device)")
+    s.add_argument("--sample-repeats", type=int, default=3, help="timed runs per mode (fastest counts)")
+    s.add_argument("--sample-warmup", type=int, default=1, help="untimed runs per mode (not uncached)")
+    s.add_argument("--guidance", type=float, default=1.5, help="CFG weight of the +cfg modes")
+    s.add_argument("--guidance-method", default="linear", help="guidance strategy name")
+    s.add_argument("--annealed", action="store_true", help="annealed guidance weight")
+    s.add_argument("--attn-temp", type=float, default=1.5,
+                   help="attention temperature of CFG for unconditional models")
+    s.add_argument("--sampling-compile-mode", default="default",
+                   help="torch.compile mode of the 'compiled' mode (reduce-overhead: CUDA graphs)")
+    s.add_argument("--jacobi-block-size", type=int, help="enables the jacobi modes")
+    s.add_argument("--jacobi-tol", type=float, default=1e-3)
+    s.add_argument("--jacobi-max-iter", type=int, default=32)
+    f = parser.add_argument_group("FID feature extraction")
+    f.add_argument("--fid-images", type=int, default=512)
+    f.add_argument("--fid-batch", type=int, default=128)
+    f.add_argument("--inception-weights", help="local Inception weights file (optional)")
+    f.add_argument("--inception-images", type=int, default=128)
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    parts = [f"{cfg['preset']} ({cfg['params'] / 1e6:.2f}M params, {cfg['tokens']} tokens) "
+             f"on {result['device']['name']}"]
+    train = result.get("train")
+    if train:
+        text = f"train {train['img_per_s']:.1f} img/s, {train['achieved_tflops']:.3g} TFLOP/s"
+        if train.get("mfu") is not None:
+            text += f", MFU {100 * train['mfu']:.1f}%"
+        parts.append(text)
+    sample = result.get("sample")
+    if sample:
+        modes = ", ".join(f"{k} {v['img_per_s']:.2f}" for k, v in sample["modes"].items())
+        parts.append(f"sampling img/s: {modes}")
+        key = next((k for k in ("cached_vs_uncached",) if k in sample["speedups"]), None)
+        if key:
+            parts.append(f"cached/uncached {sample['speedups'][key]:.1f}x")
+        best = [v for k, v in sample["speedups"].items() if k.endswith("+cfg_vs_baseline+cfg")]
+        if best:
+            parts.append(f"best CFG vs baseline {max(best):.2f}x")
+    attention = result.get("attention")
+    if attention:
+        parts.append(f"is_causal vs explicit mask {attention['speedup_is_causal']:.2f}x")
+    fid = result.get("fid")
+    if fid and "classifier" in fid and "img_per_s" in fid["classifier"]:
+        parts.append(f"FID features {fid['classifier']['img_per_s']:.0f} img/s")
+    return "; ".join(parts)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args`` (see :func:`add_arguments`); returns the exit code."""
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    unknown = parts - {"train", "sample", "attention", "fid"}
+    if unknown:
+        raise SystemExit(f"--parts: unknown part(s) {sorted(unknown)}; use train, sample, attention, fid")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    cfg = model_config(args)
+    flow = build_flow(cfg, args.weights, device, args.seed)
+    if args.checkpoint:
+        load_flow_weights(flow, args.checkpoint, args.checkpoint_key)
+    result: dict[str, Any] = {
+        "config": {"preset": args.preset, **cfg, "tokens": flow.num_tokens,
+                   "token_dim": flow.token_dim,
+                   "params": sum(p.numel() for p in flow.parameters()),
+                   "weights": args.checkpoint or args.weights},
+        "device": {"type": device.type,
+                   "name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else (platform.processor() or platform.machine()),
+                   "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "python": platform.python_version()},
+    }
+    if "sample" in parts:  # before training, so the sampled weights are the built ones
+        result["sample"] = bench_sampling(flow, cfg, args, device, amp)
+    if "train" in parts:
+        result["train"] = bench_train(flow, cfg, args, device, amp)
+    if "attention" in parts:
+        result["attention"] = bench_attention(flow, cfg, args, device, amp)
+    if "fid" in parts:
+        result["fid"] = bench_fid(args, device)
+    result["summary"] = summary_line(result)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    print(result["summary"], file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m simflow.bench", description=__doc__.split("\n")[0],
+                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

@@ -1,0 +1,341 @@
+"""Every fast sampling / training path of simflow/flow.py equals the plain one within a stated tolerance.
+
+Tolerances (fp32 on CPU): paths that only reorder or regroup the same arithmetic (static-shape cache,
+CUDA graph, compiled step, hoisted AdaLN terms, batched CFG) agree with the plain ones to 1e-5 (1e-4 under
+guidance, which amplifies differences by up to 1 + w). Jacobi sampling with ``jacobi_tol=0`` runs every
+chunk to its exact solution (n iterations for n tokens) and agrees to 1e-5; with ``jacobi_tol > 0`` its
+error is bounded below. No test measures time.
+"""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from simflow import bench
+from simflow.flow import KVCache, LinearGuidance, TransformerFlow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """These models are tiny: one thread avoids OpenMP hand-off costs, which dominate (×3–4) on a busy
+    2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CONFIGS = {
+    "adaln": dict(in_channels=4, img_size=4, patch_size=1, channels=32, layers_per_block=[1, 2], num_classes=5),
+    "add_exp": dict(in_channels=2, img_size=4, patch_size=1, channels=32, layers_per_block=[2, 1], num_classes=3,
+                    conditioning="add", scale_param="exp", soft_clip=0.0),
+    "uncond_patch2": dict(in_channels=3, img_size=8, patch_size=2, channels=32, layers_per_block=[1, 1, 1]),
+}
+
+
+def make(name: str, std: float = 0.1) -> TransformerFlow:
+    """A model whose zero-initialised parts are random, so no block is the identity."""
+    torch.manual_seed(0)
+    model = TransformerFlow(head_dim=16, **CONFIGS[name])
+    torch.manual_seed(1234)
+    for pname, param in model.named_parameters():
+        if (pname.endswith("weight") and param.dim() > 1) or pname.endswith("bias"):
+            torch.nn.init.normal_(param, std=std)
+    return model.eval()
+
+
+def inputs(model: TransformerFlow, batch: int = 3):
+    z = torch.randn(batch, model.in_channels, model.img_size, model.img_size, generator=torch.Generator().manual_seed(7))
+    y = torch.arange(batch) % model.num_classes if model.num_classes else None
+    return z, y
+
+
+def guidance_kwargs(model: TransformerFlow) -> dict:
+    """CFG against the null class, or attention-temperature guidance for an unconditional model."""
+    kwargs = dict(guidance=1.5, guidance_method=LinearGuidance(annealed=True))
+    if model.num_classes == 0:
+        kwargs["attn_temp"] = 1.5
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# Static-shape cached step
+# --------------------------------------------------------------------------------------------
+def test_static_cache_writes_in_place_and_masks_later_slots():
+    cache = KVCache(layers=2, batch=1, heads=1, seq_len=4, head_dim=2, device=torch.device("cpu"),
+                    dtype=torch.float32, zero=True)
+    assert all(torch.equal(buf, torch.zeros(1, 1, 4, 2)) for buf in cache.keys + cache.values)
+    k = torch.full((1, 1, 1, 2), 3.0)
+    keys, _ = cache.write_at(1, torch.tensor([2]), k, -k)
+    assert keys.shape == (1, 1, 4, 2) and keys.data_ptr() == cache.keys[1].data_ptr()  # in place, no copy
+    assert torch.equal(cache.keys[1][0, 0, 2], torch.tensor([3.0, 3.0]))
+    assert torch.equal(cache.values[1][0, 0, 2], torch.tensor([-3.0, -3.0]))
+    assert cache.keys[0].abs().sum() == 0 and cache.keys[1][0, 0, :2].abs().sum() == 0
+    assert cache.mask(torch.tensor([2])).flatten().tolist() == [True, True, True, False]
+    assert cache.length == 0  # the static path keeps its position in the tensor, not in Python
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_static_step_equals_dynamic_cache_equals_uncached(name):
+    model = make(name)
+    z, y = inputs(model)
+    dynamic = model.reverse(z, y)
+    static = model.reverse(z, y, static_shapes=True)
+    uncached = model.reverse(z, y, use_cache=False)
+    assert (dynamic - model(z, y)[0]).abs().max() > 1e-2  # non-trivial: x differs from z
+    torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dynamic, uncached, atol=1e-5, rtol=0)
+    guide = guidance_kwargs(model)
+    g_dynamic = model.reverse(z, y, **guide)
+    assert (g_dynamic - dynamic).abs().max() > 1e-3, "guidance must change the samples"
+    torch.testing.assert_close(model.reverse(z, y, static_shapes=True, **guide), g_dynamic, atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.reverse(z, y, use_cache=False, **guide), g_dynamic, atol=1e-4, rtol=0)
+
+
+def test_samples_invert_the_forward_pass_on_the_static_path():
+    model = make("adaln")
+    x = torch.randn(2, 4, 4, 4)
+    y = torch.tensor([1, 3])
+    z, _ = model(x, y)
+    torch.testing.assert_close(model.reverse(z, y, static_shapes=True), x, atol=1e-4, rtol=0)
+
+
+def test_hot_token_loops_make_no_host_syncs(monkeypatch):
+    """No value of a tensor is read back into Python inside the cached / static token loops (on a GPU each
+    such read is a device synchronisation). Jacobi reads one per iteration by design: it must trip."""
+    model = make("adaln")
+    z, y = inputs(model)
+
+    def forbidden(*_args, **_kwargs):
+        raise RuntimeError("host sync in the sampling loop")
+
+    for attr in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, attr, forbidden)
+    model.reverse(z, y)
+    model.reverse(z, y, guidance=2.0)
+    model.reverse(z, y, guidance=2.0, guidance_method="precision", static_shapes=True)
+    with pytest.raises(RuntimeError, match="host sync"):
+        model.reverse(z, y, jacobi_block_size=4)
+
+
+# --------------------------------------------------------------------------------------------
+# Block-wise Jacobi sampling
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_jacobi_with_zero_tolerance_is_the_exact_inverse(name, chunk):
+    model = make(name)
+    z, y = inputs(model)
+    stats: dict = {}
+    jacobi = model.reverse(z, y, jacobi_block_size=chunk, jacobi_tol=0.0, stats=stats)
+    torch.testing.assert_close(jacobi, model.reverse(z, y), atol=1e-5, rtol=0)
+    t = model.num_tokens
+    expected = [min(chunk, t - s) for s in range(0, t, chunk)]  # n tokens need exactly n passes
+    assert stats["jacobi_iterations"] == [expected] * len(model.blocks)
+    guide = guidance_kwargs(model)
+    torch.testing.assert_close(model.reverse(z, y, jacobi_block_size=chunk, jacobi_tol=0.0, **guide),
+                               model.reverse(z, y, **guide), atol=1e-4, rtol=0)
+
+
+def test_jacobi_with_a_position_by_position_strategy():
+    """Strategies without ``accepts_position_tensor`` are applied to a chunk one position at a time."""
+
+    class Annealed:
+        def __init__(self):
+            self.inner = LinearGuidance(annealed=True)
+            self.positions = []
+
+        def __call__(self, cond, uncond, weight, position, num_tokens):
+            self.positions.append(position)
+            return self.inner(cond, uncond, weight, position, num_tokens)
+
+    model = make("adaln")
+    z, y = inputs(model)
+    strategy = Annealed()
+    jacobi = model.reverse(z, y, guidance=1.5, guidance_method=strategy, jacobi_block_size=8, jacobi_tol=0.0)
+    assert all(isinstance(pos, int) for pos in strategy.positions)
+    torch.testing.assert_close(jacobi, model.reverse(z, y, guidance=1.5, guidance_method=LinearGuidance(annealed=True)),
+                               atol=1e-4, rtol=0)
+
+
+def test_jacobi_stops_early_within_its_tolerance():
+    """A weakly coupled flow (weights std 0.02) converges in fewer passes than tokens; the result stays
+    within a few tolerances of the sequential inverse, and a tighter tolerance gives a smaller error."""
+    model = make("uncond_patch2", std=0.02)
+    z, _ = inputs(model)
+    exact = model.reverse(z)
+    errors, passes = [], []
+    for tol in (1e-2, 1e-4):
+        stats: dict = {}
+        x = model.reverse(z, jacobi_block_size=16, jacobi_tol=tol, stats=stats)
+        errors.append((x - exact).abs().max().item())
+        passes.append(sum(sum(b) for b in stats["jacobi_iterations"]))
+        assert errors[-1] <= 10 * tol
+    assert passes[0] < passes[1] < 16 * len(model.blocks), passes
+    assert errors[1] < errors[0]
+
+
+def test_jacobi_max_iter_caps_the_passes():
+    model = make("adaln")
+    z, y = inputs(model)
+    stats: dict = {}
+    model.reverse(z, y, jacobi_block_size=8, jacobi_tol=0.0, jacobi_max_iter=2, stats=stats)
+    assert stats["jacobi_iterations"] == [[2, 2]] * 2
+
+
+# --------------------------------------------------------------------------------------------
+# The straightforward TarFlow-style baseline of the benchmark
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_baseline_sampler_equals_production_sampler(name):
+    model = make(name)
+    z, y = inputs(model)
+    torch.testing.assert_close(bench.reference_tarflow_reverse(model, z, y), model.reverse(z, y), atol=1e-5, rtol=0)
+    guide = guidance_kwargs(model)
+    torch.testing.assert_close(bench.reference_tarflow_reverse(model, z, y, **guide), model.reverse(z, y, **guide),
+                               atol=1e-4, rtol=0)
+    if model.num_classes:
+        torch.testing.assert_close(
+            bench.reference_tarflow_reverse(model, z, y, guidance=2.0, guidance_method="precision"),
+            model.reverse(z, y, guidance=2.0, guidance_method="precision"), atol=1e-4, rtol=0)
+
+
+def test_concat_cache_grows_by_concatenation():
+    cache = bench.ConcatKVCache(layers=1)
+    k = torch.ones(2, 1, 1, 4)
+    first, _ = cache.write(0, k, k)
+    second, _ = cache.write(0, 2 * k, 2 * k)
+    assert second.shape == (2, 1, 2, 4) and second.data_ptr() != first.data_ptr()
+    assert torch.equal(second[:, :, 1], 2 * k[:, :, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile (the first compilation took 20–30 s per test on the 2-core CPU, hence `slow`)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compiled_static_step_equals_eager():
+    model = make("adaln")
+    model.blocks = model.blocks[:1]  # one block: one compilation
+    model.layers_per_block = model.layers_per_block[:1]
+    z, y = inputs(model)
+    torch.testing.assert_close(model.reverse(z, y, compile_step=True), model.reverse(z, y), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_training_forward_equals_eager():
+    eager = make("add_exp")
+    compiled = make("add_exp").compile_blocks()
+    x = torch.randn(2, 2, 4, 4)
+    y = torch.tensor([0, 2])
+    z_e, ld_e = eager(x, y)
+    z_c, ld_c = compiled(x, y)
+    torch.testing.assert_close(z_c, z_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ld_c, ld_e, atol=1e-4, rtol=1e-5)
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # compiling keeps parameter names
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_step_equals_eager_on_gpu():
+    model = make("adaln").cuda()
+    z, y = inputs(model)
+    z, y = z.cuda(), y.cuda()
+    torch.testing.assert_close(model.reverse(z, y, cuda_graph=True), model.reverse(z, y), atol=1e-4, rtol=0)
+    guide = guidance_kwargs(model)
+    torch.testing.assert_close(model.reverse(z, y, cuda_graph=True, **guide), model.reverse(z, y, **guide),
+                               atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Option errors
+# --------------------------------------------------------------------------------------------
+def test_incompatible_sampling_options_raise_clear_errors():
+    model = make("adaln")
+    z, y = inputs(model)
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA"):
+        model.reverse(z.cpu(), y, cuda_graph=True)  # z on the CPU, whatever the machine has
+    with pytest.raises(ValueError, match="choose one of cuda_graph"):
+        model.reverse(z, y, cuda_graph=True, compile_step="reduce-overhead")
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model.reverse(z, y, use_cache=False, static_shapes=True)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        model.reverse(z, y, jacobi_block_size=4, static_shapes=True)
+    with pytest.raises(ValueError, match="jacobi_block_size ≥ 1"):
+        model.reverse(z, y, jacobi_block_size=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark itself
+# --------------------------------------------------------------------------------------------
+def test_train_flops_match_the_documented_formula():
+    model = TransformerFlow(in_channels=2, img_size=4, patch_size=1, channels=32, layers_per_block=[1, 2],
+                            num_classes=3, head_dim=16)
+    w, d, t, layers, batch = 32, 2, 16, 3, 5
+    per_token = 2 * (d * w + w * 2 * d) + layers * (3 * w * w + w * w + 2 * 4 * w * w)  # proj_in/out, attn, MLP
+    per_sample = layers * 6 * w * w  # AdaLN modulation, once per sample
+    flops = bench.train_flops(model, batch)
+    assert flops["per_token_params"] == per_token and flops["per_sample_params"] == per_sample
+    assert flops["total_flops"] == 6 * per_token * batch * t + 6 * per_sample * batch + 6 * layers * w * batch * t * t
+
+
+def run_bench(tmp_path, *argv: str) -> dict:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    assert bench.main(parser.parse_args([*argv, "--out", str(out)])) == 0
+    return json.loads(out.read_text())
+
+
+def test_bench_cli_measures_training_and_sampling(tmp_path):
+    result = run_bench(tmp_path, "--preset", "tiny", "--img-size", "4", "--layers", "1,1", "--parts",
+                       "train,sample,attention",
+                       "--steps", "1", "--warmup", "1", "--sample-repeats", "1", "--sample-warmup", "0",
+                       "--device", "cpu", "--jacobi-block-size", "4")
+    assert result["config"]["tokens"] == 16 and result["config"]["layers_per_block"] == [1, 1]
+    train = result["train"]
+    assert train["img_per_s"] > 0 and train["achieved_tflops"] > 0 and train["mfu"] is None  # no CPU peak
+    modes = result["sample"]["modes"]
+    assert set(modes) == {"uncached", "cached", "static", "cached+cfg", "baseline", "baseline+cfg", "jacobi",
+                          "jacobi+cfg"}
+    for name, entry in modes.items():
+        assert entry["img_per_s"] > 0 and entry["finite"], name
+        assert entry["max_abs_diff_vs_cached"] < 1e-3, name  # every mode samples the same images
+    assert modes["jacobi"]["mean_iterations"] <= 4
+    assert "cached_vs_uncached" in result["sample"]["speedups"]
+    assert "cached+cfg_vs_baseline+cfg" in result["sample"]["speedups"]
+    attention = result["attention"]
+    assert attention["shape"] == [16, 4, 16, 16] and attention["max_abs_diff"] < 1e-5  # same causal attention
+    assert result["summary"].startswith("tiny")
+
+
+def test_bench_loads_flow_weights_from_a_training_checkpoint(tmp_path):
+    trained = make("adaln")
+    ckpt = tmp_path / "latest.pt"
+    torch.save({"ema": {f"flow.{k}": v for k, v in trained.state_dict().items()} | {"vae.w": torch.zeros(1)},
+                "model": {}}, ckpt)
+    fresh = TransformerFlow(head_dim=16, **CONFIGS["adaln"])
+    bench.load_flow_weights(fresh, str(ckpt), "ema")
+    for name, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    plain = tmp_path / "flow.pt"
+    torch.save(trained.state_dict(), plain)
+    bench.load_flow_weights(TransformerFlow(head_dim=16, **CONFIGS["adaln"]), str(plain), "ema")
+    with pytest.raises(ValueError, match="does not match"):
+        bench.load_flow_weights(TransformerFlow(head_dim=16, **CONFIGS["add_exp"]), str(ckpt), "ema")
+
+
+def test_bench_rejects_unknown_modes_and_parts(tmp_path):
+    with pytest.raises(ValueError, match="unknown sampling mode"):
+        run_bench(tmp_path, "--parts", "sample", "--modes", "cached,fast", "--device", "cpu")
+    with pytest.raises(SystemExit, match="unknown part"):
+        run_bench(tmp_path, "--parts", "train,eval", "--device", "cpu")
+
+
+def test_bench_fid_feature_throughput(tmp_path):
+    fid = pytest.importorskip("simflow.fid")
+    if not all(hasattr(fid, n) for n in ("SmallClassifier", "register_classifier_extractor", "save_classifier")):
+        pytest.skip("simflow.fid has no classifier extractor yet")
+    result = run_bench(tmp_path, "--parts", "fid", "--fid-images", "64", "--fid-batch", "32", "--device", "cpu")
+    assert result["fid"]["classifier"]["images"] == 64
+    assert result["fid"]["classifier"]["img_per_s"] > 0
