@@ -153,12 +153,14 @@ def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -
     from simflow.train import atomic_save, train
     run_dir = Path(cfg.run_dir)
     if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        # The resolved config (defaults filled in) beside the outputs; not config.yaml, which is
+        # the workflow's input file of this unit.
+        resolved = save_config(cfg, run_dir / "config.resolved.yaml")
         try:
             run.log_params_once(flatten(to_dict(cfg)))
         except ValueError as err:  # a changed config re-run into the same MLflow run
             warnings.warn(f"MLflow params not updated: {err}", stacklevel=1)
-        run.log_artifact(run_dir / "config.yaml", "config")
+        run.log_artifact(resolved, "config")
     result = train(cfg, env, RunLogger(run, run_dir) if env.is_main else None, vae_only=vae_only)
     summary = result.summary
     if not env.is_main:
@@ -439,6 +441,8 @@ def run_stage(stage: str, config_path: str | None, overrides: list[str] | None =
         snapshot = save_config(cfg, Path(cfg.run_dir) / "jobs" / f"{stage}.yaml")
         job = StageJob(stage, str(snapshot), ["launcher.backend=local"])
         return launch(job, launcher, job_name=f"{cfg.study}.{cfg.variant}.{stage}")
+    if os.environ.get("SUBMITIT_EXECUTOR"):  # a submitted job: use the CPUs it was given
+        torch.set_num_threads(max(1, cfg.launcher.cpus_per_task))
     env = init_distributed()
     try:
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.results_root)

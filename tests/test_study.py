@@ -1,0 +1,394 @@
+"""Tests of simflow.study: loading and validating study configs, per-unit stage configs, the
+launcher precedence, the unit set-up (config file, checkpoints, MLflow run) and the schema."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from simflow import study as S
+from simflow.config import Config, LauncherSection, describe, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {name: REPO / "config" / f"{name}.yaml" for name in ("config", "demo", "smoke")}
+
+
+def _raw(name: str = "smoke") -> dict:
+    return yaml.safe_load(CONFIGS[name].read_text())
+
+
+def _tiny(**extra) -> dict:
+    """A small valid study: two variants, one frozen, tracking off, results under ``res``."""
+    raw = {
+        "study": "tiny",
+        "results_root": "res",
+        "seeds": [0, 3],
+        "base": {"data": {"name": "digits", "image_size": 16},
+                 "eval": {"feature_extractor": "simflow-classifier"}},
+        "pretrain_vae": {"vae": {"posterior": "learnable"}, "train": {"steps": 5}},
+        "variants": {
+            "simflow": {"group": "latent", "sigma": 0.5},
+            "frozen": {"group": "latent", "overrides": {"vae": {"posterior": "learnable"},
+                                                        "model": {"mode": "frozen_vae"}}},
+        },
+        "tracking": {"enabled": False},
+    }
+    raw.update(extra)
+    return raw
+
+
+# ------------------------------------------------------------------------------------------
+# the shipped configs
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_shipped_configs_load_and_every_unit_is_a_valid_stage_config(name):
+    study = S.load_study(CONFIGS[name])
+    assert study.variants and study.units
+    for unit, cfg in study.units.items():
+        full = S.resolved_config(cfg)
+        assert full.run_dir == f"{study.dir}/{unit}"
+        assert full.study == study.name
+
+
+def test_paper_and_demo_study_have_the_same_variants():
+    paper, demo = S.load_study(CONFIGS["config"]), S.load_study(CONFIGS["demo"])
+    assert list(paper.variants) == list(demo.variants)
+    expected = {"frozen_vae", "frozen_vae_noise", "frozen_encoder_noise", "e2e_learnable",
+                "e2e_layernorm", "simflow", "simflow_sigma0.1", "simflow_sigma0.25",
+                "simflow_sigma0.75", "simflow_sigma1.0", "simflow_repa", "tarflow_pixel",
+                "tarflow_pixel_uncond"}
+    assert set(paper.variants) == expected
+    sweep = {v.sigma for v in paper.variants.values() if v.group == "sigma_sweep"}
+    assert sweep == {0.1, 0.25, 0.75, 1.0}
+
+
+def test_paper_config_values():
+    study = S.load_study(CONFIGS["config"])
+    cfg = S.resolved_config(study.units["simflow/s0"])
+    assert (cfg.vae.posterior, cfg.vae.fixed_std, cfg.vae.latent_channels) == ("fixed", 0.5, 64)
+    assert cfg.vae.channel_mult == [1, 1, 2, 2, 4] and cfg.vae.base_channels == 128
+    assert cfg.vae.num_res_blocks == 2 and cfg.vae.attn_resolutions == [16]
+    assert cfg.flow.channels == 1152 and cfg.flow.layers_per_block == [2, 2, 2, 2, 2, 46]
+    assert (cfg.flow.head_dim, cfg.flow.patch_size) == (64, 1)
+    assert cfg.train.global_batch_size == 256 and cfg.sample.num_samples == 50000
+    assert cfg.data.name == "imagefolder" and cfg.eval.feature_extractor == "inception-v3-compat"
+    repa = S.resolved_config(study.units["simflow_repa/s0"]).model
+    assert (repa.repa_layer, repa.repa_target) == (3, "dinov2_vitb14") and repa.repa_weight > 0
+    # the paper study uses Inception: no classifier stage; frozen variants need the pretrained VAE
+    assert not study.needs_feature_extractor and study.needs_fid_ref and study.pretrain_seeds == [0]
+    assert S.launcher_for(study, "train")["nodes"] == 2
+    assert S.launcher_for(study, "train")["gpus_per_node"] == 8
+
+
+_SOURCE = re.compile(r"#.*(published|INFERRED|REPA-E|REPA default|STARFlow|TarFlow|workflow|NOT PUBLISHED)")
+
+
+def test_paper_config_says_where_every_base_value_comes_from():
+    """Every value line of base/pretrain_vae in config.yaml carries a source comment (its own or,
+    for a sub-mapping, the section header's)."""
+    lines = CONFIGS["config"].read_text().splitlines()
+    in_section, missing = False, []
+    for line in lines:
+        if re.match(r"^(base|pretrain_vae):", line):
+            in_section = True
+            continue
+        if re.match(r"^\S", line):
+            in_section = False
+        if not in_section or not line.strip() or line.strip().startswith("#"):
+            continue
+        _, _, value = line.split("#")[0].partition(":")
+        if value.strip() and not _SOURCE.search(line):
+            missing.append(line.strip())
+    assert not missing, f"values without a source comment: {missing}"
+
+
+def test_demo_study_is_small_and_self_contained():
+    study = S.load_study(CONFIGS["demo"])
+    assert study.needs_feature_extractor  # FID proxy: the demo classifier, nothing to download
+    for unit, cfg in study.units.items():
+        full = S.resolved_config(cfg)
+        assert full.data.name == "fashion_mnist" and full.data.image_size == 32
+        if not unit.startswith(("_shared/fid_ref", "_shared/feature_extractor")):  # they do not train
+            assert full.train.steps <= 500 and full.sample.num_samples <= 1000
+            assert full.model.lpips_weight == 0  # no VGG weights offline
+    assert all(S.launcher_for(study, s)["backend"] == "local" for s in S.STAGES)
+
+
+# ------------------------------------------------------------------------------------------
+# variant configs
+# ------------------------------------------------------------------------------------------
+def test_variant_config_merges_base_and_overrides_and_links_shared_outputs():
+    study = S.load_study(_tiny())
+    cfg = S.variant_config(study, "frozen", 3)
+    assert cfg["study"] == "tiny" and cfg["variant"] == "frozen"
+    assert cfg["run_dir"] == "res/tiny/frozen/s3" and cfg["results_root"] == "res"
+    assert cfg["train"]["seed"] == 3 and cfg["sample"]["seed"] == 3
+    assert cfg["data"] == {"name": "digits", "image_size": 16}  # from base
+    assert cfg["model"]["mode"] == "frozen_vae"  # from the overrides
+    assert cfg["model"]["pretrained_vae"] == "res/tiny/_shared/pretrain_vae/s3/vae.pt"
+    assert cfg["eval"]["classifier_path"] == "res/tiny/_shared/feature_extractor/classifier.pt"
+    assert cfg["eval"]["reference_stats"] == "res/tiny/_shared/fid_ref/reference_stats.npz"
+    assert cfg["tracking"] == {"enabled": False, "tracking_uri": None, "experiment": "tiny",
+                               "run_id_file": "res/tiny/frozen/s3/mlflow_run_id.txt"}
+    assert "launcher" not in cfg
+    # the end-to-end variant does not get a pretrained VAE
+    assert "pretrained_vae" not in S.variant_config(study, "simflow", 0).get("model", {})
+    assert set(study.units) == {"simflow/s0", "simflow/s3", "frozen/s0", "frozen/s3",
+                                "_shared/pretrain_vae/s0", "_shared/pretrain_vae/s3",
+                                "_shared/fid_ref", "_shared/feature_extractor"}
+
+
+def test_base_is_not_mutated_by_variant_configs():
+    study = S.load_study(_tiny())
+    before = copy.deepcopy(study.base)
+    S.variant_config(study, "frozen", 0)["data"]["name"] = "changed"
+    assert study.base == before
+
+
+def test_shared_units_read_only_what_they_need():
+    study = S.load_study(_tiny(base={"data": {"name": "digits"}, "flow": {"channels": 48},
+                                     "eval": {"feature_extractor": "simflow-classifier",
+                                              "classifier_steps": 7, "num_recon": 9}}))
+    fe = S.shared_config(study, "feature_extractor")
+    ref = S.shared_config(study, "fid_ref")
+    assert "flow" not in fe and "flow" not in ref  # a flow change does not re-run them
+    assert fe["eval"] == {"classifier_steps": 7}
+    assert ref["eval"]["classifier_path"].endswith("_shared/feature_extractor/classifier.pt")
+    assert "reference_stats" not in ref["eval"] and "num_recon" not in ref["eval"]
+    pre = S.shared_config(study, "pretrain_vae", 0)
+    assert pre["flow"] == {"channels": 48} and pre["vae"]["posterior"] == "learnable"
+
+
+def test_external_reference_stats_and_classifier_drop_the_shared_stages():
+    study = S.load_study(_tiny(base={"data": {"name": "digits"},
+                                     "eval": {"reference_stats": "adm.npz",
+                                              "feature_extractor": "inception-v3-compat"}}))
+    assert not study.needs_fid_ref and not study.needs_feature_extractor
+    assert S.variant_config(study, "simflow", 0)["eval"]["reference_stats"] == "adm.npz"
+
+
+def test_repa_with_the_classifier_target_uses_the_trained_classifier():
+    raw = _tiny(base={"data": {"name": "digits"}})  # Inception FID: only REPA needs the classifier
+    raw["variants"]["repa"] = {"group": "latent", "sigma": 0.5,
+                               "overrides": {"model": {"repa_weight": 0.5, "repa_target": "classifier"}}}
+    study = S.load_study(raw)
+    assert study.needs_feature_extractor
+    cfg = S.variant_config(study, "repa", 0)
+    assert cfg["model"]["repa_target_weights_path"] == "res/tiny/_shared/feature_extractor/classifier.pt"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["variants"]["simflow"].update(overrides={"flow": {"chanels": 3}}),
+     r"variants\.simflow\.overrides: unknown config key 'flow\.chanels'"),
+    (lambda r: r["variants"]["simflow"].update(overrides={"flow": {"channels": "wide"}}),
+     r"variants\.simflow\.overrides: flow\.channels: expected an integer"),
+    (lambda r: r["variants"]["simflow"].update(overrides={"data": {"image_size": 8}}),
+     r"variants\.simflow\.overrides\.data: shared by all variants"),
+    (lambda r: r["variants"]["simflow"].update(overrides={"eval": {"feature_extractor": "x"}}),
+     r"variants\.simflow\.overrides\.eval\.feature_extractor: shared"),
+    (lambda r: r["base"].update(train={"seed": 1}), r"base\.train\.seed must not be set.*seeds"),
+    (lambda r: r["base"].update(launcher={"backend": "slurm"}), r"base\.launcher must not be set"),
+    (lambda r: r["variants"]["simflow"].update(group="other"), r"variants\.simflow\.group: 'other'"),
+    (lambda r: r["variants"]["simflow"].update(sigma=-1), r"variants\.simflow\.sigma"),
+    (lambda r: r["variants"]["simflow"].update(extra=1), r"unknown key variants\.simflow\.extra"),
+    (lambda r: r["variants"].update({"bad/name": {"group": "latent"}}), r"variants\.bad/name"),
+    (lambda r: r["variants"].update({"figures": {"group": "latent"}}), r"variants\.figures"),
+    (lambda r: r.update(seeds=[0, 0]), r"seeds: expected a non-empty list of distinct"),
+    (lambda r: r.update(variants={}), r"variants: expected a non-empty mapping"),
+    (lambda r: r.update(unknown=1), r"unknown study key 'unknown'"),
+    (lambda r: r["variants"]["frozen"]["overrides"].update(vae={"posterior": "fixed"}),
+     r"variants\.frozen: model\.mode frozen_vae loads the pretrained VAE, but its vae\.posterior"),
+    (lambda r: r.update(stage_launcher={"trian": {"nodes": 2}}), r"unknown stage 'trian'"),
+    (lambda r: r.update(stage_launcher={"train": {"nodes": "two"}}),
+     r"launcher of stage train: launcher\.nodes: expected an integer"),
+    (lambda r: r.update(launcher_train_gpu=1), r"unknown flat launcher key 'launcher_train_gpu'"),
+    (lambda r: r.update(tracking={"run_id_file": "x"}), r"unknown key tracking\.run_id_file"),
+])
+def test_invalid_study_configs_name_the_key(mutate, message):
+    raw = _tiny()
+    mutate(raw)
+    with pytest.raises(S.StudyError, match=message):
+        S.load_study(raw)
+
+
+def test_unknown_variant_and_seed_are_errors():
+    study = S.load_study(_tiny())
+    with pytest.raises(S.StudyError, match="unknown variant 'nope'"):
+        S.variant_config(study, "nope", 0)
+    with pytest.raises(S.StudyError, match=r"seed 1 is not in the study's seeds \[0, 3\]"):
+        S.variant_config(study, "simflow", 1)
+
+
+def test_run_names_and_tags():
+    study = S.load_study(_tiny())
+    assert S.unit_run_name(study, "frozen/s3") == "frozen_s3"  # two seeds: the seed is in the name
+    assert S.unit_run_name(study, "_shared/pretrain_vae/s0") == "shared:pretrain_vae_s0"
+    assert S.unit_tags(study, "simflow/s0") == {"unit": "simflow/s0", "group": "latent",
+                                                "sigma": 0.5, "seed": 0}
+    single = S.load_study(_tiny(seeds=[0]))
+    assert S.unit_run_name(single, "frozen/s0") == "frozen"
+
+
+# ------------------------------------------------------------------------------------------
+# launcher
+# ------------------------------------------------------------------------------------------
+def test_launcher_precedence_and_sets():
+    raw = _tiny(launcher={"backend": "local", "cpus_per_task": 4, "timeout_min": 30},
+                stage_launcher={"train": {"nodes": 2, "timeout_min": 600},
+                                "fid_ref": {"cpus_per_task": 2}},
+                launcher_backend="slurm", launcher_partition="gpu", launcher_train_timeout_min=900)
+    study = S.load_study(raw)
+    train = S.launcher_for(study, "train")
+    assert train["backend"] == "slurm" and train["partition"] == "gpu"  # flat keys: every stage
+    assert train["nodes"] == 2 and train["cpus_per_task"] == 4  # stage_launcher over launcher
+    assert train["timeout_min"] == 900  # launcher_train_* over stage_launcher
+    assert S.launcher_for(study, "fid-ref")["cpus_per_task"] == 2  # fid_ref == fid-ref
+    assert S.launcher_for(study, "sample")["timeout_min"] == 30
+    assert train["log_dir"] == "res/tiny/logs/submitit"
+    sets = S.launcher_sets(study, "train")
+    # every key (a launcher section left in the config file by an earlier stage must not leak),
+    # each value YAML-parsable
+    parsed = {s.split("=", 1)[0][len("launcher."):]: yaml.safe_load(s.split("=", 1)[1]) for s in sets}
+    assert parsed == train and set(parsed) == set(to_dict(LauncherSection()))
+    cfg = load_config(None, sets)
+    assert cfg.launcher.backend == "slurm" and cfg.launcher.timeout_min == 900
+    stale = {"launcher": {"nodes": 7, "qos": "long"}}  # e.g. written by the train stage
+    cfg = load_config(None, S.launcher_sets(study, "sample"), data=stale)
+    assert cfg.launcher.nodes == 1 and cfg.launcher.qos is None
+
+
+def test_stage_command_and_threads_follow_the_backend():
+    local = S.load_study(_tiny(threads=2))
+    assert S.stage_command(local, "train") == "python -m simflow train"
+    assert S.stage_threads(local, "train") == 2
+    slurm = S.load_study(_tiny(threads=2, launcher_backend="slurm", launcher_cpus_per_task=6))
+    assert S.stage_command(slurm, "fid") == "env OMP_NUM_THREADS=6 MKL_NUM_THREADS=6 python -m simflow fid"
+    assert S.stage_threads(slurm, "fid") == 1  # the rule only waits for the SLURM job
+
+
+def test_untracked_params_are_not_a_builtin_type():
+    value = S.Untracked("--set launcher.backend=slurm")
+    assert str(value) == "--set launcher.backend=slurm"
+    # Snakemake records only params of builtin types for its params trigger
+    assert not isinstance(value, (str, int, float, list, tuple, dict, set, bytes))
+
+
+# ------------------------------------------------------------------------------------------
+# files and MLflow
+# ------------------------------------------------------------------------------------------
+def test_write_stage_config_round_trips_without_launcher(tmp_path):
+    study = S.load_study(_tiny())
+    cfg = S.variant_config(study, "frozen", 0)
+    path = S.write_stage_config(cfg, tmp_path / "c" / "config.yaml")
+    assert "launcher" not in yaml.safe_load(path.read_text())
+    assert to_dict(load_config(path)) == to_dict(S.resolved_config(cfg))
+
+
+def test_config_fingerprint_ignores_defaults_and_order():
+    a = {"train": {"steps": 10, "lr": 1e-3}, "flow": {"channels": 128}}
+    b = {"flow": {}, "train": {"lr": 1e-3, "steps": 10}}  # channels 128 is the default
+    assert S.config_fingerprint(a) == S.config_fingerprint(b)
+    assert S.config_fingerprint(a) != S.config_fingerprint({"train": {"steps": 11}})
+
+
+def test_setup_unit_keeps_checkpoints_of_the_same_config_and_moves_those_of_another(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = S.load_study(_tiny())
+    cfg = S.variant_config(study, "simflow", 0)
+    run_dir = Path(cfg["run_dir"])
+    files = (run_dir / "config.yaml", run_dir / "mlflow_run_id.txt", "parent.txt")
+    assert S.setup_unit(cfg, *files, run_name="simflow") is None  # tracking disabled
+    assert files[1].read_text() == "tracking disabled\n"
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "latest.pt").write_text("weights")
+    files[0].unlink()  # Snakemake removes a job's outputs before it re-runs
+    S.setup_unit(cfg, *files, run_name="simflow")
+    assert (run_dir / "checkpoints" / "latest.pt").exists()  # same config: resume
+    changed = copy.deepcopy(cfg)
+    changed.setdefault("train", {})["steps"] = 77
+    S.setup_unit(changed, *files, run_name="simflow")
+    assert not (run_dir / "checkpoints").exists()
+    moved = list(run_dir.glob("checkpoints.superseded-*/latest.pt"))
+    assert len(moved) == 1 and moved[0].read_text() == "weights"
+    assert load_config(files[0]).train.steps == 77
+
+
+def test_init_study_and_setup_unit_create_and_reuse_mlflow_runs(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    study = S.load_study(_tiny(tracking={"enabled": True}, seeds=[0]))
+    parent_file = Path(study.parent_run_id_file)
+    parent = S.init_study_tracking(study.name, study.results_root, parent_file)
+    assert parent_file.read_text().strip() == parent
+    cfg = study.units["simflow/s0"]
+    run_dir = Path(cfg["run_dir"])
+    config_path, run_id_path = run_dir / "config.yaml", run_dir / "mlflow_run_id.txt"
+    first = S.setup_unit(cfg, config_path, run_id_path, parent_file, run_name="simflow",
+                         tags=S.unit_tags(study, "simflow/s0"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}")
+    run = client.get_run(first)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["variant"] == "simflow" and run.data.tags["group"] == "latent"
+    assert client.get_experiment(run.info.experiment_id).name == "tiny"
+    # outputs deleted, same config: the same run is reused
+    run_id_path.unlink()
+    config_path.unlink()
+    assert S.setup_unit(cfg, config_path, run_id_path, parent_file, run_name="simflow") == first
+    # a changed config gets a new run (MLflow params are immutable)
+    changed = copy.deepcopy(cfg)
+    changed.setdefault("train", {})["steps"] = 5
+    run_id_path.unlink()
+    assert S.setup_unit(changed, config_path, run_id_path, parent_file, run_name="simflow") != first
+
+
+# ------------------------------------------------------------------------------------------
+# schema, docs, command line
+# ------------------------------------------------------------------------------------------
+def test_committed_schema_is_the_generated_one():
+    committed = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert committed == json.loads(json.dumps(S.study_schema())), (
+        "regenerate with: python -m simflow.study schema > workflow/schemas/config.schema.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_shipped_configs_pass_the_schema(name):
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(_raw(name), S.study_schema())
+
+
+def test_schema_rejects_a_misspelled_study_key():
+    jsonschema = pytest.importorskip("jsonschema")
+    raw = _raw("smoke")
+    raw["variants"]["simflow"]["overides"] = {}
+    with pytest.raises(jsonschema.ValidationError, match="overides"):
+        jsonschema.validate(raw, S.study_schema())
+
+
+def test_readme_documents_every_key():
+    readme = (REPO / "config" / "README.md").read_text()
+    stage_keys = [k for k, *_ in describe(Config)
+                  if k.split(".")[0] not in ("study", "variant", "run_dir", "results_root")]
+    study_keys = list(S.study_schema()["properties"]) + ["launcher_<key>", "launcher_<stage>_<key>"]
+    missing = [k for k in stage_keys + study_keys if f"`{k}`" not in readme]
+    assert not missing, f"config/README.md does not explain: {missing}"
+
+
+def test_cli_check_and_schema(capsys, tmp_path):
+    assert S.main(["check", str(CONFIGS["smoke"])]) == 0
+    assert "study smoke" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    raw = _raw("smoke")
+    raw["variants"]["simflow"]["overrides"] = {"vae": {"posterior": "sometimes"}}
+    bad.write_text(yaml.safe_dump(raw))
+    assert S.main(["check", str(bad)]) == 1
+    assert "variants.simflow.overrides: vae.posterior: 'sometimes'" in capsys.readouterr().err
+    assert S.main(["schema"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["title"] == "SimFlow study config"

@@ -1,0 +1,60 @@
+# Analysis of the finished study: the per-(variant, seed) metrics and latent statistics become
+# results/<study>/summary.csv (one row per variant; per-seed rows in summary_per_seed.csv),
+# summary.md (results table and the paper's claims checked) and the figures of the paper.
+
+
+rule summary:
+    input:
+        fid=per_unit(f"{VDIR}/metrics/fid.json"),
+        reconstruct=per_unit(f"{VDIR}/metrics/reconstruct.json"),
+        nll=per_unit(f"{VDIR}/metrics/nll.json"),
+        latents=per_unit(f"{VDIR}/latents.npz"),
+        train=per_unit(f"{VDIR}/train_summary.json"),
+    output:
+        summary=f"{SD}/summary.csv",
+        per_seed=f"{SD}/summary_per_seed.csv",
+        latent_stats=f"{SD}/latent_stats.csv",
+        noise=f"{SD}/noise_robustness.csv",
+        markdown=f"{SD}/summary.md",
+        claims=f"{SD}/claims.json",
+    params:
+        units=summary_units(),
+        analysis=STUDY.analysis,
+    log:
+        f"{LOGS}/summary.log",
+    localrule: True
+    conda:
+        ENV
+    script:
+        "../scripts/summary.py"
+
+
+rule figures:
+    input:
+        per_seed=f"{SD}/summary_per_seed.csv",
+        noise=f"{SD}/noise_robustness.csv",
+        interpolation=per_unit(f"{VDIR}/interpolation.npz"),
+        samples=per_unit(f"{VDIR}/samples.npz"),
+    output:
+        fig3a=report(f"{SD}/figures/fig3a_noise_robustness.png", category="Figures",
+                     labels={"figure": "3a", "what": "PSNR under latent noise"}),
+        fig3b=report(f"{SD}/figures/fig3b_interpolations.png", category="Figures",
+                     labels={"figure": "3b", "what": "latent interpolations"}),
+        fig4=report(f"{SD}/figures/fig4_latent_stats.png", category="Figures",
+                    labels={"figure": "4", "what": "latent smoothness statistics"}),
+        fig5=report(f"{SD}/figures/fig5_fid.png", category="Figures",
+                    labels={"figure": "5", "what": "gFID / rFID per variant and over sigma"}),
+        grid=report(f"{SD}/figures/samples_grid.png", category="Figures",
+                    labels={"figure": "samples", "what": "generated samples per variant"}),
+        pdfs=[f"{SD}/figures/{name}.pdf" for name in FIGURES],
+    params:
+        units=[[v, s] for v in STUDY.variants for s in STUDY.seeds],
+        sweep_reference=STUDY.analysis["sweep_reference"],
+        grid_images=STUDY.analysis["grid_images"],
+    log:
+        f"{LOGS}/figures.log",
+    localrule: True
+    conda:
+        ENV
+    script:
+        "../scripts/figures.py"

@@ -1,0 +1,159 @@
+# Helpers shared by the *.smk files: the validated study, paths, input functions and params.
+# No rules here (Snakemake's lint: functions and rules live in separate files).
+import re
+import shlex
+import sys
+
+from snakemake.logging import logger
+
+from simflow import study as sf
+
+# The whole study config is validated here, at parse time: an invalid variant fails the run
+# before any job starts, with a message naming the variant and the key.
+STUDY = sf.load_study(config)
+
+# Snakemake takes `--config` from the command line *instead of* a profile's `config:` (per
+# option, not per key), so `snakemake --profile slurm --config x=1` silently runs locally.
+if sf.profile_config_dropped(sys.argv, config):
+    logger.warning(
+        "--profile was given together with --config: the profile's `config:` entries (e.g. "
+        "launcher_backend: slurm) are replaced by the command line's. Repeat them after --config "
+        "(e.g. --config launcher_backend=slurm ...) or set them in the study config."
+    )
+
+SD = STUDY.dir  # results/<study>
+LOGS = f"{SD}/logs"
+VDIR = f"{SD}/{{variant}}/s{{seed}}"  # one variant trained with one seed
+VLOG = f"{LOGS}/{{variant}}/s{{seed}}"
+SHARED = f"{SD}/{sf.SHARED_DIR}"
+CLASSIFIER_DIR = f"{SHARED}/feature_extractor"
+FIDREF_DIR = f"{SHARED}/fid_ref"
+PRETRAIN_DIR = f"{SHARED}/pretrain_vae/s{{seed}}"
+# One software environment for every rule: the simflow package and its dependencies.
+ENV = "../envs/simflow.yaml"
+
+
+def _alternation(names):
+    """A regex matching exactly the given names (wildcards must not match anything else)."""
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+
+VARIANT_RE = _alternation(STUDY.variants)
+UNIT_RE = _alternation(STUDY.units)
+
+
+# Wildcards match only configured names (a '.' in simflow_sigma0.1 is then harmless), so no
+# pattern can swallow another rule's path.
+wildcard_constraints:
+    variant=VARIANT_RE,
+    seed=r"\d+",
+    unit=UNIT_RE,
+
+
+def stage_cmd(stage):
+    """Params value: the command running ``stage`` (untracked: see simflow.study.Untracked)."""
+    return sf.Untracked(sf.stage_command(STUDY, stage))
+
+
+def launcher_args(stage):
+    """Params value: ``--set launcher.<key>=<value>`` for ``stage`` (untracked)."""
+    return sf.Untracked(" ".join(f"--set {shlex.quote(s)}" for s in sf.launcher_sets(STUDY, stage)))
+
+
+def threads_of(stage):
+    return sf.stage_threads(STUDY, stage)
+
+
+def unit_files(unit):
+    """The workflow-written files of a unit: its resolved config and its MLflow run id."""
+    return {"config": f"{SD}/{unit}/{sf.CONFIG_FILE}", "run_id": f"{SD}/{unit}/{sf.RUN_ID_FILE}"}
+
+
+def variant_cfg(wildcards):
+    return STUDY.units[sf.variant_unit(wildcards.variant, int(wildcards.seed))]
+
+
+def _classifier_input(cfg, key):
+    """{"classifier": path} when config key ``key`` names the classifier the workflow trains."""
+    classifier = f"{CLASSIFIER_DIR}/classifier.pt"
+    return {"classifier": classifier} if sf.get_key(cfg, key) == classifier else {}
+
+
+def train_inputs(wildcards):
+    cfg = variant_cfg(wildcards)
+    unit = sf.variant_unit(wildcards.variant, wildcards.seed)
+    # the classifier is a training input only as the REPA target
+    files = {**unit_files(unit), **_classifier_input(cfg, "model.repa_target_weights_path")}
+    pretrained = sf.get_key(cfg, "model.pretrained_vae")
+    if pretrained is not None:
+        files["pretrained_vae"] = pretrained
+    return files
+
+
+def model_inputs(wildcards):
+    """Inputs of sample, nll and latents: the unit's files and its trained model."""
+    unit = sf.variant_unit(wildcards.variant, wildcards.seed)
+    return {**unit_files(unit), "model": f"{SD}/{unit}/model.pt"}
+
+
+def eval_inputs(wildcards):
+    """Inputs of reconstruct (rFID) and fid: the model, the reference statistics (ours, or the
+    precomputed ones named in base.eval.reference_stats: a missing file then fails the run
+    before anything starts), and the classifier when it is the FID feature extractor."""
+    cfg = variant_cfg(wildcards)
+    return {**model_inputs(wildcards), **_classifier_input(cfg, "eval.classifier_path"),
+            "reference_stats": sf.get_key(cfg, "eval.reference_stats")}
+
+
+def fid_inputs(wildcards):
+    unit = sf.variant_unit(wildcards.variant, wildcards.seed)
+    return {**eval_inputs(wildcards), "samples": f"{SD}/{unit}/samples.npz"}
+
+
+def setup_params(wildcards):
+    """The explicit config of a unit: a plain dict, so Snakemake's params trigger re-runs the
+    unit's setup (and so all its stages) when, and only when, this unit's config changes."""
+    return STUDY.units[wildcards.unit]
+
+
+def run_name(wildcards):
+    return sf.unit_run_name(STUDY, wildcards.unit)
+
+
+def run_tags(wildcards):
+    return sf.unit_tags(STUDY, wildcards.unit)
+
+
+def per_unit(pattern):
+    """``pattern`` (with {variant} and {seed}) for every variant and seed of the study."""
+    return [pattern.format(variant=v, seed=s) for v in STUDY.variants for s in STUDY.seeds]
+
+
+def posterior_label(cfg):
+    """How a unit's latents are made, for the noise-robustness table: "fixed σ̄=0.5",
+    "learnable", "layernorm", or "none" for pixel-space variants."""
+    full = sf.resolved_config(cfg)
+    if full.model.mode == "pixel":
+        return "none"
+    if full.vae.posterior == "fixed":
+        return f"fixed σ̄={full.vae.fixed_std:g}"
+    return full.vae.posterior
+
+
+def summary_units():
+    """[variant, seed, group, sigma, posterior] of every unit, in study order."""
+    return [[v, s, STUDY.variants[v].group, STUDY.variants[v].sigma,
+             posterior_label(STUDY.units[sf.variant_unit(v, s)])]
+            for v in STUDY.variants for s in STUDY.seeds]
+
+
+FIGURES = ["fig3a_noise_robustness", "fig3b_interpolations", "fig4_latent_stats", "fig5_fid",
+           "samples_grid"]
+
+
+def all_targets():
+    stage_files = [f"{VDIR}/{name}" for stage in ("train", "sample", "fid", "reconstruct", "nll", "latents")
+                   for name in sf.STAGE_OUTPUTS[stage]]
+    return ([f for p in stage_files for f in per_unit(p)]
+            + [f"{SD}/summary.csv", f"{SD}/summary.md"]
+            + [f"{SD}/figures/{name}.png" for name in FIGURES])

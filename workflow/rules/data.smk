@@ -1,0 +1,85 @@
+# Study set-up and data-side shared stages: the MLflow store and parent run, each unit's resolved
+# config and MLflow child run, the demo's classifier (FID feature proxy / REPA target) and the
+# FID reference statistics. Every GPU stage is a local rule that calls the simflow CLI, which
+# runs in-process or submits one submitit job (SLURM) and waits for it (launcher backend).
+
+
+# First rule of the DAG: creates the MLflow database (once, under a lock, before any parallel
+# writer), the study's experiment and its parent run.
+rule mlflow_init:
+    output:
+        parent=STUDY.parent_run_id_file,
+    params:
+        args=shlex.join(
+            ["--study", STUDY.name, "--results-root", STUDY.results_root, "--experiment", STUDY.experiment]
+            + (["--tracking-uri", STUDY.tracking["tracking_uri"]] if STUDY.tracking["tracking_uri"] else [])
+            + ([] if STUDY.tracking["enabled"] else ["--disabled"])
+        ),
+    log:
+        f"{LOGS}/mlflow_init.log",
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "python -m simflow.study init-study {params.args} --out {output.parent} > {log} 2>&1"
+
+
+# A unit (one variant and seed, or a shared stage) gets its resolved stage config and its MLflow
+# child run. The unit's explicit config is a params value: when it changes this rule re-runs,
+# and everything of this unit downstream of config.yaml re-runs with it; other units do not.
+# The parent run id is ancient(): re-creating the parent run does not re-run the study.
+rule setup_unit:
+    input:
+        parent=ancient(STUDY.parent_run_id_file),
+    output:
+        config=f"{SD}/{{unit}}/{sf.CONFIG_FILE}",
+        run_id=f"{SD}/{{unit}}/{sf.RUN_ID_FILE}",
+    params:
+        config=setup_params,
+        run_name=run_name,
+        tags=run_tags,
+    log:
+        f"{LOGS}/{{unit}}/setup.log",
+    localrule: True
+    conda:
+        ENV
+    script:
+        "../scripts/setup_unit.py"
+
+
+rule feature_extractor:
+    input:
+        **unit_files(f"{sf.SHARED_DIR}/feature_extractor"),
+    output:
+        classifier=f"{CLASSIFIER_DIR}/classifier.pt",
+        report=f"{CLASSIFIER_DIR}/classifier.json",
+    params:
+        cmd=stage_cmd("feature-extractor"),
+        launcher=launcher_args("feature-extractor"),
+    log:
+        f"{LOGS}/{sf.SHARED_DIR}/feature_extractor.log",
+    threads: threads_of("feature-extractor")
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "{params.cmd} --config {input.config} {params.launcher} > {log} 2>&1"
+
+
+rule fid_ref:
+    input:
+        **unit_files(f"{sf.SHARED_DIR}/fid_ref"),
+        **_classifier_input(STUDY.units.get(f"{sf.SHARED_DIR}/fid_ref", {}), "eval.classifier_path"),
+    output:
+        stats=f"{FIDREF_DIR}/reference_stats.npz",
+    params:
+        cmd=stage_cmd("fid-ref"),
+        launcher=launcher_args("fid-ref"),
+    log:
+        f"{LOGS}/{sf.SHARED_DIR}/fid_ref.log",
+    threads: threads_of("fid-ref")
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "{params.cmd} --config {input.config} {params.launcher} > {log} 2>&1"

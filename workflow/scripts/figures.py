@@ -1,0 +1,50 @@
+"""Snakemake script of rule figures: the paper's Figures 3a, 3b, 4, 5 and a sample grid."""
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from simflow.analysis import figures
+
+
+def not_applicable(text: str) -> Figure:
+    """A small figure saying why a panel is empty (e.g. a study of pixel-space variants only)."""
+    fig = Figure(figsize=(4.0, 1.0))
+    fig.text(0.5, 0.5, text, ha="center", va="center", color="0.4")
+    return fig
+
+
+def main(sm) -> None:
+    per_seed = pd.read_csv(sm.input.per_seed)
+    noise = pd.read_csv(sm.input.noise)
+    several_seeds = len({s for _, s in sm.params.units}) > 1
+    interpolations, samples = {}, {}
+    for i, (variant, seed) in enumerate(sm.params.units):
+        label = f"{variant} s{seed}" if several_seeds else variant
+        with np.load(sm.input.interpolation[i]) as npz:
+            # pixel variants have no latent path: an empty arr_0
+            if "arr_0" in npz.files and npz["arr_0"].size:
+                interpolations[label] = npz["arr_0"]
+        with np.load(sm.input.samples[i]) as npz:
+            samples[label] = npz["arr_0"][: sm.params.grid_images]
+
+    def save(fig: Figure, key: str) -> None:
+        stem = Path(sm.output[key]).with_suffix("")
+        figures.save_figure(fig, stem)
+        print(f"wrote {stem}.png/.pdf")
+
+    save(figures.fig_noise_robustness(noise) if len(noise)
+         else not_applicable("no VAE latents in this study: no noise sweep"), "fig3a")
+    save(figures.fig_interpolations(interpolations) if interpolations
+         else not_applicable("no VAE latents in this study: no interpolations"), "fig3b")
+    save(figures.fig_latent_stats(per_seed), "fig4")
+    save(figures.fig_fid(per_seed, sweep_reference=sm.params.sweep_reference), "fig5")
+    save(figures.fig_sample_grids(samples, nrow=int(np.ceil(np.sqrt(sm.params.grid_images)))), "grid")
+
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+with open(sm.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    main(sm)
