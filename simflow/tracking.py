@@ -435,6 +435,7 @@ class StageRun:
         self._handler_installed = False
         self._signalled: int | None = None
         self._started_active = False
+        self._env_uri: str | None = None
 
     # -- context management ------------------------------------------------------------------
     def __enter__(self) -> StageRun:
@@ -445,6 +446,10 @@ class StageRun:
         run_id = read_run_id(self.run_id_file)
         init_tracking_store(self.tracking_uri)
         self._client = _client(self.tracking_uri)
+        # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI to os.environ; left there, it
+        # would redirect every later stage of this process (and its subprocesses) into this store
+        # (resolve_tracking_uri honours the variable). Restored in __exit__.
+        self._env_uri = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.tracking_uri)
         active = mlflow.active_run()
         if active is not None and active.info.run_id == run_id:
@@ -467,6 +472,7 @@ class StageRun:
             if self._started_active:  # do not leave the run RUNNING and attached
                 mlflow.end_run(status="FAILED")
             self.run_id = None
+            self._restore_env_uri()
             raise
         if threading.current_thread() is threading.main_thread():
             self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -493,15 +499,22 @@ class StageRun:
         status = self._status_for(exc)
         import mlflow
 
-        if not self._started_active:
-            return False
         try:
-            mlflow.end_run(status=status)
+            if self._started_active:
+                mlflow.end_run(status=status)
         except Exception:  # never mask the stage's own exception with a tracking error
             log.exception("could not end MLflow run %s as %s", self.run_id, status)
             if exc is None:
                 raise
+        finally:
+            self._restore_env_uri()
         return False
+
+    def _restore_env_uri(self) -> None:
+        if self._env_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = self._env_uri
 
     def _status_for(self, exc: BaseException | None) -> str:
         if exc is None:

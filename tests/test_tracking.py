@@ -250,3 +250,17 @@ def test_parallel_first_init_of_a_fresh_store_does_not_corrupt(tmp_path):
     runs = MlflowClient(uri).search_runs(["0"])
     assert sorted(r.info.run_name for r in runs) == ["w0", "w1", "w2", "w3"]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_stage_run_leaves_mlflow_tracking_uri_env_as_it_found_it(store, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a stage must not leak it into the
+    next stage of the same process (resolve_tracking_uri honours the variable)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _, rid_file = _variant(store, "env-leak")
+    with T.StageRun(store["uri"], rid_file, "train"):
+        pass
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
+    with T.StageRun(store["uri"], rid_file, "sample"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////elsewhere/mlflow.db"

@@ -284,10 +284,12 @@ def _changed(finished, tmp_name: str, mutate) -> list[tuple[str, dict[str, str]]
 def test_changing_one_variant_reruns_only_that_variant(finished):
     jobs = _changed(finished, "one.yaml",
                     lambda r: r["variants"]["simflow_sigma0.25"]["overrides"]["vae"].update(fixed_std=0.3))
-    units = {wc.get("unit") or f"{wc['variant']}/s{wc['seed']}" for rule, wc in jobs if wc}
+    units = {wc.get("unit") or f"{wc['variant']}/s{wc['seed']}" for rule, wc in jobs
+             if "unit" in wc or "variant" in wc}
     assert units == {"simflow_sigma0.25/s0"}
     assert sorted(r for r, _ in jobs) == sorted(["setup_unit", "train", "sample", "fid", "reconstruct",
-                                                 "nll", "latents", "summary", "figures", "all"])
+                                                 "nll", "latents", "summary", "figures", "all",
+                                                 "analysis_notebook", "analysis_notebook"])
 
 
 def test_changing_the_base_reruns_every_variant(finished):
@@ -307,7 +309,8 @@ def test_a_deleted_output_reruns_only_its_job_and_the_analysis(finished):
     finally:
         nll.write_text(saved)
         os.utime(nll, (time.time() - 3600,) * 2)  # older than the summary again
-    assert sorted(r for r, _ in jobs) == ["all", "figures", "nll", "summary"]
+    assert sorted(r for r, _ in jobs) == ["all", "analysis_notebook", "analysis_notebook", "figures",
+                                          "nll", "summary"]
 
 
 def test_report_holds_the_figures(finished):
