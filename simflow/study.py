@@ -152,7 +152,7 @@ _ANALYSIS_DEFAULTS: dict[str, Any] = {
     "paper_mapping": {"simflow": "SimFlow", "simflow_repa": "SimFlow + REPA-E",
                       "frozen_encoder_noise": "STARFlow", "tarflow_pixel": "TarFlow"},
 }
-_DEFAULT_CLI = "python -m simflow"
+_DEFAULT_CLI = "python3 -m simflow"  # python3: plain Debian has no `python`
 
 
 class StudyError(ConfigError):

@@ -264,10 +264,10 @@ def test_launcher_precedence_and_sets():
 
 def test_stage_command_and_threads_follow_the_backend():
     local = S.load_study(_tiny(threads=2))
-    assert S.stage_command(local, "train") == "python -m simflow train"
+    assert S.stage_command(local, "train") == "python3 -m simflow train"
     assert S.stage_threads(local, "train") == 2
     slurm = S.load_study(_tiny(threads=2, launcher_backend="slurm", launcher_cpus_per_task=6))
-    assert S.stage_command(slurm, "fid") == "env OMP_NUM_THREADS=6 MKL_NUM_THREADS=6 python -m simflow fid"
+    assert S.stage_command(slurm, "fid") == "env OMP_NUM_THREADS=6 MKL_NUM_THREADS=6 python3 -m simflow fid"
     assert S.stage_threads(slurm, "fid") == 1  # the rule only waits for the SLURM job
 
 

@@ -48,7 +48,7 @@ def _children_cpu_s() -> float:
 def snakemake(*args: str, cwd: Path = REPO, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
     """Run snakemake on this repository's Snakefile; the result carries ``cpu_s``, the CPU
     seconds the call used (a load-independent measure of its cost)."""
-    cmd = ["snakemake", "-s", str(SNAKEFILE), *args]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), *args]
     cpu0 = _children_cpu_s()
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
     proc.cpu_s = _children_cpu_s() - cpu0

@@ -21,7 +21,7 @@ rule mlflow_init:
     conda:
         ENV
     shell:
-        "python -m simflow.study init-study {params.args} --out {output.parent} > {log} 2>&1"
+        "python3 -m simflow.study init-study {params.args} --out {output.parent} > {log} 2>&1"
 
 
 # A unit (one variant and seed, or a shared stage) gets its resolved stage config and its MLflow
