@@ -592,12 +592,15 @@ def _check_frozen_vae(study: Study, units: dict[str, dict]) -> None:
 
 
 def unit_run_name(study: Study, unit: str) -> str:
-    """MLflow run name of a unit: the variant (with ``_s<seed>`` when the study has several
-    seeds), or ``shared:<stage>`` for a shared unit."""
+    """MLflow run name of a unit: ``<variant>_s<seed>``, or ``shared:<stage>`` for a shared unit.
+
+    The seed is always in the name (not only when a study has several seeds): the name is a
+    parameter of the unit's set-up rule, so a name that changed when seeds are added would make
+    Snakemake retrain every finished seed-0 unit."""
     if unit.startswith(f"{SHARED_DIR}/"):
         return "shared:" + unit[len(SHARED_DIR) + 1:].replace("/", "_")
     variant, seed = unit.rsplit("/", 1)
-    return variant if len(study.seeds) == 1 else f"{variant}_{seed}"
+    return f"{variant}_{seed}"
 
 
 def unit_tags(study: Study, unit: str) -> dict[str, Any]:

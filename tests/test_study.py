@@ -231,7 +231,7 @@ def test_run_names_and_tags():
     assert S.unit_tags(study, "simflow/s0") == {"unit": "simflow/s0", "group": "latent",
                                                 "sigma": 0.5, "seed": 0}
     single = S.load_study(_tiny(seeds=[0]))
-    assert S.unit_run_name(single, "frozen/s0") == "frozen"
+    assert S.unit_run_name(single, "frozen/s0") == "frozen_s0"  # adding seeds must not rename it
 
 
 # ------------------------------------------------------------------------------------------

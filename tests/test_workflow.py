@@ -343,8 +343,9 @@ def _check_smoke(results: Path) -> list:
     runs = client.search_runs([exp.experiment_id])
     parent = (results / "smoke" / "mlflow_parent_run_id.txt").read_text().strip()
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
-    assert set(study["variants"]) <= set(children)
-    return [children[v] for v in study["variants"]]
+    names = [f"{v}_s{seed}" for v in study["variants"] for seed in study["seeds"]]  # unit_run_name
+    assert set(names) <= set(children)
+    return [children[name] for name in names]
 
 
 @pytest.mark.slow
