@@ -169,9 +169,7 @@ def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -
         print(f"stopped at step {summary['steps']} of {cfg.train.steps} (train.max_steps_this_run); "
               "the same command resumes from the checkpoint", flush=True)
         return summary
-    dataset_info = {"channels": result.model.vae.in_channels if result.model.vae is not None
-                    else result.model.flow.in_channels,
-                    "num_classes": result.model.flow.num_classes or _num_classes(cfg)}
+    dataset_info = summary["data_info"]  # what load_trained needs to rebuild the model
     if vae_only:
         vae_state = {k[len("vae."):]: v for k, v in result.ema_state.items() if k.startswith("vae.")}
         atomic_save({"vae": vae_state, "config": to_dict(cfg), "data_info": dataset_info}, run_dir / "vae.pt")
@@ -184,10 +182,6 @@ def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -
                     summary["steps"])
     write_json(run_dir / "train_summary.json", summary)
     return summary
-
-
-def _num_classes(cfg: Config) -> int:
-    return build_dataset(cfg.data.name, cfg.data.root, "test", cfg.data.image_size).num_classes
 
 
 def stage_pretrain_vae(cfg: Config, env: DistEnv, run: StageRun) -> dict:

@@ -241,23 +241,22 @@ def variant_unit(variant: str, seed: int) -> str:
     return f"{variant}/s{seed}"
 
 
-def get_key(d: Mapping, dotted: str) -> Any:
-    """``d["a"]["b"]`` for ``"a.b"``; None when a level is missing."""
+_MISSING = object()
+
+
+def get_key(d: Mapping, dotted: str, default: Any = None) -> Any:
+    """``d["a"]["b"]`` for ``"a.b"``; ``default`` when a level is missing."""
     node: Any = d
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return None
+            return default
         node = node[part]
     return node
 
 
 def _has(d: Mapping, dotted: str) -> bool:
-    node: Any = d
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return False
-        node = node[part]
-    return True
+    """Whether ``dotted`` is set, even to None (get_key alone cannot tell)."""
+    return get_key(d, dotted, _MISSING) is not _MISSING
 
 
 def _set(d: dict, dotted: str, value: Any) -> None:

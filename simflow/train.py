@@ -228,8 +228,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
     accumulation = per_rank // micro
 
     dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, hflip=cfg.data.hflip)
-    seed_everything(t_cfg.seed * world + env.rank)  # model init is identical: re-seeded below
-    torch.manual_seed(t_cfg.seed)
+    torch.manual_seed(t_cfg.seed)  # the same initial weights on every rank; per-rank streams below
     if vae_only:
         cfg.model.nll_weight = 0.0
     model = build_model(cfg, dataset.channels, dataset.num_classes).to(device)
@@ -378,7 +377,8 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
                "img_per_s": images_seen / max(elapsed, 1e-9), "world_size": world,
                "global_batch_size": t_cfg.global_batch_size, "accumulation": accumulation,
                "final_loss": None if not terms_step else float(loss_check),  # mean over ranks
-               "num_params": {n: sum(p.numel() for p in ps) for n, ps in groups.items()}}
+               "num_params": {n: sum(p.numel() for p in ps) for n, ps in groups.items()},
+               "data_info": {"channels": dataset.channels, "num_classes": dataset.num_classes}}
     return TrainResult(model, ema.state, summary)
 
 

@@ -48,6 +48,7 @@ from simflow.distributed import (
 )
 from simflow.stages import rank_slice
 from simflow.tracking import StageRun
+from local_slurm import skip_without_slurm
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, LOG_EVERY, GLOBAL_BATCH = 6, 2, 16
@@ -421,22 +422,6 @@ def test_collectives_over_gloo_from_a_slurm_step_environment(tmp_path):
 # ------------------------------------------------------------------------------------------
 # one SLURM job with 2 tasks (the local single-node SLURM of tests/slurm/)
 # ------------------------------------------------------------------------------------------
-def _slurm_unavailable_reason() -> str | None:
-    hint = "start it with: sudo SIMFLOW_ALLOW_LOCAL_SLURM=1 tests/slurm/setup_local_slurm.sh start"
-    for tool in ("sinfo", "sbatch", "srun", "scontrol"):
-        if shutil.which(tool) is None:
-            return f"'{tool}' is not on PATH (no local SLURM); {hint}"
-    try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        return f"'scontrol ping' did not answer within 20 s; {hint}"
-    if ping.returncode != 0 or " is UP" not in ping.stdout:
-        return f"the SLURM controller does not answer ('scontrol ping'); {hint}"
-    return None
-
-
-_SLURM_REASON = _slurm_unavailable_reason()
-skip_without_slurm = pytest.mark.skipif(_SLURM_REASON is not None, reason=_SLURM_REASON or "")
 
 
 def _assert_one_slurm_job_of_two_tasks(root: Path, one_proc: Path) -> str:

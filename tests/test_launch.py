@@ -20,6 +20,7 @@ import launch_jobs
 import pytest
 import submitit
 
+from local_slurm import skip_without_slurm
 from simflow.launch import (
     LauncherConfig,
     LaunchError,
@@ -277,15 +278,8 @@ def test_stage_job_pickles_checkpoints_and_calls_run_stage(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # a real SLURM (tests/slurm/setup_local_slurm.sh), skipped when none answers
 # ---------------------------------------------------------------------------------------------
-def _slurm_up() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.mark.slurm
-@pytest.mark.skipif(not _slurm_up(), reason="no SLURM controller answers (tests/slurm/setup_local_slurm.sh start)")
+@skip_without_slurm
 def test_slurm_job_returns_and_failure_names_logs(job_env):
     cfg = LauncherConfig(backend="slurm", partition="debug", gpus_per_node=0, cpus_per_task=1,
                          mem_gb=0.5, timeout_min=5, log_dir=str(job_env / "logs"))

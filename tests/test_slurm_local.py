@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from local_slurm import SETUP_SCRIPT, skip_without_slurm
 
 submitit = pytest.importorskip("submitit")
 cloudpickle = pytest.importorskip("cloudpickle")
 
-SETUP_SCRIPT = "tests/slurm/setup_local_slurm.sh"
 PARTITION = "debug"
 N_FAKE_GPUS = 2
 # submit -> result takes 1-3 s on the local cluster; leave room for a slow CI runner.
@@ -39,26 +39,9 @@ RESULT_BOUND_S = 90.0
 CANCEL_BOUND_S = 90.0
 
 
-def _slurm_unavailable_reason() -> str | None:
-    """Why the local SLURM cannot be used, or None when the controller answers."""
-    hint = f"start it with: sudo SIMFLOW_ALLOW_LOCAL_SLURM=1 {SETUP_SCRIPT} start"
-    for tool in ("sinfo", "sbatch", "scontrol", "scancel", "squeue"):
-        if shutil.which(tool) is None:
-            return f"'{tool}' is not on PATH (no local SLURM); {hint}"
-    try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        return f"'scontrol ping' did not answer within 20 s; {hint}"
-    if ping.returncode != 0 or " is UP" not in ping.stdout:
-        said = (ping.stdout.strip() or ping.stderr.strip() or "no output").splitlines()[0]
-        return f"the SLURM controller does not answer ('scontrol ping': {said}); {hint}"
-    return None
-
-
-_REASON = _slurm_unavailable_reason()
 pytestmark = [
     pytest.mark.slurm,
-    pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
+    skip_without_slurm,
 ]
 
 # The job functions below live in this test module, which the job's fresh interpreter cannot

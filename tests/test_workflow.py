@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from local_slurm import skip_without_slurm
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
@@ -358,20 +359,9 @@ def test_smoke_study_end_to_end_locally(tmp_path):
     print(f"smoke study: {elapsed:.0f} s")
 
 
-def _slurm_up() -> bool:
-    if shutil.which("scontrol") is None:
-        return False
-    try:
-        return " is UP" in subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20,
-                                          check=False).stdout
-    except subprocess.TimeoutExpired:
-        return False
-
-
 @pytest.mark.slow
 @pytest.mark.slurm
-@pytest.mark.skipif(not _slurm_up(), reason="no SLURM controller: sudo SIMFLOW_ALLOW_LOCAL_SLURM=1 "
-                    "tests/slurm/setup_local_slurm.sh start")
+@skip_without_slurm
 def test_smoke_study_through_the_slurm_profile(tmp_path):
     """The literal `snakemake --profile slurm all` from the repository root: every stage of
     every variant ran as a SLURM job (job ids in the MLflow tags and the rule logs)."""
