@@ -273,22 +273,27 @@ def _describe(variant: str, stats: tuple[float, float, int], fmt: str) -> str:
     return f"{variant} {fmt.format(mean)}"
 
 
-def _spread_note(a: tuple[float, float, int], b: tuple[float, float, int]) -> str:
-    """Whether the gap between two means exceeds the seed spread (only with >1 seed on a side).
+def _seed_check(a: tuple[float, float, int], b: tuple[float, float, int]) -> tuple[bool | None, str]:
+    """Whether the gap between two means clears the seed spread, and the sentence that says so.
 
-    The spread is the sum of the two seed stds, i.e. the gap must clear non-overlapping
-    ±1 std intervals.
+    The spread is the sum of the two seed stds, i.e. the gap must clear non-overlapping ±1 std
+    intervals. Returns ``(None, "")`` when neither side has two seeds (no spread to compare with).
     """
     if a[2] < 2 and b[2] < 2:
-        return ""
+        return None, ""
     spread = sum(s for s, n in ((a[1], a[2]), (b[1], b[2])) if n > 1 and _finite(s))
     gap = abs(a[0] - b[0])
     if gap > spread:
-        return f"; the gap {gap:.3g} exceeds the seed spread (sum of stds {spread:.3g})"
-    return (
+        return True, f"; the gap {gap:.3g} exceeds the seed spread (sum of stds {spread:.3g})"
+    return False, (
         f"; the gap {gap:.3g} is within the seed spread (sum of stds {spread:.3g}), "
-        "so it is weak evidence"
+        "so the comparison is inconclusive"
     )
+
+
+def _verdict(holds: bool, *clears: bool | None) -> bool | None:
+    """A claim's status: None (inconclusive) when any of its gaps is within the seed spread."""
+    return None if any(c is False for c in clears) else bool(holds)
 
 
 def _compare_lower(
@@ -306,12 +311,13 @@ def _compare_lower(
     for s in (a, b):
         if isinstance(s, str):
             return {"claim": claim, "reproduced": None, "evidence": s}
-    reproduced = a[0] < b[0]
+    lower = a[0] < b[0]
+    clears, note = _seed_check(a, b)
     evidence = (
         f"{label}: {_describe(better, a, fmt)} vs {_describe(worse, b, fmt)}"
-        f" ({'lower' if reproduced else 'not lower'} for {better})" + _spread_note(a, b)
+        f" ({'lower' if lower else 'not lower'} for {better})" + note
     )
-    return {"claim": claim, "reproduced": bool(reproduced), "evidence": evidence}
+    return {"claim": claim, "reproduced": _verdict(lower, clears), "evidence": evidence}
 
 
 def _noise_variant_rows(
@@ -395,7 +401,8 @@ def _claim_noise(
             "evidence": f"no seed of {fixed_name if f[2] == 0 else learn_name} has PSNR at both "
             f"noise std {low:g} and {high:g}",
         }
-    reproduced = f[0] < lr[0]
+    smaller_drop = f[0] < lr[0]
+    clears, note = _seed_check(f[:3], lr[:3])
 
     def desc(name: str, s: tuple[float, float, int, float, float]) -> str:
         spread = f" ± {s[1]:.2f}" if s[2] > 1 else ""
@@ -403,9 +410,9 @@ def _claim_noise(
 
     evidence = (
         f"PSNR drop from noise std {low:g} to {high:g}: {desc(fixed_name, f)} vs "
-        f"{desc(learn_name, lr)}" + _spread_note(f[:3], lr[:3])
+        f"{desc(learn_name, lr)}" + note
     )
-    return {"claim": claim, "reproduced": bool(reproduced), "evidence": evidence}
+    return {"claim": claim, "reproduced": _verdict(smaller_drop, clears), "evidence": evidence}
 
 
 def _claim_smoothness(df: pd.DataFrame, e2e: str, frozen: str) -> dict[str, Any]:
@@ -426,20 +433,17 @@ def _claim_smoothness(df: pd.DataFrame, e2e: str, frozen: str) -> dict[str, Any]
             return {"claim": claim, "reproduced": None, "evidence": s}
     tv_ok = tv_e[0] < tv_f[0]
     ac_ok = ac_e[0] > ac_f[0]
+    tv_clears, tv_note = _seed_check(tv_e, tv_f)
+    ac_clears, ac_note = _seed_check(ac_e, ac_f)
     evidence = (
         f"total variation: {_describe(e2e, tv_e, '{:.3f}')} vs {_describe(frozen, tv_f, '{:.3f}')}"
-        f"{_spread_note(tv_e, tv_f)}; autocorrelation: {_describe(e2e, ac_e, '{:.3f}')} vs "
-        f"{_describe(frozen, ac_f, '{:.3f}')}{_spread_note(ac_e, ac_f)}"
+        f"{tv_note}; autocorrelation: {_describe(e2e, ac_e, '{:.3f}')} vs "
+        f"{_describe(frozen, ac_f, '{:.3f}')}{ac_note}"
     )
-    if tv_ok and ac_ok:
-        reproduced: bool | None = True
-    elif not tv_ok and not ac_ok:
-        reproduced = False
-    else:
+    if tv_ok != ac_ok:
         # The two smoothness measures disagree: neither a confirmation nor a refutation.
-        reproduced = None
-        evidence += " (the two measures disagree)"
-    return {"claim": claim, "reproduced": reproduced, "evidence": evidence}
+        return {"claim": claim, "reproduced": None, "evidence": evidence + " (the two measures disagree)"}
+    return {"claim": claim, "reproduced": _verdict(tv_ok, tv_clears, ac_clears), "evidence": evidence}
 
 
 def evaluate_claims(
@@ -454,8 +458,9 @@ def evaluate_claims(
     """Check the paper's qualitative claims against the study's numbers.
 
     Each check compares the available variants' means (over seeds). When a variant has several
-    seeds, the evidence says whether the gap exceeds the seed spread (sum of the two stds). A
-    claim whose variant or value is missing is inconclusive (``reproduced=None``).
+    seeds, the gap must also exceed the seed spread (the sum of the two stds): a gap within it
+    makes the claim inconclusive (``reproduced=None``), as does a missing variant or value. With
+    one seed per variant there is no spread and the means decide.
 
     Claims, in order:
 
