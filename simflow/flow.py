@@ -816,53 +816,60 @@ class TransformerFlow(nn.Module):
         h = block.proj_in(x_i.to(block.proj_in.weight.dtype))
         return torch.cat([h, h]) if guided else h
 
-    def _reverse_block_cached(self, block: FlowBlock, z_tokens: Tensor, cache: KVCache,
-                              add_cond, ada_cond, query_scale, strategy, weight, guided) -> Tensor:
+    def _token_loop(self, block: FlowBlock, z_tokens: Tensor, token_in: Tensor,
+                    step: Callable[[Tensor, int], StepParams], strategy: GuidanceStrategy,
+                    weight: float, guided: bool) -> Tensor:
+        """The autoregressive inverse of one block, shared by the cached and static paths.
+
+        ``step(transformer input, i)`` gives position i's (shift, log_scale) (2B rows when
+        guided); after guidance, x_i = z_i·exp(log_scale) + shift becomes the next input.
+        """
         z_ord = block.order(z_tokens).float()
-        b, t, _ = z_ord.shape
+        t = z_ord.shape[1]
         x_ord = torch.empty_like(z_ord)
-        cache.reset()
-        batch = 2 * b if guided else b
-        mods = block.modulations(ada_cond)
-        token_in = block.sos.expand(batch, -1, -1)
         for i in range(t):
-            p = self._combine(block.step(token_in, i, cache, add_cond, ada_cond, query_scale, mods),
-                              strategy, weight, i, t, guided)
+            p = self._combine(step(token_in, i), strategy, weight, i, t, guided)
             x_i = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
             x_ord[:, i:i + 1] = x_i
             if i + 1 < t:
                 token_in = self._embed_token(block, x_i, guided)
         return block.order(x_ord).to(z_tokens.dtype)
 
+    def _reverse_block_cached(self, block: FlowBlock, z_tokens: Tensor, cache: KVCache,
+                              add_cond, ada_cond, query_scale, strategy, weight, guided) -> Tensor:
+        cache.reset()
+        batch = 2 * z_tokens.shape[0] if guided else z_tokens.shape[0]
+        mods = block.modulations(ada_cond)
+
+        def step(token_in: Tensor, i: int) -> StepParams:
+            return block.step(token_in, i, cache, add_cond, ada_cond, query_scale, mods)
+
+        return self._token_loop(block, z_tokens, block.sos.expand(batch, -1, -1), step,
+                                strategy, weight, guided)
+
     def _reverse_block_static(self, block: FlowBlock, z_tokens: Tensor, cache: KVCache,
                               add_cond, ada_cond, query_scale, strategy, weight, guided,
                               step_fn: Callable | None) -> Tensor:
         """Token loop with identical shapes at every step; ``step_fn`` is :func:`_static_step`,
         its compiled form, or None for a per-block CUDA graph."""
-        z_ord = block.order(z_tokens).float()
-        b, t, _ = z_ord.shape
-        x_ord = torch.empty_like(z_ord)
-        batch = 2 * b if guided else b
+        batch = 2 * z_tokens.shape[0] if guided else z_tokens.shape[0]
         mods = block.modulations(ada_cond)
         # detach + contiguous: the first input must look like the later ones (no requires_grad,
         # which a parameter's view keeps under no_grad; no 0-stride), or torch.compile recompiles.
         token_in = block.sos.detach().expand(batch, -1, -1).contiguous()
+        positions = cache.positions
         if step_fn is None:
             graphed = CUDAGraphStep(block, cache, add_cond, query_scale, mods,
                                     tuple(token_in.shape), token_in.dtype)
-            step = graphed
+
+            def step(tok: Tensor, i: int) -> StepParams:
+                return StepParams(*graphed(tok, positions[i:i + 1]))
         else:
-            def step(tok: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-                return step_fn(block, tok, pos, cache, add_cond, query_scale, mods)
-        positions = cache.positions
-        for i in range(t):
-            shift, log_scale = step(token_in, positions[i:i + 1])
-            p = self._combine(StepParams(shift, log_scale), strategy, weight, i, t, guided)
-            x_i = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
-            x_ord[:, i:i + 1] = x_i
-            if i + 1 < t:
-                token_in = self._embed_token(block, x_i, guided)
-        return block.order(x_ord).to(z_tokens.dtype)
+            def step(tok: Tensor, i: int) -> StepParams:
+                return StepParams(*step_fn(block, tok, positions[i:i + 1], cache, add_cond,
+                                           query_scale, mods))
+
+        return self._token_loop(block, z_tokens, token_in, step, strategy, weight, guided)
 
     def _reverse_block_jacobi(self, block: FlowBlock, z_tokens: Tensor, cache: KVCache,
                               add_cond, ada_cond, query_scale, strategy, weight, guided,
