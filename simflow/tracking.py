@@ -35,7 +35,7 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -316,6 +316,25 @@ def _str_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
 
 
+def _create_run_once(tracking_uri: str, run_id_file: Path, create: Callable[[Any], Any]) -> str:
+    """Return the live run named by ``run_id_file``, or make one with ``create(client)``.
+
+    The shared core of :func:`init_study` and :func:`init_variant_run`: the store is initialised,
+    concurrent callers are serialised by a lock file next to ``run_id_file``, and a new run is
+    ended as FINISHED (it is a container; a stage that logs into it reopens it) before its id is
+    written atomically to ``run_id_file``.
+    """
+    init_tracking_store(tracking_uri)
+    client = _client(tracking_uri)
+    with _file_lock(_lock_for(run_id_file)):
+        run = _existing_run(client, run_id_file)
+        if run is None:
+            run = create(client)
+            client.set_terminated(run.info.run_id, status="FINISHED")
+            _write_atomic(run_id_file, run.info.run_id + "\n")
+        return str(run.info.run_id)
+
+
 def init_study(
     tracking_uri: str,
     experiment_name: str,
@@ -332,21 +351,16 @@ def init_study(
     written atomically to ``run_id_file``. Concurrent callers are serialised by a lock file
     next to ``run_id_file``.
     """
-    run_id_file = Path(run_id_file)
-    init_tracking_store(tracking_uri)
-    client = _client(tracking_uri)
-    with _file_lock(_lock_for(run_id_file)):
-        run = _existing_run(client, run_id_file)
-        if run is not None:
-            return str(run.info.run_id)
+
+    def create(client: Any) -> Any:
         exp_id = _get_or_create_experiment(client, tracking_uri, experiment_name)
         all_tags = {**provenance_tags(), **_str_tags(tags), "study": study_name, "simflow.kind": "study"}
         run = client.create_run(exp_id, tags=all_tags, run_name=study_name)
-        client.set_terminated(run.info.run_id, status="FINISHED")
-        _write_atomic(run_id_file, run.info.run_id + "\n")
         log.info("created MLflow study run %s (%s) in experiment %s", run.info.run_id, study_name,
                  experiment_name)
-        return str(run.info.run_id)
+        return run
+
+    return _create_run_once(tracking_uri, Path(run_id_file), create)
 
 
 def init_variant_run(
@@ -364,14 +378,9 @@ def init_variant_run(
     and :func:`provenance_tags`, and lives in the parent's experiment, which must be
     ``experiment_name``.
     """
-    run_id_file = Path(run_id_file)
     parent_id = read_run_id(parent_run_id_file)
-    init_tracking_store(tracking_uri)
-    client = _client(tracking_uri)
-    with _file_lock(_lock_for(run_id_file)):
-        run = _existing_run(client, run_id_file)
-        if run is not None:
-            return str(run.info.run_id)
+
+    def create(client: Any) -> Any:
         parent = client.get_run(parent_id)
         exp = client.get_experiment(parent.info.experiment_id)
         if exp.name != experiment_name:
@@ -390,10 +399,10 @@ def init_variant_run(
         if "study" in parent.data.tags:
             all_tags.setdefault("study", parent.data.tags["study"])
         run = client.create_run(exp.experiment_id, tags=all_tags, run_name=variant)
-        client.set_terminated(run.info.run_id, status="FINISHED")
-        _write_atomic(run_id_file, run.info.run_id + "\n")
         log.info("created MLflow variant run %s (%s) under %s", run.info.run_id, variant, parent_id)
-        return str(run.info.run_id)
+        return run
+
+    return _create_run_once(tracking_uri, Path(run_id_file), create)
 
 
 # --------------------------------------------------------------------------------------------
