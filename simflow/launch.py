@@ -34,12 +34,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
+
+from simflow.config import LauncherSection
 
 __all__ = [
     "BACKENDS",
@@ -90,7 +92,7 @@ def _say(msg: str) -> None:
 # configuration
 # --------------------------------------------------------------------------------------------
 @dataclass
-class LauncherConfig:
+class LauncherConfig(LauncherSection):
     """Where and with which resources a stage runs (plain data, e.g. ``config["launcher"]``).
 
     Units: ``timeout_min`` minutes of wall time per attempt; ``signal_delay_s`` seconds before the
@@ -101,24 +103,10 @@ class LauncherConfig:
     ``extra_sbatch``: further ``#SBATCH`` options (``{"mail-type": "END"}``); ``setup``: shell
     lines run in the sbatch script before the job (``module load ...``); both SLURM only.
     ``log_dir``: submitit's folder; a job's logs are ``<log_dir>/<job_name>/<job id>/``.
-    """
 
-    backend: str = "local"
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    nodes: int = 1
-    gpus_per_node: int = 1
-    cpus_per_task: int = 8
-    mem_gb: float | None = None
-    timeout_min: int = 60
-    signal_delay_s: int = 120
-    max_num_timeout: int = 20
-    extra_sbatch: dict = field(default_factory=dict)
-    setup: list[str] = field(default_factory=list)
-    log_dir: str = "logs/submitit"
-    tasks_per_node: int | None = None
+    The fields (and their help texts) are :class:`simflow.config.LauncherSection`'s, the
+    ``launcher:`` section of a config; this class adds the checks and the SLURM arithmetic.
+    """
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
