@@ -235,7 +235,8 @@ def fig_noise_robustness(df: pd.DataFrame) -> Figure:
                 ax.fill_between(x, y - s, y + s, color=color, alpha=0.2, lw=0)
         ax.set_xlabel("std of noise added to the latents")
         ax.set_ylabel("reconstruction PSNR (dB)")
-        ax.legend(frameon=False)
+        # Outside the axes: with a dozen VAEs an inside legend covers the curves.
+        ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return fig
 
 
