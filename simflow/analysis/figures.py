@@ -209,7 +209,7 @@ def fig_noise_robustness(df: pd.DataFrame) -> Figure:
     """
     _require_df(df, ["variant", "noise_std", "psnr"], "the noise-robustness table")
     with matplotlib.rc_context(_STYLE_RC):
-        fig = _new_figure(4.0, 3.0)
+        fig = _new_figure(6.5, 3.2)  # room for the legend at the right
         ax = fig.add_subplot()
         stats = _mean_std_by(df, ["variant", "noise_std"], "psnr")
         if stats.empty:
