@@ -33,7 +33,11 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from simflow.analysis.summary import LATENT_STAT_COLUMNS, aggregate_seeds
+from simflow.analysis.summary import (
+    LATENT_STAT_COLUMNS,
+    _require_columns,
+    aggregate_seeds,
+)
 
 __all__ = [
     "SAVE_RC",
@@ -104,11 +108,8 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _require_df(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"{what} must be a pandas DataFrame, got {type(df).__name__}")
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what} is missing column(s) {missing}; it has {list(df.columns)}")
+    """The summary's column check, plus: a figure needs at least one row."""
+    _require_columns(df, columns, what)
     if df.empty:
         raise ValueError(f"{what} has no rows; nothing to plot")
 
