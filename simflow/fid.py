@@ -176,6 +176,12 @@ def load_npz_array(path: str | Path, key: str = "arr_0") -> np.ndarray:
         return npz[key]
 
 
+def _as_rgb(x: Tensor) -> Tensor:
+    """A (1 or 3, H, W) image as a contiguous (3, H, W) one: grey is repeated over RGB, as the
+    Inception network expects three channels."""
+    return (x.expand(3, -1, -1) if x.shape[0] == 1 else x).contiguous()
+
+
 class NpzImages(Dataset):
     """Images of an ADM-style npz (or a uint8 NHWC array) as torch-fidelity inputs.
 
@@ -200,10 +206,7 @@ class NpzImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> Tensor:
-        x = torch.from_numpy(np.array(self.images[index], copy=True)).permute(2, 0, 1)
-        if x.shape[0] == 1:
-            x = x.expand(3, -1, -1)
-        return x.contiguous()
+        return _as_rgb(torch.from_numpy(np.array(self.images[index], copy=True)).permute(2, 0, 1))
 
 
 class _FloatDatasetAsUint8(Dataset):
@@ -217,10 +220,7 @@ class _FloatDatasetAsUint8(Dataset):
 
     def __getitem__(self, index: int) -> Tensor:
         image = self.dataset[index][0]
-        x = images_to_uint8(image.unsqueeze(0))[0].permute(2, 0, 1)
-        if x.shape[0] == 1:
-            x = x.expand(3, -1, -1)
-        return x.contiguous()
+        return _as_rgb(images_to_uint8(image.unsqueeze(0))[0].permute(2, 0, 1))
 
 
 class _Uint8GrayToRGB(Dataset):
@@ -231,7 +231,7 @@ class _Uint8GrayToRGB(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Tensor:
-        return self.dataset[index].expand(3, -1, -1).contiguous()
+        return _as_rgb(self.dataset[index])
 
 
 def as_fidelity_dataset(source: Any) -> Dataset:
