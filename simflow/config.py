@@ -60,6 +60,9 @@ class VAEConfig:
         "fixed", "`fixed`: std ≡ fixed_std (SimFlow); `learnable`: predicted log-variance; "
         "`layernorm`: LayerNorm on the mean + predicted log-variance (the paper's LN, INFERRED).")
     fixed_std: float = option(0.5, "σ̄ of the fixed posterior (paper: 0.5, i.e. variance 0.25).")
+    logvar_init: float = option(-6.9, "Initial log-variance of the learnable / layernorm posteriors "
+                                "(the bias of its output): −6.9 is a variance of 1e-3, the small-variance "
+                                "regime of standard VAEs (\"often < 0.01\", SimFlow arXiv 2512.04084, §1).")
     dropout: float = option(0.0, "Dropout inside ResNet blocks.")
 
 
@@ -86,11 +89,19 @@ class ModelConfig:
         "`frozen_vae`: pretrained VAE frozen, flow on its latents; `frozen_encoder`: encoder frozen, "
         "decoder fine-tuned on noisy latents (STARFlow); `pixel`: TarFlow on image patches, no VAE.")
     pretrained_vae: str | None = option(None, "Checkpoint of `simflow pretrain-vae` (frozen modes).")
-    nll_weight: float = option(1.0, "Weight w of the flow NLL against the pixel losses (NOT "
-                               "PUBLISHED; default: the per-dim NLL summed with weight 1, REPA-E style).")
+    decoder_scale: float | Literal["calibrated"] | None = option(
+        "calibrated", "Rate weighting (the paper's weight is NOT PUBLISHED): the scale b of a Laplace "
+        "decoder, in pixel units on the [−1, 1] scale, so that L1 + w·NLL is its ELBO with "
+        "w = l1_weight·b·D_lat/D_pix on the per-dim NLL. `calibrated`: b = the batch's mean absolute "
+        "reconstruction error, the maximum-likelihood scale (calibrated decoder, arXiv 2006.13202). "
+        "null: use model.nll_weight. Applies in end_to_end mode; the flow NLL has weight 1 elsewhere.")
+    nll_weight: float | None = option(None, "Raw weight w of the flow NLL (reduced per "
+                                      "nll_reduction) when model.decoder_scale is null. w = 1 on the "
+                                      "per-dim NLL equals b = D_pix/D_lat (4 in the demo): it collapses "
+                                      "the encoder (README).")
     nll_reduction: Literal["per_dim", "per_sample"] = option(
-        "per_dim", "`per_dim`: NLL in nats per latent dimension (TarFlow/STARFlow); `per_sample`: "
-        "nats per sample (a literal ELBO with summed pixel terms would use this).")
+        "per_dim", "With a raw nll_weight: `per_dim` (nats per latent dimension, TarFlow/STARFlow) or "
+        "`per_sample` (nats per sample). Irrelevant with a decoder_scale.")
     include_entropy: bool = option(True, "Subtract the posterior entropy H(q) from the NLL (the "
                                    "ELBO term; a constant for the fixed posterior).")
     l1_weight: float = option(1.0, "L1 reconstruction weight (REPA-E: 1).")
@@ -121,6 +132,20 @@ class ModelConfig:
     repa_target_weights_path: str | None = option(None, "Checkpoint / hub dir of the REPA target.")
     repa_hidden: int = option(2048, "Hidden width of the REPA projector MLP (REPA: 2048).")
 
+    def __post_init__(self) -> None:
+        if self.decoder_scale is not None and self.nll_weight is not None:
+            raise ConfigError("model.nll_weight and model.decoder_scale are both set; the decoder "
+                              "scale defines the weight: set model.decoder_scale: null to use the "
+                              "raw model.nll_weight")
+        if self.decoder_scale is None and self.nll_weight is None:
+            raise ConfigError("model.decoder_scale is null but model.nll_weight is not set: give one "
+                              "(decoder_scale: calibrated is the default)")
+        if isinstance(self.decoder_scale, float) and not self.decoder_scale > 0:
+            raise ConfigError(f"model.decoder_scale: {self.decoder_scale} must be > 0 (or `calibrated`)")
+        if self.decoder_scale is not None and self.mode == "end_to_end" and self.l1_weight <= 0:
+            raise ConfigError("model.decoder_scale derives the NLL weight from the L1 term, but "
+                              "model.l1_weight is 0: set model.decoder_scale: null and model.nll_weight")
+
 
 @dataclass
 class TrainConfig:
@@ -141,7 +166,16 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the training step's model forward.")
     seed: int = option(0, "Global seed (per-rank seed = seed·world + rank).")
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (exact CPU resume).")
-    log_every: int = option(20, "Steps between metric logs.")
+    log_every: int = option(20, "Steps between metric logs (the rate monitor too).")
+    collapse_threshold: float = option(0.05, "Rate (nats per latent dim above the posterior-entropy "
+                                       "floor) below which the encoder counts as collapsed; measured: "
+                                       "0.02 collapsed, ≥ 0.3 healthy in the demo (README).")
+    collapse_patience: int = option(3, "Consecutive log steps after warm-up below collapse_threshold "
+                                    "that raise the collapse alarm (a warning and an MLflow tag).")
+    fid_every: int = option(0, "Steps between gFID probes on train.fid_samples EMA samples (Figure 2 "
+                            "of the paper: gFID during training); 0 = off. Needs eval.reference_stats.")
+    fid_samples: int = option(200, "Samples per gFID probe (a small-sample FID: biased high, "
+                              "comparable across steps and variants at equal count).")
     sample_every: int = option(0, "Steps between sample grids (0 = only at the end).")
     checkpoint_every: int = option(200, "Steps between checkpoints (latest.pt is replaced).")
     keep_every: int = option(0, "Also keep step_XXXXXXX.pt every N steps (0 = none).")

@@ -16,11 +16,18 @@ which parts learn and where gradients go:
     TarFlow itself: the flow on image patches with Gaussian noise augmentation (generation) or
     uniform dequantisation (likelihood), no VAE.
 
-Loss normalisation (``model.nll_reduction``; the paper's choice was not published): pixel terms
-are per-pixel means. The flow NLL is either nats per latent dimension (``per_dim``, the default,
-TarFlow/STARFlow's convention, summed with the pixel terms at weight ``nll_weight``) or nats per
-sample (``per_sample``, the scale of a literal ELBO). The logged ``nll`` is always reported per
-dimension as well, so runs with different settings stay comparable.
+The balance of rate and distortion (``model.decoder_scale``; the paper's value is NOT
+PUBLISHED). The pixel terms are per-pixel means; the flow NLL is in nats per latent dimension.
+``L1_mean + w·NLL_per_dim`` is, up to a factor, the ELBO of a **Laplace decoder with scale b**
+(in pixel units on the [−1, 1] scale) when ``w = b·D_lat/D_pix``: −log p(i|x) = Σ|i − x̂|/b + const.
+``decoder_scale: b`` sets b directly; ``calibrated`` (the default) sets b each step to the batch's
+mean absolute reconstruction error, the maximum-likelihood Laplace scale (a calibrated decoder,
+Rybkin et al., arXiv 2006.13202, §3), so the rate is weighed as the ELBO of the best-fitting
+decoder would weigh it. ``decoder_scale: null`` uses the raw ``nll_weight`` instead, reduced per
+``nll_reduction``. A weight of 1 on the per-dim NLL is b = D_pix/D_lat (4 in the demo, 12 for
+ImageNet-256 at f16d64): a β-VAE with β ≈ 40 that collapses the encoder (README, "Choosing the
+rate weight"). The weighting matters only where the NLL's gradient meets the pixel losses'
+(``end_to_end``); in the other modes the flow NLL has weight 1 unless ``nll_weight`` is given.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ from simflow.losses import (PatchDiscriminator, REPAProjector, adversarial_weigh
                             build_perceptual_loss, build_target_encoder, generator_adversarial_loss,
                             hinge_discriminator_loss, kl_loss, reconstruction_loss,
                             repa_alignment_loss, resample_tokens)
-from simflow.vae import VAE
+from simflow.rate import rate_statistics
+from simflow.vae import VAE, DiagonalGaussian
 
 MODES = ("end_to_end", "frozen_vae", "frozen_encoder", "pixel")
 
@@ -62,7 +70,9 @@ class SimFlowModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, flow: TransformerFlow, vae: VAE | None = None,
                  perceptual: nn.Module | None = None, discriminator: nn.Module | None = None,
-                 repa_projector: nn.Module | None = None, repa_target: nn.Module | None = None):
+                 repa_projector: nn.Module | None = None, repa_target: nn.Module | None = None,
+                 vae_only: bool = False):
+        """``vae_only``: train the autoencoder alone (``pretrain-vae``): no flow term at all."""
         super().__init__()
         if cfg.mode not in MODES:
             raise ValueError(f"unknown model.mode {cfg.mode!r}; known: {MODES}")
@@ -70,6 +80,9 @@ class SimFlowModel(nn.Module):
             raise ValueError(f"model.mode={cfg.mode!r} {'needs no' if vae else 'needs a'} VAE")
         self.cfg = cfg
         self.mode = cfg.mode
+        self.vae_only = vae_only
+        if vae_only and self.mode != "end_to_end":
+            raise ValueError("VAE pre-training trains the whole autoencoder: model.mode must be end_to_end")
         self.flow = flow
         self.vae = vae
         self.perceptual = perceptual
@@ -126,16 +139,20 @@ class SimFlowModel(nn.Module):
         """Frozen modes: set latent_scale = 1/std of the pretrained VAE's latents on ``images``."""
         if self.mode not in ("frozen_vae", "frozen_encoder") or bool(self.latent_scale_set):
             return float(self.latent_scale)
-        latents = self._frozen_latents(images, scaled=False)
+        latents, _ = self._frozen_latents(images, scaled=False)
         self.latent_scale.fill_(1.0 / latents.float().std().clamp(min=1e-6).item())
         self.latent_scale_set.fill_(True)
         return float(self.latent_scale)
 
-    def _frozen_latents(self, images: Tensor, scaled: bool = True) -> Tensor:
+    def _frozen_latents(self, images: Tensor, scaled: bool = True) -> tuple[Tensor, DiagonalGaussian]:
+        """The frozen encoder's latents (before noise augmentation) and the Gaussian they are
+        drawn from, both in flow units when ``scaled``."""
         with torch.no_grad():
             posterior = self.vae.encode(images)
             latents = posterior.sample() if self.cfg.latent_source == "sample" else posterior.mode()
-        return latents * self.latent_scale if scaled else latents
+        scale = self.latent_scale if scaled else 1.0
+        std = posterior.std * scale if self.cfg.latent_source == "sample" else torch.zeros_like(posterior.mean)
+        return latents * scale, DiagonalGaussian(posterior.mean * scale, std)
 
     def encode_latents(self, images: Tensor, sample: bool = True) -> tuple[Tensor, Tensor]:
         """Images → (posterior mean, latent the flow models), both in the flow's units."""
@@ -162,43 +179,50 @@ class SimFlowModel(nn.Module):
         return x + std * torch.randn_like(x) if std > 0 else x
 
     # ---- the objective -----------------------------------------------------------------------
-    def _reduce_nll(self, nll_per_sample: Tensor) -> Tensor:
-        if self.cfg.nll_reduction == "per_dim":
-            return nll_per_sample.mean() / self.flow.num_dims
-        return nll_per_sample.mean()
+    def rate_weight(self, recon_mae: Tensor | None, image_dims: int) -> Tensor | float:
+        """Weight of the flow's NLL in nats per latent dim (see the module docstring).
+
+        ``recon_mae``: the batch's mean absolute reconstruction error (detached), needed for
+        ``decoder_scale: calibrated``; ``image_dims``: C·H·W of one image. Raw ``nll_weight`` values are converted to this per-dim
+        form when ``nll_reduction`` is ``per_sample``.
+        """
+        cfg = self.cfg
+        if cfg.decoder_scale is None:
+            per_sample = cfg.nll_reduction == "per_sample"
+            return cfg.nll_weight * (self.flow.num_dims if per_sample else 1.0)
+        if self.mode != "end_to_end":
+            return 1.0
+        b = recon_mae if cfg.decoder_scale == "calibrated" else cfg.decoder_scale
+        return cfg.l1_weight * b * self.flow.num_dims / image_dims
+
+    def _flow_posterior(self, images: Tensor) -> tuple[Tensor, DiagonalGaussian | None, Tensor | None]:
+        """(flow input x, the Gaussian x is drawn from or None for pixels, reconstruction or None)."""
+        if self.mode == "end_to_end":
+            posterior = self.vae.encode(images)
+            x = posterior.sample()
+            return x, posterior, self.vae.decode(x)
+        if self.mode == "pixel":
+            return self.add_noise(images), None, None
+        latents, source = self._frozen_latents(images)
+        x = self.add_noise(latents)
+        # the flow sees N(s·μ, s²σ² + n²): the frozen posterior convolved with the augmentation
+        std = (source.std.pow(2) + self.cfg.latent_noise_std ** 2).sqrt()
+        posterior = DiagonalGaussian(source.mean, std)
+        recon = self.vae.decode(x / self.latent_scale) if self.mode == "frozen_encoder" else None
+        return x, posterior, recon
 
     def training_losses(self, images: Tensor, labels: Tensor | None, step: int) -> LossOutput:
         """All loss terms of one batch; see the module docstring for what each mode trains."""
         cfg = self.cfg
         terms: dict[str, Tensor] = {}
-        recon, posterior = None, None
-        if self.mode == "end_to_end":
-            posterior = self.vae.encode(images)
-            x = posterior.sample()
-            recon = self.vae.decode(x)
-        elif self.mode == "frozen_encoder":
-            x = self.add_noise(self._frozen_latents(images))
-            recon = self.vae.decode(x / self.latent_scale)
-        elif self.mode == "frozen_vae":
-            x = self.add_noise(self._frozen_latents(images))
-        else:  # pixel
-            x = self.add_noise(images)
+        x, posterior, recon = self._flow_posterior(images)
+        total = torch.zeros((), device=images.device)
 
-        repa_on = cfg.repa_weight > 0 and self.repa_projector is not None
-        out = self.flow.encode(x, labels, hidden_layer=cfg.repa_layer if repa_on else None)
-        nll = self.flow.nll_from(out.z, out.logdet)  # (B,) nats
-        terms["nll_per_dim"] = nll.detach().mean() / self.flow.num_dims
-        terms["logdet_per_dim"] = out.logdet.detach().mean() / self.flow.num_dims
-        terms["z_sq"] = out.z.detach().float().pow(2).mean()
-        prior_term = nll
-        if posterior is not None and cfg.include_entropy:
-            prior_term = nll - posterior.entropy()  # −log p_θ(x) + log q(x|i): the ELBO's prior KL
-        total = cfg.nll_weight * self._reduce_nll(prior_term)
-        terms["prior_kl_per_dim"] = prior_term.detach().mean() / self.flow.num_dims
-
+        rec = None
         if recon is not None:
             rec = reconstruction_loss(recon, images, cfg.l1_weight, cfg.mse_weight)
             terms["reconstruction"] = rec.detach()
+            terms["recon_mae"] = (recon.detach() - images).abs().float().mean()
             total = total + rec
             if self.perceptual is not None and cfg.lpips_weight > 0:
                 lp = self.perceptual(recon, images)
@@ -212,10 +236,27 @@ class SimFlowModel(nn.Module):
                 terms["adversarial"] = adv.detach()
                 total = total + w_adv * adv
             terms["psnr"] = psnr(recon.detach(), images)
+
+        out, nll = None, None
+        repa_on = cfg.repa_weight > 0 and self.repa_projector is not None and not self.vae_only
+        if not self.vae_only:
+            out = self.flow.encode(x, labels, hidden_layer=cfg.repa_layer if repa_on else None)
+            nll = self.flow.nll_from(out.z, out.logdet)  # (B,) nats
+            d = self.flow.num_dims
+            terms["nll_per_dim"] = nll.detach().mean() / d
+            terms["logdet_per_dim"] = out.logdet.detach().mean() / d
+            terms["z_sq"] = out.z.detach().float().pow(2).mean()
+            prior_term = nll
+            if self.mode == "end_to_end" and cfg.include_entropy:
+                prior_term = nll - posterior.entropy()  # −log p_θ(x) + log q(x|i): the ELBO's prior KL
+            weight = self.rate_weight(terms.get("recon_mae"), images[0].numel())
+            terms["nll_weight"] = torch.as_tensor(weight, dtype=torch.float32).detach()
+            total = total + weight * prior_term.mean() / d
+
         if posterior is not None:
-            terms["posterior_std"] = posterior.std.detach().mean()
-            terms["latent_mean_std"] = posterior.mean.detach().std()
-            if cfg.kl_weight > 0:
+            entropy = posterior.entropy() if bool((posterior.std > 0).all()) else None
+            terms.update(rate_statistics(posterior.mean, posterior.std, nll, entropy))
+            if self.mode == "end_to_end" and cfg.kl_weight > 0:
                 kl = kl_loss(posterior)
                 terms["kl"] = kl.detach()
                 total = total + cfg.kl_weight * kl
@@ -258,16 +299,16 @@ def psnr(recon: Tensor, target: Tensor) -> Tensor:
     return (10 * torch.log10(4.0 / mse)).mean()
 
 
-def build_model(cfg: Config, image_channels: int, num_classes: int) -> SimFlowModel:
-    """Everything one variant needs, from its resolved config."""
+def build_model(cfg: Config, image_channels: int, num_classes: int, vae_only: bool = False) -> SimFlowModel:
+    """Everything one variant needs, from its resolved config (``vae_only``: VAE pre-training)."""
     m, v, f = cfg.model, cfg.vae, cfg.flow
     vae = None
     if m.mode != "pixel":
         vae = VAE(in_channels=image_channels, latent_channels=v.latent_channels,
                   base_channels=v.base_channels, channel_mult=tuple(v.channel_mult),
                   num_res_blocks=v.num_res_blocks, attn_resolutions=tuple(v.attn_resolutions),
-                  posterior=v.posterior, fixed_std=v.fixed_std, dropout=v.dropout,
-                  resolution=cfg.data.image_size)
+                  posterior=v.posterior, fixed_std=v.fixed_std, logvar_init=v.logvar_init,
+                  dropout=v.dropout, resolution=cfg.data.image_size)
         channels, size = vae.latent_shape(cfg.data.image_size)[:2]
     else:
         channels, size = image_channels, cfg.data.image_size
@@ -288,7 +329,7 @@ def build_model(cfg: Config, image_channels: int, num_classes: int) -> SimFlowMo
         with torch.no_grad():
             probe = target(torch.zeros(1, image_channels, cfg.data.image_size, cfg.data.image_size))
         projector = REPAProjector(f.channels, probe.shape[-1], m.repa_hidden)
-    return SimFlowModel(m, flow, vae, perceptual, discriminator, projector, target)
+    return SimFlowModel(m, flow, vae, perceptual, discriminator, projector, target, vae_only=vae_only)
 
 
 def build_repa_target(cfg: Config) -> nn.Module:

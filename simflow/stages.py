@@ -11,6 +11,7 @@ submit one checkpointable :class:`~simflow.launch.StageJob` (one task per GPU) a
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -82,6 +83,42 @@ class RunLogger:
     def log_image(self, image: np.ndarray, name: str) -> None:
         path = write_png(self.run_dir / name, image)
         self.run.log_artifact(path, str(Path(name).parent) if Path(name).parent != Path(".") else None)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.run.set_tags({key: value})
+
+
+def make_fid_probe(cfg: Config, env: DistEnv) -> Callable[[SimFlowModel, dict], float] | None:
+    """The training loop's gFID probe (Figure 2): ``train.fid_samples`` class-balanced samples from
+    the EMA weights, drawn as the sample stage draws them (seeded per index, ``sample.*``
+    guidance), scored against ``eval.reference_stats``; None when ``train.fid_every`` is 0."""
+    if not cfg.train.fid_every:
+        return None
+    if not cfg.eval.reference_stats:
+        raise ValueError("train.fid_every > 0 needs eval.reference_stats (run `simflow fid-ref` and "
+                         "point it at reference_stats.npz), or set train.fid_every: 0")
+    from simflow.fid import compute_metrics, images_to_uint8, save_samples_npz
+    register_extractor(cfg)
+    path = Path(cfg.run_dir) / "fid_probe_samples.npz"
+
+    @torch.no_grad()
+    def probe(model: SimFlowModel, ema_state: dict) -> float:
+        ema_model = copy.deepcopy(model)
+        ema_model.load_state_dict(ema_state)
+        ema_model.eval()
+        images = []
+        for sl in batched(cfg.train.fid_samples, cfg.sample.batch_size):
+            noise, y = sample_noise_and_labels(cfg, ema_model, range(sl.start, sl.stop))
+            out = generate_images(cfg, ema_model, noise.to(env.device), None if y is None else y.to(env.device))
+            images.append(images_to_uint8(torch.nan_to_num(out.float())).cpu().numpy())
+        save_samples_npz(path, np.concatenate(images))
+        metrics = compute_metrics(path, cfg.eval.reference_stats, None, cfg.eval.feature_extractor,
+                                  cfg.eval.feature_extractor_weights_path, isc=False, kid=False, prc=False,
+                                  cuda=env.device.type == "cuda")
+        path.unlink()
+        return float(metrics["fid"])
+
+    return probe
 
 
 def eval_images(cfg: Config, n: int, split: str = "test", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +198,9 @@ def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -
         except ValueError as err:  # a changed config re-run into the same MLflow run
             warnings.warn(f"MLflow params not updated: {err}", stacklevel=1)
         run.log_artifact(resolved, "config")
-    result = train(cfg, env, RunLogger(run, run_dir) if env.is_main else None, vae_only=vae_only)
+    probe = None if vae_only else make_fid_probe(cfg, env)
+    result = train(cfg, env, RunLogger(run, run_dir) if env.is_main else None, vae_only=vae_only,
+                   fid_probe=probe)
     summary = result.summary
     if not env.is_main:
         return summary
@@ -212,11 +251,9 @@ def rank_slice(n: int, env: DistEnv) -> range:
     return range(env.rank * per, min(n, (env.rank + 1) * per))
 
 
-def stage_sample(cfg: Config, env: DistEnv, run: StageRun) -> dict:
-    from simflow.fid import images_to_uint8, save_samples_npz
-    from simflow.train import autocast, make_grid
-    run_dir = Path(cfg.run_dir)
-    model = load_trained(cfg, env.device)
+def generate_images(cfg: Config, model: SimFlowModel, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Images in [-1, 1] from prior noise, with the guidance and denoising of ``cfg.sample``."""
+    from simflow.train import autocast
     s = cfg.sample
     guidance = None if s.guidance == 0 else s.guidance
     options: dict[str, Any] = {"use_cache": s.use_cache}
@@ -226,14 +263,23 @@ def stage_sample(cfg: Config, env: DistEnv, run: StageRun) -> dict:
             options.update(guide=s.guide, annealed=s.annealed)
         elif s.guidance_method == "precision":
             options.update(annealed=s.annealed)
+    with autocast(cfg, noise.device):
+        return model.generate(noise, labels, guidance=guidance, denoise=s.denoise,
+                              denoise_step_scale=s.denoise_step_scale, **options)
+
+
+def stage_sample(cfg: Config, env: DistEnv, run: StageRun) -> dict:
+    from simflow.fid import images_to_uint8, save_samples_npz
+    from simflow.train import make_grid
+    run_dir = Path(cfg.run_dir)
+    model = load_trained(cfg, env.device)
+    s = cfg.sample
     mine = rank_slice(s.num_samples, env)
     images, labels = [], []
     for sl in batched(len(mine), s.batch_size):
         noise, y = sample_noise_and_labels(cfg, model, mine[sl])
         y = None if y is None else y.to(env.device)
-        with autocast(cfg, env.device):
-            out = model.generate(noise.to(env.device), y, guidance=guidance, denoise=s.denoise,
-                                 denoise_step_scale=s.denoise_step_scale, **options)
+        out = generate_images(cfg, model, noise.to(env.device), y)
         bad = ~torch.isfinite(out.float()).flatten(1).all(1)
         if bad.any():
             warnings.warn(f"{int(bad.sum())} non-finite samples in this batch (guidance too strong?)",
@@ -313,6 +359,10 @@ def stage_reconstruct(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     else:
         result["rfid"] = None
     gen = torch.Generator().manual_seed(0)
+    # The latent's own scale (std of the posterior means over images and dims), so Figure 3a can
+    # show noise relative to it: a decoder that ignores a tiny latent must not look robust.
+    latent_std = float(mean_t.float().std())
+    result["latent_std"] = latent_std
     sweep = []
     for std in cfg.eval.noise_levels:
         noisy = []
@@ -320,7 +370,8 @@ def stage_reconstruct(cfg: Config, env: DistEnv, run: StageRun) -> dict:
             eps = torch.randn(mean_t[sl].shape, generator=gen).to(env.device)
             noisy.append(vae.decode(mean_t[sl] + std * eps).clamp(-1, 1).cpu())
         noisy_t = torch.cat(noisy)
-        sweep.append({"noise_std": std, "psnr": float(psnr(noisy_t, images)),
+        sweep.append({"noise_std": std, "noise_rel": std / max(latent_std, 1e-12),
+                      "psnr": float(psnr(noisy_t, images)),
                       "mse": float((noisy_t - images).pow(2).mean())})
     result["noise_sweep"] = sweep
     result["posterior"] = cfg.vae.posterior if model.mode == "end_to_end" else f"pretrained {cfg.vae.posterior}"

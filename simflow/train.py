@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from simflow.config import Config, to_dict
 from simflow.data import build_dataset
 from simflow.distributed import DistEnv, all_reduce_mean_, mean_over_ranks
 from simflow.model import SimFlowModel, build_model
+from simflow.rate import is_collapsed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -168,6 +169,35 @@ class TrainLogger(Protocol):
 
     def log_metrics(self, metrics: dict[str, float], step: int | None) -> None: ...
     def log_image(self, image: np.ndarray, name: str) -> None: ...
+    def set_tag(self, key: str, value: str) -> None: ...
+
+
+#: gFID probe of the training loop (Figure 2): (model, EMA state) → FID of a small sample set.
+FidProbe = Callable[[SimFlowModel, dict], float]
+
+#: The rate-monitor metrics kept in the training summary (last log window), see simflow.rate.
+RATE_KEYS = ("rate_per_dim", "rate_bits_per_image", "entropy_per_dim", "nll_per_dim", "mu_spread",
+             "mu_spread_rel", "active_fraction", "posterior_std", "recon_mae", "nll_weight", "psnr")
+
+
+class CollapseMonitor:
+    """The collapse alarm: the rate stays below ``threshold`` nats/dim for ``patience``
+    consecutive log steps after warm-up. Fires once (a warning line and an MLflow tag)."""
+
+    def __init__(self, threshold: float, patience: int, warmup_steps: int):
+        self.threshold, self.patience, self.warmup = threshold, patience, warmup_steps
+        self.below = 0
+        self.alarm_step: int | None = None
+
+    def update(self, step: int, rate_per_dim: float | None) -> bool:
+        """Record one log step's rate; True when the alarm fires at this step."""
+        if rate_per_dim is None or step <= self.warmup:
+            return False
+        self.below = self.below + 1 if is_collapsed(rate_per_dim, self.threshold) else 0
+        if self.below >= self.patience and self.alarm_step is None:
+            self.alarm_step = step
+            return True
+        return False
 
 
 @dataclass
@@ -207,11 +237,12 @@ def load_pretrained_vae(model: SimFlowModel, path: str | None) -> None:
 
 
 def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
-          vae_only: bool = False) -> TrainResult:
+          vae_only: bool = False, fid_probe: FidProbe | None = None) -> TrainResult:
     """Run (or resume) training as configured; return the model, its EMA state and a summary.
 
     ``vae_only`` trains the autoencoder alone (the ``pretrain-vae`` stage): the flow is built but
-    gets no optimiser and the NLL weight is 0. ``logger`` is used on rank 0 only.
+    gets no optimiser and no loss term. ``logger`` is used on rank 0 only. ``fid_probe`` is called
+    on rank 0 every ``train.fid_every`` steps; its time does not count as training time.
     """
     device = env.device
     t_cfg = cfg.train
@@ -229,9 +260,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
 
     dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, hflip=cfg.data.hflip)
     torch.manual_seed(t_cfg.seed)  # the same initial weights on every rank; per-rank streams below
-    if vae_only:
-        cfg.model.nll_weight = 0.0
-    model = build_model(cfg, dataset.channels, dataset.num_classes).to(device)
+    model = build_model(cfg, dataset.channels, dataset.num_classes, vae_only=vae_only).to(device)
     load_pretrained_vae(model, cfg.model.pretrained_vae)
     groups = model.parameter_groups()
     if vae_only:
@@ -251,6 +280,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
         ema = EMA(model, t_cfg.ema_decay)
         ema.state = {k: v.to(device) for k, v in ckpt["ema"].items()}
         start_step = ckpt["step"]
+        monitor_state = ckpt.get("monitor", {})
         if len(ckpt["rng"]) == world:
             set_rng_state(ckpt["rng"][env.rank])
         else:  # resumed on another world size: fresh, distinct per-rank streams
@@ -263,15 +293,25 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
             model.calibrate_latent_scale(images.to(device))
         ema = EMA(model, t_cfg.ema_decay)
         seed_everything(t_cfg.seed * world + env.rank)  # per-rank streams for noise and dropout
+        monitor_state = {}
     last_good = ckpt_path
+    collapse = CollapseMonitor(t_cfg.collapse_threshold, t_cfg.collapse_patience, t_cfg.warmup_steps)
+    collapse.below = monitor_state.get("below", 0)
+    collapse.alarm_step = monitor_state.get("alarm_step")
+    fid_curve: list[dict] = list(monitor_state.get("fid_curve", []))
+    last_rate: dict[str, float] = dict(monitor_state.get("last_rate", {}))
+    train_clock = monitor_state.get("train_time_s", 0.0)  # training time of earlier runs (no probes)
 
     def save_checkpoint(step: int) -> Path:
         nonlocal last_good
         rngs = gather_rng(env)
         if env.is_main:
+            monitor = {"below": collapse.below, "alarm_step": collapse.alarm_step, "fid_curve": fid_curve,
+                       "last_rate": last_rate, "train_time_s": train_clock + time.perf_counter() - t_start - probe_time}
             state = {"model": model.state_dict(), "ema": ema.state,
                      "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
-                     "step": step, "rng": rngs, "config": to_dict(cfg), "world_size": world}
+                     "step": step, "rng": rngs, "config": to_dict(cfg), "world_size": world,
+                     "monitor": monitor}
             path = checkpoint_dir(cfg) / "latest.pt"
             atomic_save(state, path)
             if t_cfg.keep_every and step % t_cfg.keep_every == 0:
@@ -283,6 +323,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
     step = start_step
     steps_this_run = 0
     images_seen, t_start, t_window = 0, time.perf_counter(), time.perf_counter()
+    probe_time = 0.0  # seconds of gFID probes in this run, excluded from training time
     progress = make_progress(t_cfg.steps, start_step, env)
     terms_acc: dict[str, float] = {}
     while step < t_cfg.steps:
@@ -358,6 +399,15 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
             metrics["train/lr"] = t_cfg.lr * factor
             metrics["train/img_per_s"] = n * t_cfg.global_batch_size / max(now - t_window, 1e-9)
             terms_acc, t_window = {}, now
+            last_rate = {k: metrics[f"train/{k}"] for k in RATE_KEYS if f"train/{k}" in metrics}
+            if collapse.update(step, last_rate.get("rate_per_dim")) and env.is_main:
+                print(f"WARNING: collapse alarm at step {step} of {cfg.variant}: the rate has stayed "
+                      f"below train.collapse_threshold={t_cfg.collapse_threshold} nats/dim for "
+                      f"{t_cfg.collapse_patience} log steps (now {last_rate['rate_per_dim']:.4f}); the "
+                      "encoder carries almost nothing about the image. Lower the rate weight "
+                      "(model.decoder_scale) or check the posterior.", flush=True)
+                if logger:
+                    logger.set_tag("simflow.collapse_alarm", f"step {step}")
             if env.is_main:
                 progress.set_postfix(loss=f"{metrics['train/total']:.4f}", img_s=f"{metrics['train/img_per_s']:.0f}")
                 if not progress.enabled:
@@ -369,11 +419,25 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
             save_checkpoint(step)
         if logger and env.is_main and t_cfg.sample_every and step % t_cfg.sample_every == 0:
             logger.log_image(sample_grid(model, ema.state), f"samples/step_{step:07d}.png")
+        if fid_probe is not None and env.is_main and t_cfg.fid_every and step % t_cfg.fid_every == 0:
+            t_probe = time.perf_counter()
+            clock = train_clock + (t_probe - t_start) - probe_time
+            fid = fid_probe(model, ema.state)
+            probe_time += time.perf_counter() - t_probe
+            fid_curve.append({"step": step, "train_time_s": clock, "fid": fid})
+            if logger:
+                logger.log_metrics({"train/gfid_probe": fid}, step)
+            model.train()
     progress.close()
     finished = step >= t_cfg.steps
     save_checkpoint(step)  # also after max_steps_this_run, so a restart resumes exactly here
-    elapsed = time.perf_counter() - t_start
-    summary = {"steps": step, "finished": finished, "train_time_s": elapsed,
+    elapsed = time.perf_counter() - t_start - probe_time
+    collapsed = is_collapsed(last_rate.get("rate_per_dim"), t_cfg.collapse_threshold) if last_rate else None
+    if logger and env.is_main and "rate_per_dim" in last_rate:
+        logger.set_tag("simflow.collapsed", str(collapsed).lower())
+    summary = {"steps": step, "finished": finished, "train_time_s": train_clock + elapsed,
+               "rate": last_rate, "collapsed": collapsed if "rate_per_dim" in last_rate else None,
+               "collapse_alarm_step": collapse.alarm_step, "fid_curve": fid_curve,
                "img_per_s": images_seen / max(elapsed, 1e-9), "world_size": world,
                "global_batch_size": t_cfg.global_batch_size, "accumulation": accumulation,
                "final_loss": None if not terms_step else float(loss_check),  # mean over ranks
