@@ -114,9 +114,10 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "nll": ("metrics/nll.json",),
     "latents": ("latents.npz",),
 }
-#: Variant groups: ``sigma_sweep`` variants form the σ̄ curve of Figure 5; ``pixel`` variants
-#: have no VAE latents.
-GROUPS: tuple[str, ...] = ("latent", "sigma_sweep", "pixel")
+#: Variant groups: ``sigma_sweep`` variants form the σ̄ curve of Figure 5; ``rate_sweep``
+#: variants the curve over the decoder scale (the rate weight); ``pixel`` variants have no VAE
+#: latents.
+GROUPS: tuple[str, ...] = ("latent", "sigma_sweep", "rate_sweep", "pixel")
 #: Model modes that consume the shared pretrained VAE.
 FROZEN_MODES: tuple[str, ...] = ("frozen_vae", "frozen_encoder")
 #: Folder (inside results/<study>/) of the units shared by all variants.
@@ -141,14 +142,15 @@ _SHARED_KEYS = ("data", "eval.feature_extractor", "eval.feature_extractor_weight
 _VAE_ARCH_KEYS = ("latent_channels", "base_channels", "channel_mult", "num_res_blocks",
                   "attn_resolutions", "posterior")
 _STUDY_KEYS = ("study", "results_root", "seeds", "cli", "threads", "base", "pretrain_vae",
-               "variants", "launcher", "stage_launcher", "tracking", "analysis")
+               "variants", "only_variants", "launcher", "stage_launcher", "tracking", "analysis")
 _LAUNCHER_FIELDS = tuple(f.name for f in dataclasses.fields(LauncherSection))
 _TRACKING_KEYS = ("enabled", "tracking_uri", "experiment")
 _ANALYSIS_DEFAULTS: dict[str, Any] = {
     "sweep_reference": "simflow",
     "grid_images": 32,
     "claims": {"simflow": "simflow", "frozen_vae": "frozen_vae",
-               "e2e_learnable": "e2e_learnable", "simflow_repa": "simflow_repa"},
+               "e2e_learnable": "e2e_learnable", "simflow_repa": "simflow_repa",
+               "simflow_equal_updates": "simflow_equal_updates"},
     "paper_mapping": {"simflow": "SimFlow", "simflow_repa": "SimFlow + REPA-E",
                       "frozen_encoder_noise": "STARFlow", "tarflow_pixel": "TarFlow"},
 }
@@ -374,6 +376,17 @@ def load_study(source: str | Path | Mapping[str, Any]) -> Study:
     variants: dict[str, Variant] = {}
     for vname, spec in variants_raw.items():
         variants[str(vname)] = _parse_variant(str(vname), spec)
+    # An overlay cannot remove variants (Snakemake merges config files key by key): it names the
+    # ones to run instead.
+    only = raw.get("only_variants")
+    if only is not None:
+        if not isinstance(only, list) or not only or not all(isinstance(v, str) for v in only):
+            raise StudyError(f"only_variants: expected a non-empty list of variant names, got {only!r}")
+        missing = [v for v in only if v not in variants]
+        if missing:
+            raise StudyError(f"only_variants: {missing[0]!r} is not a variant of the study; variants: "
+                             f"{', '.join(variants)}")
+        variants = {v: variants[v] for v in variants if v in only}
 
     launcher = _mapping(raw.get("launcher"), "launcher")
     stage_launcher = {_stage_key(k): _mapping(v, f"stage_launcher.{k}")
@@ -846,6 +859,12 @@ def study_schema() -> dict:
             "pretrain_vae": {**_strip_defaults(stage), "default": {},
                              "description": "Overrides of base for the shared pretrained VAE of "
                                             "the frozen variants (learnable posterior)."},
+            "only_variants": {
+                "anyOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1}, {"type": "null"}],
+                "default": None,
+                "description": "Run only these variants (in the study's order); null: all. Lets an "
+                               "overlay config select a subset.",
+            },
             "variants": {
                 "type": "object", "minProperties": 1, "propertyNames": names,
                 "description": "Variant name -> {group, sigma, overrides, description}.",
@@ -853,7 +872,7 @@ def study_schema() -> dict:
                     "type": "object", "additionalProperties": False,
                     "properties": {
                         "group": {"enum": list(GROUPS), "default": "latent",
-                                  "description": "latent | sigma_sweep (the σ̄ curve) | pixel."},
+                                  "description": "latent | sigma_sweep (the σ̄ curve) | rate_sweep (the decoder-scale curve) | pixel."},
                         "sigma": {"anyOf": [{"type": "number"}, {"type": "null"}], "default": None,
                                   "description": "σ̄ plotted for this variant (null: none)."},
                         "description": {"type": "string", "default": "",

@@ -43,6 +43,8 @@ __all__ = [
     "SAVE_RC",
     "save_figure",
     "fig_noise_robustness",
+    "fig_gfid_training",
+    "fig_rate_sweep",
     "fig_interpolations",
     "fig_latent_stats",
     "fig_fid",
@@ -74,6 +76,7 @@ _STAT_TITLES: dict[str, str] = {
 }
 
 _SWEEP_GROUP = "sigma_sweep"
+_RATE_SWEEP_GROUP = "rate_sweep"
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -203,41 +206,125 @@ def fig_noise_robustness(df: pd.DataFrame) -> Figure:
     """Paper Figure 3a: reconstruction PSNR against the std of noise added to the latents.
 
     One line per VAE (labelled ``variant (posterior)`` when a ``posterior`` column exists), the
-    mean over seeds with a ±1 std band when several seeds are present.
+    mean over seeds with a ±1 std band when several seeds are present. With a ``noise_rel``
+    column a second panel puts the noise in each VAE's own latent units (noise std / the std of
+    its posterior means), so a decoder that ignores a tiny latent cannot look robust.
 
     Args:
-        df: columns ``variant, noise_std, psnr`` (+ ``posterior``, ``mse``, ``seed``).
+        df: columns ``variant, noise_std, psnr`` (+ ``noise_rel``, ``posterior``, ``mse``, ``seed``).
     """
     _require_df(df, ["variant", "noise_std", "psnr"], "the noise-robustness table")
+    axes_x = [("noise_std", "std of noise added to the latents")]
+    if "noise_rel" in df.columns and _finite_mask(pd.to_numeric(df["noise_rel"], errors="coerce")).any():
+        axes_x.append(("noise_rel", "noise std / std of the latent means"))
     with matplotlib.rc_context(_STYLE_RC):
-        fig = _new_figure(6.5, 3.2)  # room for the legend at the right
-        ax = fig.add_subplot()
-        stats = _mean_std_by(df, ["variant", "noise_std"], "psnr")
-        if stats.empty:
-            _no_data(ax)
-            return fig
+        fig = _new_figure(3.6 * len(axes_x) + 2.9, 3.2)  # room for the legend at the right
+        axes = fig.subplots(1, len(axes_x), squeeze=False)[0]
         colors = _colors(list(df["variant"].astype(str)))
-        for variant, rows in stats.groupby("variant", sort=False):
-            rows = rows.sort_values("noise_std")
-            label = str(variant)
-            if "posterior" in df.columns:
-                post = df.loc[df["variant"] == variant, "posterior"].dropna().astype(str).unique()
-                if len(post) == 1:
-                    label += f" ({post[0]})"
-            color = colors[str(variant)]
-            x, y, s = (
-                rows["noise_std"].to_numpy(float),
-                rows["mean"].to_numpy(float),
-                rows["std"].to_numpy(float),
-            )
-            ax.plot(x, y, marker="o", ms=3, color=color, label=label)
-            if np.isfinite(s).any():
-                s = np.nan_to_num(s)
-                ax.fill_between(x, y - s, y + s, color=color, alpha=0.2, lw=0)
-        ax.set_xlabel("std of noise added to the latents")
-        ax.set_ylabel("reconstruction PSNR (dB)")
+        for ax, (column, xlabel) in zip(axes, axes_x, strict=True):
+            stats = _mean_std_by(_numeric(df, [column]), ["variant", "noise_std"], "psnr")
+            if stats.empty:
+                _no_data(ax)
+                continue
+            xs = _numeric(df, [column]).groupby(["variant", "noise_std"], sort=False)[column].mean()
+            for variant, rows in stats.groupby("variant", sort=False):
+                rows = rows.sort_values("noise_std")
+                label = str(variant)
+                if "posterior" in df.columns:
+                    post = df.loc[df["variant"] == variant, "posterior"].dropna().astype(str).unique()
+                    if len(post) == 1:
+                        label += f" ({post[0]})"
+                color = colors[str(variant)]
+                x = np.array([xs[(variant, n)] for n in rows["noise_std"]], dtype=float)
+                y, sd = rows["mean"].to_numpy(float), rows["std"].to_numpy(float)
+                ax.plot(x, y, marker="o", ms=3, color=color, label=label)
+                if np.isfinite(sd).any():
+                    sd = np.nan_to_num(sd)
+                    ax.fill_between(x, y - sd, y + sd, color=color, alpha=0.2, lw=0)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("reconstruction PSNR (dB)")
         # Outside the axes: with a dozen VAEs an inside legend covers the curves.
-        ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        axes[-1].legend(frameon=False, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return fig
+
+
+def fig_gfid_training(curves: pd.DataFrame) -> Figure:
+    """Paper Figure 2 at study scale: gFID of small sample sets during training, against the
+    training step and against wall-clock (a frozen variant's clock starts after its VAE's
+    pre-training, which its compute includes). Mean over seeds, ±1 std band.
+
+    Args:
+        curves: columns ``variant, step, fid`` (+ ``total_time_s``, ``seed``), e.g. fid_curves.csv.
+    """
+    _require_df(curves, ["variant", "step", "fid"], "the gFID-curve table")
+    panels = [("step", "training step")]
+    if "total_time_s" in curves.columns:
+        panels.append(("total_time_s", "wall-clock of training (s), VAE pre-training included"))
+    colors = _colors(list(dict.fromkeys(curves["variant"].astype(str))))
+    with matplotlib.rc_context(_STYLE_RC):
+        fig = _new_figure(3.8 * len(panels) + 2.4, 3.2)
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        data = _numeric(curves.assign(variant=curves["variant"].astype(str)), ["step", "fid", "total_time_s"]
+                        if "total_time_s" in curves.columns else ["step", "fid"])
+        for ax, (column, xlabel) in zip(axes, panels, strict=True):
+            stats = _mean_std_by(data, ["variant", "step"], "fid")
+            if stats.empty:
+                _no_data(ax)
+                continue
+            xs = data.groupby(["variant", "step"], sort=False)[column].mean()
+            for variant, rows in stats.groupby("variant", sort=False):
+                rows = rows.sort_values("step")
+                x = np.array([xs[(variant, st)] for st in rows["step"]], dtype=float)
+                y, sd = rows["mean"].to_numpy(float), rows["std"].to_numpy(float)
+                ax.plot(x, y, marker="o", ms=2.5, lw=1, color=colors[variant], label=variant)
+                if np.isfinite(sd).any():
+                    sd = np.nan_to_num(sd)
+                    ax.fill_between(x, y - sd, y + sd, color=colors[variant], alpha=0.15, lw=0)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("gFID (small-sample probe)")
+            ax.set_yscale("log")
+        axes[-1].legend(frameon=False, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return fig
+
+
+def fig_rate_sweep(df: pd.DataFrame, reference: str | None = "simflow") -> Figure:
+    """The rate-weight sweep: rFID, gFID and the rate against the effective NLL weight w (per
+    latent dim, the mean of the last log window), for the ``rate_sweep`` group plus
+    ``reference`` (the default, calibrated run, drawn as a star). Mean ± std over seeds.
+
+    Args:
+        df: the per-seed summary (``variant, group, nll_weight, fid, rfid, rate_per_dim``).
+    """
+    _require_df(df, ["variant", "group", "nll_weight"], "the summary table")
+    df = _numeric(df, ["nll_weight", "fid", "rfid", "rate_per_dim"])
+    rows = df[(df["group"].astype(str) == _RATE_SWEEP_GROUP) | (df["variant"].astype(str) == str(reference))]
+    rows = rows[_finite_mask(rows["nll_weight"])]
+    panels = [("fid", "gFID"), ("rfid", "rFID"), ("rate_per_dim", "rate (nats / latent dim)")]
+    panels = [(c, t) for c, t in panels if c in rows.columns]
+    with matplotlib.rc_context(_STYLE_RC):
+        fig = _new_figure(3.0 * len(panels), 3.0)
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        agg = aggregate_seeds(rows, by="variant") if not rows.empty else pd.DataFrame()
+        for ax, (column, title) in zip(axes, panels, strict=True):
+            ax.set_title(title)
+            if agg.empty or not np.isfinite(agg[f"{column}_mean"].to_numpy(float)).any():
+                _no_data(ax)
+                continue
+            sweep = agg[agg["variant"].astype(str) != str(reference)].sort_values("nll_weight_mean")
+            yerr = np.where((sweep["n_seeds"] > 1) & np.isfinite(sweep[f"{column}_std"]), sweep[f"{column}_std"], 0)
+            ax.errorbar(sweep["nll_weight_mean"], sweep[f"{column}_mean"], yerr=yerr, marker="o", ms=3,
+                        capsize=2, color="C0", label="fixed decoder scale b")
+            ref = agg[agg["variant"].astype(str) == str(reference)]
+            if not ref.empty:
+                ax.errorbar(ref["nll_weight_mean"], ref[f"{column}_mean"],
+                            xerr=np.nan_to_num(ref["nll_weight_std"].to_numpy(float)),
+                            yerr=np.nan_to_num(ref[f"{column}_std"].to_numpy(float)),
+                            marker="*", ms=9, color="C3", ls="none", label=f"{reference} (calibrated)")
+            ax.set_xscale("log")
+            ax.set_xlabel("NLL weight w per latent dim")
+            if column != "rate_per_dim":
+                ax.set_yscale("log")
+        axes[0].legend(frameon=False)
     return fig
 
 
@@ -342,7 +429,10 @@ def fig_fid(df: pd.DataFrame, sweep_reference: str | None = "simflow") -> Figure
     df = _numeric(df, ["fid", "rfid", "sigma"])
     group = df["group"].astype(str) if "group" in df.columns else pd.Series("", index=df.index)
     is_sweep = group == _SWEEP_GROUP
-    main_rows = df[~is_sweep] if (~is_sweep).any() else df
+    main_rows = df[~is_sweep & (group != _RATE_SWEEP_GROUP)]
+    main_rows = main_rows if not main_rows.empty else df
+    df = df[group != _RATE_SWEEP_GROUP]
+    is_sweep = is_sweep[df.index]
     sweep_rows = pd.DataFrame()
     if "sigma" in df.columns:
         finite_sigma = df[_finite_mask(df["sigma"])]

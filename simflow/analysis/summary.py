@@ -31,6 +31,8 @@ __all__ = [
     "aggregate_seeds",
     "results_markdown",
     "evaluate_claims",
+    "collapsed_seeds",
+    "PROTOCOL",
 ]
 
 LATENT_STAT_COLUMNS: tuple[str, ...] = (
@@ -59,18 +61,35 @@ DEFAULT_PAPER_MAPPING: dict[str, str] = {
     "tarflow_pixel": "TarFlow",
 }
 
-# Columns shown in the Markdown table: (column, header, number format).
+# Columns shown in the Markdown table: (column, header, number format). The rate columns sit
+# beside rFID and the latent statistics, so that smoothness of an uninformative latent is never
+# read on its own.
 _TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("sigma", "σ̄", "{:g}"),
     ("fid", "gFID", "{:.2f}"),
     ("rfid", "rFID", "{:.2f}"),
+    ("rate_per_dim", "rate (nats/dim)", "{:.3f}"),
+    ("active_fraction", "active dims", "{:.2f}"),
+    ("posterior_std", "posterior σ", "{:.3f}"),
     ("nll_bpd", "NLL (bpd)", "{:.3f}"),
     ("spectral_entropy", "spectral entropy", "{:.3f}"),
     ("high_frequency_ratio", "HF ratio", "{:.3f}"),
     ("total_variation", "TV", "{:.3f}"),
     ("autocorrelation", "autocorr.", "{:.3f}"),
-    ("train_time_s", "train time (s)", "{:.0f}"),
+    ("total_updates", "updates", "{:.0f}"),
+    ("total_train_time_s", "train time (s)", "{:.0f}"),
     ("img_per_s", "img/s", "{:.1f}"),
+)
+
+#: How the table's compute columns are counted (the fair-compute protocol), printed above it.
+PROTOCOL = (
+    "Compute: `updates` counts every optimisation step a variant's models received, at the same "
+    "global batch: a frozen variant's VAE pre-training steps plus its flow steps; an end-to-end "
+    "variant's joint steps. End-to-end variants at equal *flow* steps have fewer updates than the "
+    "frozen ones; `*_equal_updates` variants are end-to-end at equal *total* updates. `train time` "
+    "is the wall-clock of those updates (the VAE pre-training's included, gFID probes excluded). "
+    "`rate` is the flow NLL's gap above the posterior-entropy floor (the prior KL), `active dims` the "
+    "fraction of latent dims whose mean varies across images (simflow.rate)."
 )
 
 
@@ -146,8 +165,10 @@ def _fmt(mean: Any, std: Any, n: int, fmt: str) -> str:
     return text
 
 
-def _note(row: pd.Series) -> str:
-    """The note column: why latent statistics are absent, if they are."""
+def _note(row: pd.Series, collapsed: str = "") -> str:
+    """The note column: a collapsed encoder, or why latent statistics are absent."""
+    if collapsed:
+        return f"**collapsed encoder** ({collapsed}): latent statistics and gFID describe an uninformative latent"
     if str(row.get("group", "")).lower() == "pixel":
         return "no VAE latent"
     present = [c for c in LATENT_STAT_COLUMNS if f"{c}_mean" in row.index]
@@ -169,10 +190,34 @@ def _paper_cell(variant: str, mapping: Mapping[str, str]) -> str:
     return f"{ref['value']:.2f} ({key}, {ref['metric']}, {ref['dataset']})"
 
 
-def _claim_status(reproduced: bool | None) -> str:
-    if reproduced is None:
+def _claim_status(claim: Mapping[str, Any]) -> str:
+    if claim.get("invalid"):
+        return "invalid"
+    if claim["reproduced"] is None:
         return "inconclusive"
-    return "reproduced" if reproduced else "not reproduced"
+    return "reproduced" if claim["reproduced"] else "not reproduced"
+
+
+def _is_true(value: Any) -> bool:
+    """A collapse flag as written ("true") or as read back from CSV (True)."""
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true") or (
+        isinstance(value, (bool, np.bool_)) and bool(value))
+
+
+def collapsed_seeds(df: pd.DataFrame, variant: str) -> str:
+    """"" when no seed of ``variant`` collapsed, else e.g. "2 of 3 seeds, rate 0.018 nats/dim"."""
+    if "collapsed" not in df.columns:
+        return ""
+    rows = df[df["variant"] == variant]
+    flags = [_is_true(v) for v in rows["collapsed"]]
+    if not any(flags):
+        return ""
+    text = f"{sum(flags)} of {len(flags)} seed{'s' if len(flags) > 1 else ''}"
+    if "rate_per_dim" in rows.columns:
+        rate = pd.to_numeric(rows["rate_per_dim"], errors="coerce")[np.asarray(flags)]
+        if rate.notna().any():
+            text += f", rate {rate.mean():.3g} nats/dim"
+    return text
 
 
 def results_markdown(
@@ -214,6 +259,8 @@ def results_markdown(
         "a smaller-scale study is not expected to match them. Values are mean ± std over seeds "
         "where several seeds were run; – marks a missing value.",
         "",
+        PROTOCOL,
+        "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * 3 + ["---:"] * len(shown) + ["---", "---"]) + "|",
     ]
@@ -227,7 +274,7 @@ def results_markdown(
             for c, _, f in shown
         ]
         cells.append(_paper_cell(str(row["variant"]), mapping))
-        cells.append(_note(row))
+        cells.append(_note(row, collapsed_seeds(df, str(row["variant"]))))
         lines.append("| " + " | ".join(cells) + " |")
 
     lines += ["", "## Claims", ""]
@@ -241,8 +288,10 @@ def results_markdown(
             raise ValueError(
                 f"claim #{i}: 'reproduced' must be True, False or None, got {claim['reproduced']!r}"
             )
-        status = _claim_status(claim["reproduced"])
+        status = _claim_status(claim)
         lines.append(f"{i}. **{status}**: {claim['claim']}  ")
+        if claim.get("invalid"):
+            lines.append(f"   Why invalid: {claim['invalid']}  ")
         lines.append(f"   Evidence: {claim['evidence']}")
     return "\n".join(lines) + "\n"
 
@@ -454,6 +503,7 @@ def evaluate_claims(
     frozen_vae: str = "frozen_vae",
     e2e_learnable: str = "e2e_learnable",
     simflow_repa: str = "simflow_repa",
+    simflow_equal_updates: str | None = "simflow_equal_updates",
 ) -> list[dict[str, Any]]:
     """Check the paper's qualitative claims against the study's numbers.
 
@@ -473,6 +523,11 @@ def evaluate_claims(
     4. End-to-end latents (``simflow``) are smoother than frozen-VAE latents: lower total
        variation and higher autocorrelation (inconclusive when the two disagree).
     5. Adding REPA (``simflow_repa``) improves gFID over ``simflow``.
+    6. Only when the study has ``simflow_equal_updates``: claim 1 at equal total updates.
+
+    A claim that compares a variant whose encoder collapsed (the ``collapsed`` column, from the
+    rate monitor) is **invalid**: ``reproduced=None`` and an ``invalid`` reason, whatever its
+    numbers say.
 
     Args:
         df: the summary table (columns ``variant``, ``fid``, latent statistics...).
@@ -480,11 +535,18 @@ def evaluate_claims(
         simflow, frozen_vae, e2e_learnable, simflow_repa: the study's variant names.
 
     Returns:
-        A list of dicts ``{"id", "claim", "reproduced", "evidence"}``.
+        A list of dicts ``{"id", "claim", "reproduced", "evidence"}`` (+ ``"invalid"``).
     """
     _require_columns(df, ["variant"], "the summary table")
-    claims = [
-        _compare_lower(
+    compared = {
+        "gfid_vs_frozen_vae": (simflow, frozen_vae),
+        "fixed_vs_learnable_gfid": (simflow, e2e_learnable),
+        "noise_robustness": (simflow, e2e_learnable),
+        "smoothness": (simflow, frozen_vae),
+        "repa_gfid": (simflow_repa, simflow),
+    }
+    claims = {
+        "gfid_vs_frozen_vae": _compare_lower(
             df,
             f"SimFlow ({simflow}, fixed σ̄ = 0.5, end-to-end) has a lower gFID than the "
             f"frozen-VAE variant ({frozen_vae}).",
@@ -493,7 +555,7 @@ def evaluate_claims(
             "fid",
             "gFID",
         ),
-        _compare_lower(
+        "fixed_vs_learnable_gfid": _compare_lower(
             df,
             f"End-to-end training with a fixed variance ({simflow}) beats end-to-end training "
             f"with a learnable variance ({e2e_learnable}) on gFID.",
@@ -502,9 +564,9 @@ def evaluate_claims(
             "fid",
             "gFID",
         ),
-        _claim_noise(noise_df, simflow, e2e_learnable),
-        _claim_smoothness(df, simflow, frozen_vae),
-        _compare_lower(
+        "noise_robustness": _claim_noise(noise_df, simflow, e2e_learnable),
+        "smoothness": _claim_smoothness(df, simflow, frozen_vae),
+        "repa_gfid": _compare_lower(
             df,
             f"Adding REPA alignment ({simflow_repa}) improves gFID over SimFlow ({simflow}).",
             simflow_repa,
@@ -512,12 +574,25 @@ def evaluate_claims(
             "fid",
             "gFID",
         ),
-    ]
-    ids = [
-        "gfid_vs_frozen_vae",
-        "fixed_vs_learnable_gfid",
-        "noise_robustness",
-        "smoothness",
-        "repa_gfid",
-    ]
-    return [{"id": i, **c} for i, c in zip(ids, claims, strict=True)]
+    }
+    if simflow_equal_updates and (df["variant"] == simflow_equal_updates).any():
+        compared["gfid_vs_frozen_vae_equal_updates"] = (simflow_equal_updates, frozen_vae)
+        claims["gfid_vs_frozen_vae_equal_updates"] = _compare_lower(
+            df,
+            f"At equal total updates ({simflow_equal_updates}: end-to-end for the frozen pipeline's "
+            f"VAE pre-training + flow steps), SimFlow has a lower gFID than {frozen_vae}.",
+            simflow_equal_updates,
+            frozen_vae,
+            "fid",
+            "gFID",
+        )
+    out = []
+    for claim_id, claim in claims.items():
+        reasons = [f"{v} has a collapsed encoder ({c})" for v in compared[claim_id]
+                   if (c := collapsed_seeds(df, v))]
+        if reasons:
+            claim = {**claim, "reproduced": None,
+                     "invalid": "; ".join(reasons) + ": a comparison with a degenerate model says "
+                     "nothing about the method"}
+        out.append({"id": claim_id, **claim})
+    return out

@@ -10,8 +10,10 @@ rule summary:
         nll=per_unit(f"{VDIR}/metrics/nll.json"),
         latents=per_unit(f"{VDIR}/latents.npz"),
         train=per_unit(f"{VDIR}/train_summary.json"),
+        pretrain=pretrain_summaries(),
     output:
         summary=f"{SD}/summary.csv",
+        fid_curves=f"{SD}/fid_curves.csv",
         per_seed=f"{SD}/summary_per_seed.csv",
         latent_stats=f"{SD}/latent_stats.csv",
         noise=f"{SD}/noise_robustness.csv",
@@ -33,9 +35,14 @@ rule figures:
     input:
         per_seed=f"{SD}/summary_per_seed.csv",
         noise=f"{SD}/noise_robustness.csv",
+        fid_curves=f"{SD}/fid_curves.csv",
         interpolation=per_unit(f"{VDIR}/interpolation.npz"),
         samples=per_unit(f"{VDIR}/samples.npz"),
     output:
+        fig2=report(f"{SD}/figures/fig2_gfid_training.png", category="Figures",
+                    labels={"figure": "2", "what": "gFID during training, by step and wall-clock"}),
+        rate_sweep=report(f"{SD}/figures/fig_rate_sweep.png", category="Figures",
+                          labels={"figure": "rate sweep", "what": "rFID, gFID and rate vs the decoder scale"}),
         fig3a=report(f"{SD}/figures/fig3a_noise_robustness.png", category="Figures",
                      labels={"figure": "3a", "what": "PSNR under latent noise"}),
         fig3b=report(f"{SD}/figures/fig3b_interpolations.png", category="Figures",

@@ -87,6 +87,9 @@ def train_inputs(wildcards):
     pretrained = sf.get_key(cfg, "model.pretrained_vae")
     if pretrained is not None:
         files["pretrained_vae"] = pretrained
+    if sf.get_key(cfg, "train.fid_every"):  # the gFID probe of Figure 2 scores during training
+        files.update(_classifier_input(cfg, "eval.classifier_path"),
+                     reference_stats=sf.get_key(cfg, "eval.reference_stats"))
     return files
 
 
@@ -140,15 +143,42 @@ def posterior_label(cfg):
     return full.vae.posterior
 
 
+def decoder_scale_label(cfg):
+    """The rate weighting of a unit for the summary: b (a number), "calibrated", or "w=<raw>"."""
+    model = sf.resolved_config(cfg).model
+    if model.mode != "end_to_end":  # no trade-off between the NLL and the pixel losses there
+        return "n/a" if model.decoder_scale is not None else f"w={model.nll_weight:g}"
+    if model.decoder_scale is None:
+        return f"w={model.nll_weight:g}"
+    return model.decoder_scale
+
+
+def pretrain_summary(cfg):
+    """The training summary of the unit's pretrained VAE (frozen modes), or None."""
+    vae = sf.get_key(cfg, "model.pretrained_vae")
+    return None if vae is None else f"{vae.rsplit('/', 1)[0]}/train_summary.json"
+
+
 def summary_units():
-    """[variant, seed, group, sigma, posterior] of every unit, in study order."""
-    return [[v, s, STUDY.variants[v].group, STUDY.variants[v].sigma,
-             posterior_label(STUDY.units[sf.variant_unit(v, s)])]
-            for v in STUDY.variants for s in STUDY.seeds]
+    """[variant, seed, group, sigma, posterior, decoder scale, pretrain summary or None] of every
+    unit, in study order."""
+    rows = []
+    for v in STUDY.variants:
+        for s in STUDY.seeds:
+            cfg = STUDY.units[sf.variant_unit(v, s)]
+            rows.append([v, s, STUDY.variants[v].group, STUDY.variants[v].sigma, posterior_label(cfg),
+                         decoder_scale_label(cfg), pretrain_summary(cfg)])
+    return rows
 
 
-FIGURES = ["fig3a_noise_robustness", "fig3b_interpolations", "fig4_latent_stats", "fig5_fid",
-           "samples_grid"]
+def pretrain_summaries():
+    """Inputs of the summary: every pretrained VAE's training summary (its wall-clock counts
+    towards the frozen variants' compute)."""
+    return sorted({p for *_, p in summary_units() if p is not None})
+
+
+FIGURES = ["fig2_gfid_training", "fig3a_noise_robustness", "fig3b_interpolations", "fig4_latent_stats",
+           "fig5_fid", "fig_rate_sweep", "samples_grid"]
 
 
 def all_targets():

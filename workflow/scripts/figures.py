@@ -1,4 +1,5 @@
-"""Snakemake script of rule figures: the paper's Figures 3a, 3b, 4, 5 and a sample grid."""
+"""Snakemake script of rule figures: the paper's Figures 2, 3a, 3b, 4, 5, the rate-weight sweep
+and a sample grid."""
 
 import contextlib
 from pathlib import Path
@@ -36,6 +37,12 @@ def main(sm) -> None:
         figures.save_figure(fig, stem)
         print(f"wrote {stem}.png/.pdf")
 
+    curves = pd.read_csv(sm.input.fid_curves)
+    save(figures.fig_gfid_training(curves) if len(curves)
+         else not_applicable("no gFID probes during training (train.fid_every: 0)"), "fig2")
+    has_sweep = (per_seed["group"].astype(str) == "rate_sweep").any()
+    save(figures.fig_rate_sweep(per_seed, reference=sm.params.sweep_reference) if has_sweep
+         else not_applicable("no rate_sweep variants in this study"), "rate_sweep")
     save(figures.fig_noise_robustness(noise) if len(noise)
          else not_applicable("no VAE latents in this study: no noise sweep"), "fig3a")
     save(figures.fig_interpolations(interpolations) if interpolations
