@@ -685,8 +685,8 @@ class TransformerFlow(nn.Module):
         """Invert the flow: noise z (B, C, H, W) → x, autoregressively token by token.
 
         Guidance (``guidance`` = w; ``None`` samples without it, any number, 0 included, runs the
-        guided pass): conditional models contrast label ``y`` with the null class; unconditional models (or any model given ``attn_temp``) contrast the normal pass
-        with the same pass under attention temperature ``attn_temp``. Both branches run batched
+        guided pass): the conditional branch (label ``y``) is contrasted with the null class, run
+        under attention temperature ``attn_temp`` when given (unconditional models need it). Both branches run batched
         (2B). ``guidance_method`` names a strategy in :data:`GUIDANCE_STRATEGIES` (options such as
         ``annealed=True`` or ``guide="shift"`` go to its constructor) or is a strategy object.
         ``use_cache=False`` recomputes every step with a full causal pass (slow; the reference
@@ -736,12 +736,12 @@ class TransformerFlow(nn.Module):
         emb = self.class_embedding(y, b, z.device)
         query_scale = None
         if guided:
-            if attn_temp is not None:  # same condition, the second half under temperature τ
-                uncond_emb = emb
+            # The unconditional branch is the null class (TarFlow), under attention temperature τ
+            # when one is given (the only contrast an unconditional model has).
+            uncond_emb = self.class_embedding(None, b, z.device)
+            if attn_temp is not None:
                 query_scale = torch.ones(2 * b, 1, 1, 1, device=z.device)
                 query_scale[b:] = 1.0 / attn_temp
-            else:
-                uncond_emb = self.class_embedding(None, b, z.device)
             emb = None if emb is None else torch.cat([emb, uncond_emb])
         add_cond, ada_cond = self._conds(emb)
 

@@ -176,6 +176,15 @@ def test_temperature_guidance_at_temperature_one_is_no_guidance():
     assert not torch.allclose(model.reverse(z, guidance=3.0, attn_temp=1.5), plain, atol=1e-3)
 
 
+def test_temperature_guidance_of_a_conditional_model_contrasts_the_null_class():
+    """TarFlow: the unconditional branch is the null class, under τ; at τ = 1 that is plain CFG."""
+    model = next(make(n) for n in CONFIGS if CONFIGS[n].get("num_classes"))
+    z, y = torch.randn(2, model.in_channels, model.img_size, model.img_size), torch.tensor([1, 2])
+    cfg_only = model.reverse(z, y, guidance=2.0)
+    assert torch.allclose(model.reverse(z, y, guidance=2.0, attn_temp=1.0), cfg_only, atol=1e-5)
+    assert not torch.allclose(model.reverse(z, y), cfg_only, atol=1e-3)
+
+
 def test_unconditional_guidance_without_temperature_is_an_error():
     model = make("multi_block")
     with pytest.raises(ValueError, match="attn_temp"):
