@@ -1,9 +1,20 @@
 """Training terms of the SimFlow VAE: reconstruction, LPIPS, PatchGAN, KL and REPA alignment.
 
-The paper's joint loss (paper.md §1.2, §1.3) replaces the decoder likelihood by the terms of
-REPA-E's ``l1_lpips_kl_gan`` config: L1 (weight 1.0) + LPIPS (1.0) + KL (1e-6) + hinge PatchGAN
-(0.1). SimFlow + REPA-E adds a representation-alignment (REPA) term between projected flow
-hidden states and frozen DINOv2 patch tokens (paper.md §4, code-anchors.md §3.2).
+The paper's joint loss (SimFlow, arXiv 2512.04084, §3; its README's loss file) replaces the
+decoder likelihood by the terms of REPA-E's ``l1_lpips_kl_gan`` config (arXiv 2504.10483): L1
+(weight 1.0) + LPIPS (1.0) + KL (1e-6) + hinge PatchGAN (0.1). SimFlow + REPA-E adds a
+representation-alignment (REPA) term between projected flow hidden states and frozen DINOv2 patch
+tokens (REPA, arXiv 2410.06940).
+
+Two REPA details differ from REPA-E on purpose or by necessity:
+
+* Index: the flow is causal, so its hidden state at token position i (in the block's order) has
+  seen tokens < i and is about to transform token i. It is aligned with target token i: the
+  features of the token it transforms, the index REPA uses for every token of a diffusion model.
+* Weights: REPA-E trains the generator with REPA weight 0.5 and the VAE with 1.5 through a
+  second pass (its diffusion loss is stop-gradiented from the VAE). SimFlow has no stop-gradient,
+  so one REPA term at ``model.repa_weight`` reaches the flow and the encoder alike; its value
+  for SimFlow is NOT PUBLISHED.
 
 Conventions: images are on the [-1, 1] scale; scalar losses are means (per pixel, per logit or
 per token) unless a docstring says otherwise; ``kl_loss`` is a per-sample *sum* in nats averaged

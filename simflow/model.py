@@ -22,7 +22,7 @@ PUBLISHED). The pixel terms are per-pixel means; the flow NLL is in nats per lat
 (in pixel units on the [−1, 1] scale) when ``w = b·D_lat/D_pix``: −log p(i|x) = Σ|i − x̂|/b + const.
 ``decoder_scale: b`` sets b directly; ``calibrated`` (the default) sets b each step to the batch's
 mean absolute reconstruction error, the maximum-likelihood Laplace scale (a calibrated decoder,
-Rybkin et al., arXiv 2006.13202, §3), so the rate is weighed as the ELBO of the best-fitting
+Rybkin et al., "σ-VAE", arXiv 2006.13202), so the rate is weighed as the ELBO of the best-fitting
 decoder would weigh it. ``decoder_scale: null`` uses the raw ``nll_weight`` instead, reduced per
 ``nll_reduction``. A weight of 1 on the per-dim NLL is b = D_pix/D_lat (4 in the demo, 12 for
 ImageNet-256 at f16d64): a β-VAE with β ≈ 40 that collapses the encoder (README, "Choosing the
@@ -135,12 +135,13 @@ class SimFlowModel(nn.Module):
         return (f.in_channels, f.img_size, f.img_size)
 
     @torch.no_grad()
-    def calibrate_latent_scale(self, images: Tensor) -> float:
-        """Frozen modes: set latent_scale = 1/std of the pretrained VAE's latents on ``images``."""
+    def calibrate_latent_scale(self, batches: list[Tensor]) -> float:
+        """Frozen modes: set latent_scale = 1/std of the pretrained VAE's latents over the image
+        ``batches`` (pooled over all of them)."""
         if self.mode not in ("frozen_vae", "frozen_encoder") or bool(self.latent_scale_set):
             return float(self.latent_scale)
-        latents, _ = self._frozen_latents(images, scaled=False)
-        self.latent_scale.fill_(1.0 / latents.float().std().clamp(min=1e-6).item())
+        latents = torch.cat([self._frozen_latents(images, scaled=False)[0].float().flatten() for images in batches])
+        self.latent_scale.fill_(1.0 / latents.std().clamp(min=1e-6).item())
         self.latent_scale_set.fill_(True)
         return float(self.latent_scale)
 

@@ -415,6 +415,11 @@ def stage_nll(cfg: Config, env: DistEnv, run: StageRun) -> dict:
               "nll_nats_per_dim": float(nll.mean() / d),
               "space": "pixels (uniform dequantisation, 8-bit bits/dim)" if model.vae is None
               else "latents (bits per latent dimension; not comparable to pixel bits/dim)",
+              # TarFlow reports bits/dim of models trained with uniform dequantisation; a model
+              # trained with Gaussian noise is scored with the same protocol but is not that model.
+              "trained_with": (f"{cfg.model.noise_type} noise σ={cfg.model.latent_noise_std:g}"
+                               if model.vae is None and cfg.model.noise_type == "gaussian" else
+                               "uniform dequantisation" if model.vae is None else "posterior samples"),
               "num_images": len(images)}
     run.log_metrics({"eval/nll_bpd": result["nll_bpd"]})
     write_json(Path(cfg.run_dir) / "metrics" / "nll.json", result)

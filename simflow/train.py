@@ -172,6 +172,9 @@ class TrainLogger(Protocol):
     def set_tag(self, key: str, value: str) -> None: ...
 
 
+#: Images whose latents set the frozen modes' latent scale (1/std), measured once at the start.
+LATENT_SCALE_IMAGES = 1024
+
 #: gFID probe of the training loop (Figure 2): (model, EMA state) → FID of a small sample set.
 FidProbe = Callable[[SimFlowModel, dict], float]
 
@@ -289,8 +292,10 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
             print(f"resumed from {ckpt_path} at step {start_step}", flush=True)
     else:
         if model.mode in ("frozen_vae", "frozen_encoder"):
-            images, _ = collate(dataset, batches.indices(0, 0, 1))
-            model.calibrate_latent_scale(images.to(device))
+            # the latent std from a fixed random subset, not one batch: a scale the flow keeps
+            gen = torch.Generator().manual_seed(t_cfg.seed)
+            subset = torch.randperm(len(dataset), generator=gen)[:LATENT_SCALE_IMAGES]
+            model.calibrate_latent_scale([collate(dataset, chunk)[0].to(device) for chunk in subset.split(micro)])
         ema = EMA(model, t_cfg.ema_decay)
         seed_everything(t_cfg.seed * world + env.rank)  # per-rank streams for noise and dropout
         monitor_state = {}
