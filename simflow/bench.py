@@ -64,7 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The demo study's flow (config defaults: 8×8×4 latents of 32 px Fashion-MNIST).
     "demo": dict(in_channels=4, img_size=8, patch_size=1, channels=128, layers_per_block=[2, 2, 4],
                  head_dim=32, num_classes=10, batch=64, sample_batch=16),
-    # The paper's flow (paper.md §2): 16×16×64 latents of the f16d64 VAE, width 1152, 56 layers.
+    # The paper's flow (config/config.yaml): 16×16×64 latents of the f16d64 VAE, width 1152, 56 layers.
     "imagenet256": dict(in_channels=64, img_size=16, patch_size=1, channels=1152,
                         layers_per_block=[2, 2, 2, 2, 2, 46], head_dim=64, num_classes=1000,
                         batch=64, sample_batch=64),

@@ -7,7 +7,7 @@ every key and type and fails with one :class:`ConfigError` naming the key path::
     cfg = load_config("run.yaml", overrides=["train.lr=3e-4", "flow.layers_per_block=[2,2,8]"])
     save_config(cfg, cfg.run_dir + "/config.yaml")
 
-Values marked INFERRED in ``../shared/reference/paper.md`` (not published by the SimFlow paper)
+Values marked INFERRED or NOT PUBLISHED (not stated by the SimFlow paper; ``docs/sources.md``)
 are options here, with the documented default named in their help text.
 """
 

@@ -14,7 +14,7 @@ Formats and conventions
   which makes ImageNet numbers comparable with published gFID.
 * Inception weights are never bundled (no package ships them): torch-fidelity downloads them to
   ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth`` when online; offline, put
-  the file there or pass its path (config key ``fid.feature_extractor_weights_path``).
+  the file there or pass its path (config key ``eval.feature_extractor_weights_path``).
 
 The demo proxy
 --------------
@@ -610,7 +610,7 @@ def _create_extractor(name: str, layers: Iterable[str], weights_path: str | Path
     _extractor_class(name)
     if weights_path is not None and not Path(weights_path).is_file():
         raise FeatureExtractorWeightsError(
-            f"feature extractor weights not found at {weights_path} (fid.feature_extractor_weights_path)"
+            f"feature extractor weights not found at {weights_path} (eval.feature_extractor_weights_path)"
         )
     try:
         return create_feature_extractor(
@@ -624,11 +624,11 @@ def _create_extractor(name: str, layers: Iterable[str], weights_path: str | Path
             where = (
                 f"Put the file {INCEPTION_WEIGHTS_FILENAME} at {inception_weights_cache_path()} "
                 f"(i.e. $TORCH_HOME/hub/checkpoints/{INCEPTION_WEIGHTS_FILENAME}), or set the config key "
-                "fid.feature_extractor_weights_path to its location. Fetch it on a machine with internet from "
+                "eval.feature_extractor_weights_path to its location. Fetch it on a machine with internet from "
                 "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILENAME
             )
         else:
-            where = f"Pre-download them into {torch.hub.get_dir()}, or set fid.feature_extractor_weights_path."
+            where = f"Pre-download them into {torch.hub.get_dir()}, or set eval.feature_extractor_weights_path."
         raise FeatureExtractorWeightsError(
             f"could not load the weights of feature extractor {name!r}: the download failed ({err}). {where}"
         ) from err

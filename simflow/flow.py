@@ -313,7 +313,7 @@ GUIDANCE_STRATEGIES: dict[str, Callable[..., GuidanceStrategy]] = {
     "linear": LinearGuidance,
     "precision": PrecisionGuidance,
 }
-"""Guidance strategies by name. SimFlow's "revised" CFG could not be retrieved (paper.md §3.3);
+"""Guidance strategies by name. SimFlow's "revised" CFG is not published (docs/sources.md);
 register it here (``GUIDANCE_STRATEGIES["simflow"] = MyGuidance``) once its formula is known."""
 
 

@@ -1,17 +1,17 @@
 """The VAE of SimFlow: an LDM / REPA-E style ResNet convolutional autoencoder.
 
-SimFlow (paper.md §1.1) encodes an image ``i`` into latent tokens ``x ~ q(x|i) = N(mu(i), std²)``.
+SimFlow (arXiv 2512.04084) encodes an image ``i`` into latent tokens ``x ~ q(x|i) = N(mu(i), std²)``.
 Its one change to an ordinary VAE is that the encoder predicts only the mean and the posterior
 std is a *fixed* constant sigma_bar (0.5 in the paper's main setting). That noise acts as
 intrinsic noise augmentation for the normalizing flow that models ``x``, and it makes the entropy
 of ``q`` a constant, which is what keeps joint VAE+flow training stable.
 
-The architecture follows the latent-diffusion ``AutoencoderKL`` that REPA-E uses (paper.md §1.5):
+The architecture follows the latent-diffusion ``AutoencoderKL`` that REPA-E uses (arXiv 2504.10483; docs/sources.md):
 ``vae_f16d64`` is ``channel_mult=(1, 1, 2, 2, 4)``, ``base_channels=128``, ``num_res_blocks=2``,
 attention at 16×16 and ``latent_channels=64``, i.e. a 256×256 image becomes 16×16×64. The
 defaults here are much smaller so the module runs on a CPU in tests and demos.
 
-Three posterior modes reproduce the VAE variants of the paper's variant study (paper.md §2):
+Three posterior modes reproduce the VAE variants of the paper's variant study (its Figure 5):
 
 ``fixed``
     SimFlow ("Fixed var"). The encoder predicts the mean only; std ≡ ``fixed_std``.
@@ -113,7 +113,7 @@ class DiagonalGaussian:
         """``KL(q || N(0, I))`` per sample, shape ``(B,)``, nats summed over all latent dims.
 
         ``0.5·Σ(mean² + var − 1 − logvar)``. With a fixed std it depends on the encoder only
-        through ``Σ mean²`` (a weak L2 on the means at the usual weight 1e-6, paper.md §1.2).
+        through ``Σ mean²`` (a weak L2 on the means at the usual weight 1e-6, docs/sources.md).
         """
         var = self._full(self.var)
         logvar = self._full(self.logvar)

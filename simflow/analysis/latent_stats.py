@@ -1,7 +1,7 @@
 """Smoothness statistics of VAE latent maps (the four metrics of the paper's Figure 4).
 
 The paper names the four metrics but its exact definitions were not retrievable (see
-``/work/shared/reference/paper.md`` §5), so the definitions below are **ours**. They are chosen
+docs/sources.md), so the definitions below are **ours**. They are chosen
 so that each metric is invariant to the latent scale and to a per-map offset: a VAE can rescale
 its latents freely, and a smoothness measure must not reward that.
 
