@@ -250,7 +250,7 @@ def test_missing_inception_weights_names_the_path(files, tmp_path, monkeypatch):
         compute_metrics(files["test"], ref, feature_extractor="inception-v3-compat", kid=False, cuda=False)
     msg = str(info.value)
     assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth") in msg
-    assert "fid.feature_extractor_weights_path" in msg
+    assert "eval.feature_extractor_weights_path" in msg
     assert isinstance(info.value, FileNotFoundError)
     with pytest.raises(FeatureExtractorWeightsError, match="nowhere.pth"):
         compute_reference_statistics(files["test"], tmp_path / "r.npz", feature_extractor="inception-v3-compat",
