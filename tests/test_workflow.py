@@ -173,7 +173,12 @@ FAKE_CLI = textwrap.dedent('''
     payload = {
         "classifier.json": {"accuracy": 0.9},
         "train_summary.json": {"steps": cfg["train"]["steps"], "train_time_s": 1.0 + x,
-                               "img_per_s": 100.0, "final_loss": 0.5, "finished": True},
+                               "img_per_s": 100.0, "final_loss": 0.5, "finished": True,
+                               "rate": {} if pixel else {"rate_per_dim": 0.01 if "sigma0.25" in str(run) else 0.3,
+                                                         "active_fraction": 0.9, "nll_weight": 0.02},
+                               "collapsed": None if pixel else "sigma0.25" in str(run),
+                               "fid_curve": [{"step": k, "train_time_s": k / 10, "fid": 50.0 - k}
+                                             for k in (4, 8)]},
         "metrics/fid.json": {"fid": 10.0 + x, "isc_mean": 2.0},
         "metrics/reconstruct.json": {"rfid": None, "psnr": None, "noise_sweep": []} if pixel else
             {"rfid": 5.0 + x, "psnr": 20.0, "noise_sweep": [
@@ -233,14 +238,23 @@ def test_finished_run_has_the_summary_and_figures(finished):
 
     res = finished["results"]
     summary = pd.read_csv(res / "summary.csv")
-    assert list(summary.columns[:8]) == ["variant", "group", "sigma", "posterior", "n_seeds", "fid", "rfid", "nll_bpd"]
+    assert list(summary.columns[:11]) == ["variant", "group", "sigma", "posterior", "decoder_scale", "n_seeds",
+                                          "collapsed", "fid", "rfid", "rate_per_dim", "nll_bpd"]
     assert set(SUMMARY_COLUMNS) <= set(summary.columns)
     assert {"spectral_entropy", "total_variation", "train_time_s", "img_per_s"} <= set(summary.columns)
     assert list(summary["variant"]) == ["simflow", "simflow_sigma0.25", "frozen_vae_noise", "tarflow_pixel"]
     pixel = summary.set_index("variant").loc["tarflow_pixel"]
     assert pd.isna(pixel["rfid"]) and pd.isna(pixel["total_variation"]) and pixel["fid"] > 0
-    assert summary.set_index("variant").loc["simflow", "posterior"] == "fixed σ̄=0.5"
-    for name in ("fig3a_noise_robustness", "fig3b_interpolations", "fig4_latent_stats", "fig5_fid", "samples_grid"):
+    rows = summary.set_index("variant")
+    assert rows.loc["simflow", "posterior"] == "fixed σ̄=0.5" and rows.loc["simflow", "decoder_scale"] == "calibrated"
+    assert rows.loc["simflow_sigma0.25", "collapsed"] and not rows.loc["simflow", "collapsed"]
+    assert rows.loc["frozen_vae_noise", "total_updates"] == 16  # 8 pre-training + 8 flow steps
+    claims = {c["id"]: c for c in json.loads((res / "claims.json").read_text())}
+    assert all("invalid" not in c for c in claims.values())  # the collapsed variant is in no claim
+    curves = pd.read_csv(res / "fid_curves.csv")
+    assert len(curves) == 2 * 4 and set(curves["step"]) == {4, 8}
+    for name in ("fig2_gfid_training", "fig3a_noise_robustness", "fig3b_interpolations", "fig4_latent_stats",
+                 "fig5_fid", "fig_rate_sweep", "samples_grid"):
         assert (res / "figures" / f"{name}.png").stat().st_size > 0
         assert (res / "figures" / f"{name}.pdf").stat().st_size > 0
     assert "## Claims" in (res / "summary.md").read_text()
