@@ -429,6 +429,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
             clock = train_clock + (t_probe - t_start) - probe_time
             fid = fid_probe(model, ema.state)
             probe_time += time.perf_counter() - t_probe
+            t_window += time.perf_counter() - t_probe  # img/s counts training only
             fid_curve.append({"step": step, "train_time_s": clock, "fid": fid})
             if logger:
                 logger.log_metrics({"train/gfid_probe": fid}, step)
