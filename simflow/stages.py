@@ -26,6 +26,7 @@ from simflow.config import Config, load_config, save_config, to_dict
 from simflow.data import build_dataset, subset_indices
 from simflow.distributed import DistEnv, barrier, check_launch_backend, init_distributed, shutdown
 from simflow.flow import bits_per_dim
+from simflow.io import atomic_write
 from simflow.model import SimFlowModel, build_model, psnr
 from simflow.tracking import StageRun, flatten, init_study, init_variant_run, resolve_tracking_uri
 
@@ -46,28 +47,18 @@ STAGE_OUTPUTS = {
 # Small utilities
 # ------------------------------------------------------------------------------------------
 def write_json(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(data, indent=2, sort_keys=True, default=float) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_png(path: Path, image: np.ndarray) -> Path:
     from PIL import Image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp)
-    os.replace(tmp, path)
-    return path
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 def save_npz(path: Path, **arrays: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 class RunLogger:

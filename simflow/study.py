@@ -708,17 +708,15 @@ def config_fingerprint(cfg: Mapping[str, Any]) -> str:
 def write_stage_config(cfg: Mapping[str, Any], path: str | Path) -> Path:
     """Write the full resolved stage config of ``cfg`` (defaults filled in, launcher left out)
     atomically to ``path``; returns the path."""
+    from simflow.io import atomic_write
+
     full = to_dict(resolved_config(cfg))
     full.pop("launcher", None)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# Resolved stage config of {full['study']}/{full['variant']} (written by the "
               "workflow; edit config/*.yaml instead).\n# The launcher is passed per stage with "
               "`--set launcher.<key>=...`; without it a stage runs in-process.\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(full, sort_keys=False))
-    tmp.replace(path)
-    return path
+    text = header + yaml.safe_dump(full, sort_keys=False)
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _tracking_uri(tracking_uri: str | None, results_root: str) -> str:
