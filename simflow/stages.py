@@ -88,7 +88,12 @@ def load_trained(cfg: Config, device: torch.device) -> SimFlowModel:
     path = Path(cfg.run_dir) / "model.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run `simflow train` for this variant first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    from simflow.train import CheckpointError, load_checkpoint
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; delete it and rerun `simflow train` for this variant (it "
+                              "resumes from its last checkpoint)") from err
     info = ckpt["data_info"]
     model = build_model(cfg, info["channels"], info["num_classes"])
     model.load_state_dict(ckpt["ema" if cfg.sample.use_ema else "model"])
