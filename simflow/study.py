@@ -62,7 +62,9 @@ from simflow.config import (
     describe,
     from_dict,
     json_schema,
+    read_yaml,
     to_dict,
+    validate,
 )
 
 __all__ = [
@@ -330,10 +332,10 @@ def load_study(source: str | Path | Mapping[str, Any]) -> Study:
     validate it completely: every unit's merged stage config must pass
     :func:`simflow.config.from_dict`. Errors are :class:`StudyError` naming the key."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise StudyError(f"study config {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = read_yaml(source, "study config") or {}
+        except ConfigError as err:
+            raise StudyError(str(err)) from None
     else:
         raw = copy.deepcopy(dict(source))
     if not isinstance(raw, dict):
@@ -483,7 +485,7 @@ def _link_shared(study: Study, cfg: dict, seed: int | None) -> dict:
 
 def _validated(cfg: dict, where: str) -> dict:
     try:
-        from_dict(Config, cfg)
+        validate(from_dict(Config, cfg))
     except ConfigError as err:
         raise StudyError(f"{where}: the merged stage config is invalid: {err}") from None
     return cfg
@@ -942,8 +944,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 study = load_study(path)
             except StudyError as err:
-                print(f"{path}: {err}", file=sys.stderr)
-                status = 1
+                # a syntax error already starts with the file name (file:line:column: ...)
+                print(err if str(err).startswith(str(path)) else f"{path}: {err}", file=sys.stderr)
+                status = 2
                 continue
             print(f"{path}: study {study.name}: {len(study.variants)} variants x "
                   f"{len(study.seeds)} seed(s); units: {', '.join(study.units)}")
