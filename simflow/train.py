@@ -361,14 +361,23 @@ class CheckpointKeeper:
         """Write ``state`` (with its ``loss`` record) as latest.pt; the old latest.pt becomes
         previous.pt (or last_sane.pt) once the new one has been written and read back.
 
-        Disk use stays at two checkpoints during the write: the old previous.pt is removed first
-        (latest.pt is the readable fallback meanwhile), unless latest.pt was found unreadable at
-        resume, in which case that file goes instead and previous.pt stays.
+        Disk use stays at two checkpoints during the write: the old previous.pt is removed first,
+        once latest.pt has been checked to read back (it is the fallback meanwhile); an
+        unreadable latest.pt (found so now or at resume) goes instead and previous.pt stays.
         """
         latest = self.folder / LATEST
+        if latest.exists() and latest not in self.unreadable:
+            try:
+                verify_checkpoint(latest)
+            except CheckpointError as err:
+                warnings.warn(f"{err}: replacing it, previous.pt is kept", RuntimeWarning, stacklevel=2)
+                self.unreadable.add(latest)
         if latest in self.unreadable:
             latest.unlink(missing_ok=True)
             self.unreadable.discard(latest)
+            if self._keep_as == LAST_SANE:  # it was the last sane checkpoint: there is none now
+                self.sane = None
+            self._keep_as = PREVIOUS
         elif latest.exists():
             (self.folder / PREVIOUS).unlink(missing_ok=True)
 

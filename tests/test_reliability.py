@@ -239,6 +239,24 @@ def test_unreadable_checkpoints_are_one_error_naming_each(tmp_path, capsys):
     assert f"train.resume: checkpoint {ckpts / PREVIOUS} is unreadable" in error_line(capsys)
 
 
+def test_a_latest_checkpoint_damaged_after_it_was_written_never_costs_the_previous_one(tmp_path):
+    """Before removing previous.pt to make room, the keeper checks that latest.pt still reads."""
+    from simflow.train import CheckpointKeeper
+    folder = tmp_path / "checkpoints"
+    keeper = CheckpointKeeper(folder)
+    for step in (4, 8):
+        keeper.observe(1.0)
+        keeper.close_window(step)
+        keeper.write({"step": step})
+    os.truncate(folder / LATEST, 10)  # the step-8 file, damaged on disk
+    keeper.observe(1.0)
+    keeper.close_window(12)
+    with pytest.warns(RuntimeWarning, match=re.escape(f"{folder / LATEST} is not a complete checkpoint")):
+        keeper.write({"step": 12})
+    assert (step_of(folder / LATEST), step_of(folder / PREVIOUS)) == (12, 4)
+    assert temp_files(tmp_path) == []
+
+
 def test_a_corrupt_checkpoint_write_never_replaces_the_good_one(tmp_path, monkeypatch, capsys):
     real_save = torch.save
 
