@@ -1,7 +1,8 @@
 """``simflow <stage> --config FILE [--set key.path=value ...]`` and the helper commands.
 
 Exit status: 0 on success, 2 for a problem with the input (config, dataset, missing upstream
-file), 3 for a non-finite loss, 1 for a failed or cancelled job.
+file, unreadable checkpoint, tracking store) or a full disk, 3 for a non-finite loss, 1 for a
+failed or cancelled job.
 """
 
 from __future__ import annotations
@@ -72,11 +73,12 @@ def guarded(command: str, fn) -> int:
     """Run ``fn``; known failures become one line on stderr and an exit status."""
     from simflow.config import ConfigError
     from simflow.data import DatasetNotFoundError
+    from simflow.io import DiskFullError, disk_full_cause
     from simflow.launch import LaunchError
     from simflow.train import NonFiniteLossError
     try:
         return fn()
-    except (ConfigError, DatasetNotFoundError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DatasetNotFoundError, FileNotFoundError, ValueError, DiskFullError) as err:
         print(f"simflow {command}: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
@@ -85,6 +87,14 @@ def guarded(command: str, fn) -> int:
     except LaunchError as err:
         print(f"simflow {command}: error: {err}", file=sys.stderr)
         return 1
+    except Exception as err:
+        # A full disk met outside simflow.io's writers (e.g. MLflow's SQLite store): one line.
+        cause = disk_full_cause(err)
+        if cause is None:
+            raise
+        print(f"simflow {command}: error: no space left on the device while running this stage "
+              f"({type(cause).__name__}: {cause}); free some space and rerun", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

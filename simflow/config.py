@@ -27,11 +27,26 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key path and how to fix it."""
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a default and a description (mutable defaults are copied)."""
+_BOUNDS = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+
+
+def option(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None, min_len: int | None = None,
+           max_len: int | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with a default and a description (mutable defaults are copied).
+
+    ``ge``/``gt``/``le``/``lt`` bound a number (every item of a list of numbers), ``min_len`` /
+    ``max_len`` the length of a list; :func:`from_dict` refuses values outside, naming the key.
+    """
+    metadata: dict[str, Any] = {"help": help}
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        metadata["bounds"] = bounds
+    if min_len is not None or max_len is not None:
+        metadata["length"] = (min_len, max_len)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -42,44 +57,47 @@ class DataConfig:
     name: Literal["digits", "fashion_mnist", "imagefolder"] = option(
         "fashion_mnist", "Dataset: `digits` (scikit-learn, for tests), `fashion_mnist` (the demo; "
         "Debian's dataset-fashion-mnist or data.root), `imagefolder` (ImageNet: root/train, root/val).")
-    root: str | None = option(None, "Dataset folder. None: the dataset's default locations.")
-    image_size: int = option(32, "Training resolution in pixels (ImageNet: ADM centre crop).")
+    root: str | None = option(None, "Dataset folder, used as given (missing data there is an error, "
+                              "never replaced by another copy). None: the dataset's default locations.")
+    image_size: int = option(32, "Training resolution in pixels (ImageNet: ADM centre crop).", ge=1)
     hflip: bool = option(False, "Random horizontal flips in training.")
-    num_workers: int = option(0, "DataLoader worker processes per rank.")
+    num_workers: int = option(0, "DataLoader worker processes per rank.", ge=0)
 
 
 @dataclass
 class VAEConfig:
-    latent_channels: int = option(4, "Latent channels d (paper: 64, the f16d64 VAE, INFERRED).")
-    base_channels: int = option(32, "Channels of the first encoder level (REPA-E f16: 128).")
+    latent_channels: int = option(4, "Latent channels d (paper: 64, the f16d64 VAE, INFERRED).", ge=1)
+    base_channels: int = option(32, "Channels of the first encoder level (REPA-E f16: 128).", ge=1)
     channel_mult: list[int] = option([1, 2, 2], "Channel multiplier per level; the downsampling "
-                                     "factor is 2^(len − 1) (paper f16: [1, 1, 2, 2, 4], INFERRED).")
-    num_res_blocks: int = option(1, "ResNet blocks per level (REPA-E: 2).")
-    attn_resolutions: list[int] = option([], "Spatial sizes with self-attention (REPA-E: [16]).")
+                                     "factor is 2^(len − 1) (paper f16: [1, 1, 2, 2, 4], INFERRED).",
+                                     ge=1, min_len=1, max_len=5)
+    num_res_blocks: int = option(1, "ResNet blocks per level (REPA-E: 2).", ge=1)
+    attn_resolutions: list[int] = option([], "Spatial sizes with self-attention (REPA-E: [16]).", ge=1)
     posterior: Literal["fixed", "learnable", "layernorm"] = option(
         "fixed", "`fixed`: std ≡ fixed_std (SimFlow); `learnable`: predicted log-variance; "
         "`layernorm`: LayerNorm on the mean + predicted log-variance (the paper's LN, INFERRED).")
-    fixed_std: float = option(0.5, "σ̄ of the fixed posterior (paper: 0.5, i.e. variance 0.25).")
+    fixed_std: float = option(0.5, "σ̄ of the fixed posterior (paper: 0.5, i.e. variance 0.25).", gt=0)
     logvar_init: float = option(-6.9, "Initial log-variance of the learnable / layernorm posteriors "
                                 "(the bias of its output): −6.9 is a variance of 1e-3, the small-variance "
                                 "regime of standard VAEs (\"often < 0.01\", SimFlow arXiv 2512.04084, §1).")
-    dropout: float = option(0.0, "Dropout inside ResNet blocks.")
+    dropout: float = option(0.0, "Dropout inside ResNet blocks.", ge=0, lt=1)
 
 
 @dataclass
 class FlowConfig:
-    patch_size: int = option(1, "Patch size p on the latent (or pixel) map (paper: 1, INFERRED).")
-    channels: int = option(128, "Transformer width (paper: 1152).")
+    patch_size: int = option(1, "Patch size p on the latent (or pixel) map (paper: 1, INFERRED).", ge=1)
+    channels: int = option(128, "Transformer width (paper: 1152).", ge=1)
     layers_per_block: list[int] = option([2, 2, 4], "Depth of each flow block, data → noise; the "
-                                         "last is the deep one (paper: [2, 2, 2, 2, 2, 46], INFERRED).")
-    head_dim: int = option(32, "Attention head size (TarFlow/STARFlow: 64).")
+                                         "last is the deep one (paper: [2, 2, 2, 2, 2, 46], INFERRED).",
+                                         ge=1, min_len=1)
+    head_dim: int = option(32, "Attention head size (TarFlow/STARFlow: 64).", ge=1)
     class_conditional: bool = option(True, "Condition on the class label (needed for CFG).")
     conditioning: Literal["adaln", "add"] = option(
         "adaln", "`adaln` (the paper's run name says adaln) or `add` (TarFlow's class embedding).")
-    label_drop: float = option(0.1, "Label dropout for CFG training (TarFlow/STARFlow: 0.1).")
+    label_drop: float = option(0.1, "Label dropout for CFG training (TarFlow/STARFlow: 0.1).", ge=0, lt=1)
     scale_param: Literal["softplus", "exp"] = option(
         "softplus", "Affine scale parametrisation: STARFlow's softplus (default) or TarFlow's exp.")
-    soft_clip: float = option(4.0, "tanh soft-clip of the raw scale output (STARFlow: 4); 0 = off.")
+    soft_clip: float = option(4.0, "tanh soft-clip of the raw scale output (STARFlow: 4); 0 = off.", ge=0)
 
 
 @dataclass
@@ -94,43 +112,45 @@ class ModelConfig:
         "decoder, in pixel units on the [−1, 1] scale, so that L1 + w·NLL is its ELBO with "
         "w = l1_weight·b·D_lat/D_pix on the per-dim NLL. `calibrated`: b = the batch's mean absolute "
         "reconstruction error, the maximum-likelihood scale (calibrated decoder, arXiv 2006.13202). "
-        "null: use model.nll_weight. Applies in end_to_end mode; the flow NLL has weight 1 elsewhere.")
+        "null: use model.nll_weight. Applies in end_to_end mode; the flow NLL has weight 1 elsewhere.",
+        gt=0)
     nll_weight: float | None = option(None, "Raw weight w of the flow NLL (reduced per "
                                       "nll_reduction) when model.decoder_scale is null. w = 1 on the "
                                       "per-dim NLL equals b = D_pix/D_lat (4 in the demo): it collapses "
-                                      "the encoder (README).")
+                                      "the encoder (README).", ge=0)
     nll_reduction: Literal["per_dim", "per_sample"] = option(
         "per_dim", "With a raw nll_weight: `per_dim` (nats per latent dimension, TarFlow/STARFlow) or "
         "`per_sample` (nats per sample). Irrelevant with a decoder_scale.")
     include_entropy: bool = option(True, "Subtract the posterior entropy H(q) from the NLL (the "
                                    "ELBO term; a constant for the fixed posterior).")
-    l1_weight: float = option(1.0, "L1 reconstruction weight (REPA-E: 1).")
-    mse_weight: float = option(0.0, "MSE reconstruction weight.")
-    lpips_weight: float = option(0.0, "LPIPS weight (REPA-E: 1); 0 loads nothing.")
+    l1_weight: float = option(1.0, "L1 reconstruction weight (REPA-E: 1).", ge=0)
+    mse_weight: float = option(0.0, "MSE reconstruction weight.", ge=0)
+    lpips_weight: float = option(0.0, "LPIPS weight (REPA-E: 1); 0 loads nothing.", ge=0)
     lpips_backbone_weights_path: str | None = option(None, "Local VGG weights for LPIPS (offline).")
-    adv_weight: float = option(0.0, "PatchGAN hinge generator weight (REPA-E: 0.1); 0 = no GAN.")
-    adv_start_step: int = option(0, "Step at which the adversarial loss starts.")
-    disc_channels: int = option(32, "Discriminator base channels.")
-    disc_layers: int = option(2, "Discriminator depth (PatchGAN n_layers; 3 at 256 px).")
-    kl_weight: float = option(1e-6, "KL(q‖N(0,I)) weight (REPA-E: 1e-6, per-sample sum).")
+    adv_weight: float = option(0.0, "PatchGAN hinge generator weight (REPA-E: 0.1); 0 = no GAN.", ge=0)
+    adv_start_step: int = option(0, "Step at which the adversarial loss starts.", ge=0)
+    disc_channels: int = option(32, "Discriminator base channels.", ge=1)
+    disc_layers: int = option(2, "Discriminator depth (PatchGAN n_layers; 3 at 256 px).", ge=1)
+    kl_weight: float = option(1e-6, "KL(q‖N(0,I)) weight (REPA-E: 1e-6, per-sample sum).", ge=0)
     latent_noise_std: float = option(0.0, "Gaussian noise σ added to the flow's input: latent "
                                      "augmentation in frozen modes (STARFlow: 0.3), pixel noise in "
-                                     "`pixel` mode (TarFlow ImageNet-64: 0.05).")
+                                     "`pixel` mode (TarFlow ImageNet-64: 0.05).", ge=0)
     noise_type: Literal["gaussian", "uniform"] = option(
         "gaussian", "Pixel mode: `gaussian` augmentation (generation) or `uniform` dequantisation "
         "(likelihood, TarFlow's bits/dim).")
     latent_source: Literal["sample", "mean"] = option(
         "sample", "Frozen modes: flow on posterior samples (STARFlow) or posterior means.")
     latent_scale: float | None = option(None, "Frozen modes: latents are multiplied by this; None "
-                                        "= 1/std of the pretrained VAE's latents, measured once.")
-    repa_weight: float = option(0.0, "REPA alignment weight (REPA-E: 0.5 model / 1.5 VAE); 0 = off.")
+                                        "= 1/std of the pretrained VAE's latents, measured once.", gt=0)
+    repa_weight: float = option(0.0, "REPA alignment weight (REPA-E: 0.5 model / 1.5 VAE); 0 = off.", ge=0)
     repa_layer: int = option(3, "Flow transformer layer aligned by REPA, counted from the data "
-                             "side from 0 (paper run name: repaAlign3; exact meaning NOT RETRIEVED).")
+                             "side from 0 (paper run name: repaAlign3; exact meaning NOT RETRIEVED).",
+                             ge=0)
     repa_target: Literal["classifier", "dinov2_vitb14"] = option(
         "classifier", "REPA target encoder: the demo's frozen Fashion-MNIST classifier "
         "(`simflow feature-extractor`) or DINOv2-B (local weights).")
     repa_target_weights_path: str | None = option(None, "Checkpoint / hub dir of the REPA target.")
-    repa_hidden: int = option(2048, "Hidden width of the REPA projector MLP (REPA: 2048).")
+    repa_hidden: int = option(2048, "Hidden width of the REPA projector MLP (REPA: 2048).", ge=1)
 
     def __post_init__(self) -> None:
         if self.decoder_scale is not None and self.nll_weight is not None:
@@ -140,8 +160,6 @@ class ModelConfig:
         if self.decoder_scale is None and self.nll_weight is None:
             raise ConfigError("model.decoder_scale is null but model.nll_weight is not set: give one "
                               "(decoder_scale: calibrated is the default)")
-        if isinstance(self.decoder_scale, float) and not self.decoder_scale > 0:
-            raise ConfigError(f"model.decoder_scale: {self.decoder_scale} must be > 0 (or `calibrated`)")
         if self.decoder_scale is not None and self.mode == "end_to_end" and self.l1_weight <= 0:
             raise ConfigError("model.decoder_scale derives the NLL weight from the L1 term, but "
                               "model.l1_weight is 0: set model.decoder_scale: null and model.nll_weight")
@@ -149,45 +167,47 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = option(2000, "Optimisation steps.")
+    steps: int = option(2000, "Optimisation steps.", ge=1)
     global_batch_size: int = option(64, "Global batch (paper: 256 = 16 GPUs × 16, INFERRED); the "
-                                    "per-rank batch and accumulation are derived from the world size.")
-    micro_batch_size: int | None = option(None, "Largest per-rank forward batch; None = global / world.")
-    lr: float = option(1e-3, "Flow learning rate (TarFlow/STARFlow: 1e-4 at scale).")
-    vae_lr: float = option(1e-3, "VAE learning rate (REPA-E: 1e-4).")
-    disc_lr: float = option(1e-3, "Discriminator learning rate (REPA-E: 1e-4).")
-    betas: list[float] = option([0.9, 0.95], "AdamW betas (TarFlow: 0.9, 0.95).")
-    weight_decay: float = option(1e-4, "AdamW weight decay on ≥2-D weights (TarFlow: 1e-4).")
-    warmup_steps: int = option(100, "Linear warm-up steps.")
-    min_lr_ratio: float = option(0.01, "Cosine decay floor as a fraction of the peak lr.")
-    grad_clip: float = option(1.0, "Gradient-norm clip per optimiser (REPA-E: 1); 0 = off.")
-    ema_decay: float = option(0.999, "EMA decay of flow and VAE (REPA-E: 0.9999); 0 = off.")
+                                    "per-rank batch and accumulation are derived from the world size.",
+                                    ge=1)
+    micro_batch_size: int | None = option(None, "Largest per-rank forward batch; None = global / world.", ge=1)
+    lr: float = option(1e-3, "Flow learning rate (TarFlow/STARFlow: 1e-4 at scale).", ge=0)
+    vae_lr: float = option(1e-3, "VAE learning rate (REPA-E: 1e-4).", ge=0)
+    disc_lr: float = option(1e-3, "Discriminator learning rate (REPA-E: 1e-4).", ge=0)
+    betas: list[float] = option([0.9, 0.95], "AdamW betas (TarFlow: 0.9, 0.95).", ge=0, lt=1, min_len=2, max_len=2)
+    weight_decay: float = option(1e-4, "AdamW weight decay on ≥2-D weights (TarFlow: 1e-4).", ge=0)
+    warmup_steps: int = option(100, "Linear warm-up steps.", ge=0)
+    min_lr_ratio: float = option(0.01, "Cosine decay floor as a fraction of the peak lr.", ge=0, le=1)
+    grad_clip: float = option(1.0, "Gradient-norm clip per optimiser (REPA-E: 1); 0 = off.", ge=0)
+    ema_decay: float = option(0.999, "EMA decay of flow and VAE (REPA-E: 0.9999); 0 = off.", ge=0, lt=1)
     precision: Literal["auto", "fp32", "bf16"] = option("auto", "`auto`: bf16 autocast on CUDA, fp32 on CPU.")
     compile: bool = option(False, "torch.compile the training step's model forward.")
     seed: int = option(0, "Global seed (per-rank seed = seed·world + rank).")
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (exact CPU resume).")
-    log_every: int = option(20, "Steps between metric logs (the rate monitor too).")
+    log_every: int = option(20, "Steps between metric logs (the rate monitor too).", ge=1)
     collapse_threshold: float = option(0.05, "Rate (nats per latent dim above the posterior-entropy "
                                        "floor) below which the encoder counts as collapsed; measured: "
-                                       "0.02 collapsed, ≥ 0.3 healthy in the demo (README).")
+                                       "0.02 collapsed, ≥ 0.3 healthy in the demo (README).", ge=0)
     collapse_patience: int = option(3, "Consecutive log steps after warm-up below collapse_threshold "
-                                    "that raise the collapse alarm (a warning and an MLflow tag).")
+                                    "that raise the collapse alarm (a warning and an MLflow tag).", ge=1)
     fid_every: int = option(0, "Steps between gFID probes on train.fid_samples EMA samples (Figure 2 "
-                            "of the paper: gFID during training); 0 = off. Needs eval.reference_stats.")
+                            "of the paper: gFID during training); 0 = off. Needs eval.reference_stats.", ge=0)
     fid_samples: int = option(200, "Samples per gFID probe (a small-sample FID: biased high, "
-                              "comparable across steps and variants at equal count).")
-    sample_every: int = option(0, "Steps between sample grids (0 = only at the end).")
-    checkpoint_every: int = option(200, "Steps between checkpoints (latest.pt is replaced).")
-    keep_every: int = option(0, "Also keep step_XXXXXXX.pt every N steps (0 = none).")
+                              "comparable across steps and variants at equal count).", ge=2)
+    sample_every: int = option(0, "Steps between sample grids (0 = only at the end).", ge=0)
+    checkpoint_every: int = option(200, "Steps between checkpoints (latest.pt; the one before is kept "
+                                  "as previous.pt until the new one is verified).", ge=0)
+    keep_every: int = option(0, "Also keep step_XXXXXXX.pt every N steps (0 = none).", ge=0)
     resume: str = option("auto", "`auto` (latest checkpoint if any), `never`, or a checkpoint path.")
     max_steps_this_run: int | None = option(None, "Stop (checkpointed) after this many steps in "
-                                            "this process; for tests of resume. None = no limit.")
+                                            "this process; for tests of resume. None = no limit.", ge=0)
 
 
 @dataclass
 class SampleConfig:
-    num_samples: int = option(1000, "Samples to generate (paper protocol: 50 000).")
-    batch_size: int = option(100, "Samples per forward batch (per rank).")
+    num_samples: int = option(1000, "Samples to generate (paper protocol: 50 000).", ge=1)
+    batch_size: int = option(100, "Samples per forward batch (per rank).", ge=1)
     labels: Literal["balanced", "uniform"] = option("balanced", "Class labels: equal counts, or uniform random.")
     guidance: float = option(0.0, "CFG scale w (0 = none). SimFlow's value: NOT RETRIEVED.")
     guidance_method: str = option("linear", "`linear` (TarFlow), `precision` (STARFlow); the "
@@ -195,8 +215,8 @@ class SampleConfig:
     guide: Literal["shift", "scale", "both"] = option("both", "Linear guidance: what is extrapolated.")
     annealed: bool = option(False, "Anneal w over the token index (TarFlow's FID setting).")
     attn_temp: float | None = option(None, "Attention temperature τ of the unconditional branch "
-                                     "(guidance of unconditional models); None = null class.")
-    temperature: float = option(1.0, "Std of the prior noise.")
+                                     "(guidance of unconditional models); None = null class.", gt=0)
+    temperature: float = option(1.0, "Std of the prior noise.", ge=0)
     denoise: bool = option(False, "Tweedie denoising x + s·σ²∇log p(x) with σ = latent_noise_std.")
     denoise_step_scale: float = option(1.0, "s of the denoising step (1 = theoretical optimum).")
     use_ema: bool = option(True, "Sample from the EMA weights.")
@@ -212,16 +232,16 @@ class EvalConfig:
     classifier_path: str | None = option(None, "Checkpoint of `simflow feature-extractor`.")
     reference_stats: str | None = option(None, "Reference statistics .npz (ours, or ADM's "
                                          "VIRTUAL_imagenet256_labeled.npz); None: computed by fid-ref.")
-    num_reference: int = option(10000, "Images used for reference statistics (None-like: all).")
+    num_reference: int = option(10000, "Images used for reference statistics (None-like: all).", ge=1)
     isc: bool = option(True, "Inception score.")
     kid: bool = option(False, "KID (needs reference images).")
     prc: bool = option(False, "Precision/recall (needs reference images).")
-    num_recon: int = option(1000, "Images for rFID / PSNR in `reconstruct`.")
+    num_recon: int = option(1000, "Images for rFID / PSNR in `reconstruct`.", ge=1)
     noise_levels: list[float] = option([0.0, 0.25, 0.5, 0.75, 1.0], "Latent-noise stds of "
-                                       "Figure 3a (reconstruction under latent noise).")
-    num_nll: int = option(1000, "Test images for `nll` (bits/dim).")
-    num_latents: int = option(512, "Validation images encoded by `latents`.")
-    classifier_steps: int = option(1500, "Training steps of the demo feature extractor.")
+                                       "Figure 3a (reconstruction under latent noise).", ge=0)
+    num_nll: int = option(1000, "Test images for `nll` (bits/dim).", ge=1)
+    num_latents: int = option(512, "Validation images encoded by `latents`.", ge=1)
+    classifier_steps: int = option(1500, "Training steps of the demo feature extractor.", ge=1)
 
 
 @dataclass
@@ -242,14 +262,14 @@ class LauncherSection:
     account: str | None = option(None, "SLURM account.")
     qos: str | None = option(None, "SLURM QoS.")
     constraint: str | None = option(None, "SLURM constraint (e.g. a GPU type).")
-    nodes: int = option(1, "Nodes per job (paper: 2).")
-    gpus_per_node: int = option(1, "GPUs per node; one task per GPU (paper: 8).")
-    tasks_per_node: int | None = option(None, "Tasks per node; None = gpus_per_node (1 on CPU).")
-    cpus_per_task: int = option(8, "CPUs per task.")
-    mem_gb: float | None = option(None, "Memory per node in GB (None: the cluster default).")
-    timeout_min: int = option(60, "Job time limit; training requeues and resumes on timeout.")
-    signal_delay_s: int = option(120, "Seconds before the limit at which SLURM signals the job.")
-    max_num_timeout: int = option(20, "How often a timed-out job is requeued.")
+    nodes: int = option(1, "Nodes per job (paper: 2).", ge=1)
+    gpus_per_node: int = option(1, "GPUs per node; one task per GPU (paper: 8).", ge=0)
+    tasks_per_node: int | None = option(None, "Tasks per node; None = gpus_per_node (1 on CPU).", ge=1)
+    cpus_per_task: int = option(8, "CPUs per task.", ge=1)
+    mem_gb: float | None = option(None, "Memory per node in GB (None: the cluster default).", gt=0)
+    timeout_min: int = option(60, "Job time limit; training requeues and resumes on timeout.", ge=1)
+    signal_delay_s: int = option(120, "Seconds before the limit at which SLURM signals the job.", ge=0)
+    max_num_timeout: int = option(20, "How often a timed-out job is requeued.", ge=0)
     extra_sbatch: dict = option({}, "Other sbatch parameters, e.g. {mail-type: END}.")
     setup: list[str] = option([], "Shell lines run before the job (module load, conda activate).")
     log_dir: str = option("logs/submitit", "Folder of submitit's job logs (%j = job id).")
@@ -348,7 +368,75 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
         raise ConfigError(f"unknown config key '{where}'; valid keys{' of ' + path if path else ''}: "
                           f"{', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs:
+            _check_range(kwargs[f.name], f.metadata, f"{path}.{f.name}" if path else f.name)
     return cls(**kwargs)
+
+
+def _range_text(bounds: dict) -> str:
+    low = [f"{_BOUNDS[k]} {v:g}" for k, v in bounds.items() if k in ("ge", "gt")]
+    high = [f"{_BOUNDS[k]} {v:g}" for k, v in bounds.items() if k in ("le", "lt")]
+    return " and ".join(low + high)
+
+
+def _check_range(value: Any, metadata: Any, path: str) -> None:
+    """Refuse a value outside the ``bounds`` / ``length`` of its :func:`option`."""
+    if value is None:
+        return
+    if "length" in metadata and isinstance(value, list):
+        lo, hi = metadata["length"]
+        if (lo is not None and len(value) < lo) or (hi is not None and len(value) > hi):
+            want = (f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None
+                    else f"at most {hi}" if lo is None else f"{lo} to {hi}")
+            raise ConfigError(f"{path}: {value!r} has {len(value)} entries; expected {want}")
+    bounds = metadata.get("bounds")
+    if not bounds:
+        return
+    items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+    for i, v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        ok = ((("ge" not in bounds) or v >= bounds["ge"]) and (("gt" not in bounds) or v > bounds["gt"])
+              and (("le" not in bounds) or v <= bounds["le"]) and (("lt" not in bounds) or v < bounds["lt"]))
+        if not ok or v != v:  # NaN passes no comparison; v != v catches it where none applies
+            where = path if i is None else f"{path}[{i}]"
+            raise ConfigError(f"{where}: {v!r} is out of range; it must be {_range_text(bounds)}")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks across keys that no single key's range can express; raises :class:`ConfigError`
+    naming the keys. Called by :func:`load_config` and for every unit of a study, so a bad
+    combination fails before any job starts. Returns ``cfg``."""
+    m, v, f, d = cfg.model, cfg.vae, cfg.flow, cfg.data
+    size = d.image_size
+    if m.mode == "pixel":
+        if size % f.patch_size:
+            raise ConfigError(f"data.image_size={size} is not divisible by flow.patch_size="
+                              f"{f.patch_size} (model.mode=pixel: the patches tile the image)")
+    else:
+        factor = 2 ** (len(v.channel_mult) - 1)
+        if size % factor:
+            raise ConfigError(
+                f"data.image_size={size} is not divisible by the VAE's downsampling factor {factor} "
+                f"(2^(len(vae.channel_mult) − 1), vae.channel_mult={v.channel_mult}); change the "
+                "image size or the number of VAE levels")
+        if (size // factor) % f.patch_size:
+            raise ConfigError(
+                f"the latent size {size // factor} (data.image_size={size} / the VAE's factor "
+                f"{factor}) is not divisible by flow.patch_size={f.patch_size}")
+    if f.channels % f.head_dim:
+        raise ConfigError(f"flow.channels={f.channels} is not divisible by flow.head_dim={f.head_dim}")
+    depth = sum(f.layers_per_block)
+    if m.repa_weight > 0 and m.repa_layer >= depth:
+        raise ConfigError(f"model.repa_layer={m.repa_layer} does not exist: the flow has {depth} "
+                          f"transformer layers (flow.layers_per_block={f.layers_per_block}), counted "
+                          f"from 0; use 0 to {depth - 1}")
+    t = cfg.train
+    if t.micro_batch_size is not None and t.micro_batch_size > t.global_batch_size:
+        raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} exceeds "
+                          f"train.global_batch_size={t.global_batch_size}")
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:
@@ -371,7 +459,10 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -381,31 +472,53 @@ def parse_override(text: str) -> dict:
     return out
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's problem, and its context with the place it refers to (e.g. where an unclosed
+    bracket was opened), without its ``in "<unicode string>"`` marks."""
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    context, mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if not context:
+        return problem
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem} ({context}{at})"
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The YAML document in ``path``; a syntax error is a :class:`ConfigError` that names the
+    file, line and column (``file:line:column: ...``, as compilers do)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: {what} is not valid YAML{at}: {_yaml_problem(err)}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 data: dict | None = None) -> Config:
-    """Read a YAML file (or a mapping), apply ``key.path=value`` overrides, validate."""
+    """Read a YAML file (or a mapping), apply ``key.path=value`` overrides, validate (types,
+    ranges, and the cross-key checks of :func:`validate`)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     if data:
         raw = deep_merge(raw, data)
     for text in overrides or []:
         raw = deep_merge(raw, parse_override(text))
-    return from_dict(Config, raw)
+    return validate(from_dict(Config, raw))
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    from simflow.io import atomic_write
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
@@ -432,8 +545,27 @@ def json_schema(cls: type = Config) -> dict:
             props[f.name] = json_schema(tp)
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        props[f.name] = {**_json_type(tp), "default": default, "description": f.metadata.get("help", "")}
+        props[f.name] = {**_json_type(tp), **_json_bounds(tp, f.metadata), "default": default,
+                         "description": f.metadata.get("help", "")}
     return {"type": "object", "additionalProperties": False, "properties": props}
+
+
+def _json_bounds(tp: Any, metadata: Any) -> dict:
+    """The :func:`option` ranges as JSON-schema keywords (they apply only to values of their type,
+    so ``minimum`` beside ``anyOf: [integer, null]`` leaves null alone)."""
+    names = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+    numeric = {names[k]: v for k, v in metadata.get("bounds", {}).items()}
+    if get_origin(tp) is not list:
+        return numeric
+    out: dict[str, Any] = {}
+    if numeric:
+        out["items"] = {**_json_type(get_args(tp)[0]), **numeric}
+    lo, hi = metadata.get("length", (None, None))
+    if lo is not None:
+        out["minItems"] = lo
+    if hi is not None:
+        out["maxItems"] = hi
+    return out
 
 
 def _json_type(tp: Any) -> dict:

@@ -216,12 +216,13 @@ def _fashion_stems(train: bool) -> tuple[str, str]:
 
 
 def _fashion_candidate_dirs(root: str | Path | None) -> list[Path]:
-    dirs: list[Path] = []
+    """Where the idx files are looked for: an explicit ``root`` (and torchvision's layout below
+    it) and nothing else, so a root without the data is an error, never silently replaced by
+    another copy; without a root, Debian's package."""
     if root is not None:
         root = Path(root).expanduser()
-        dirs += [root, root / "FashionMNIST" / "raw"]
-    dirs.append(DEBIAN_FASHION_MNIST_DIR)
-    return dirs
+        return [root, root / "FashionMNIST" / "raw"]
+    return [DEBIAN_FASHION_MNIST_DIR]
 
 
 def _find_fashion_files(dirs: list[Path], train: bool) -> tuple[Path, Path] | None:
@@ -301,6 +302,16 @@ def _build_fashion_mnist(root: str | None, split: str, image_size: int, hflip: b
             download_note = f"the torchvision download into {root} did not produce the files."
         else:
             download_note = f"downloading is off (set {ALLOW_DOWNLOAD_ENV}=1 and data.root to let torchvision download it)."
+        if root is not None:
+            debian = _find_fashion_files([DEBIAN_FASHION_MNIST_DIR], train) is not None
+            raise DatasetNotFoundError(
+                f"Fashion-MNIST {split} split not found in data.root={root}: need {img_stem}[.gz] and "
+                f"{lbl_stem}[.gz] in one of:\n{tried}\nAn explicit data.root is used as given, never "
+                f"replaced by another copy: point data.root at the folder holding the idx files, or "
+                f"unset it (data.root=null) to use Debian's copy in {DEBIAN_FASHION_MNIST_DIR} "
+                f"({'installed' if debian else 'not installed: apt-get install dataset-fashion-mnist'}); "
+                f"{download_note}"
+            )
         raise DatasetNotFoundError(
             f"Fashion-MNIST {split} split not found: need {img_stem}[.gz] and {lbl_stem}[.gz] in one of:\n{tried}\n"
             f"Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs into "

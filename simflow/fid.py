@@ -29,10 +29,8 @@ frozen REPA target encoder of the demo (:func:`classifier_patch_tokens`).
 
 from __future__ import annotations
 
-import os
 import struct
 import sys
-import tempfile
 import urllib.error
 import warnings
 import zipfile
@@ -45,6 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from simflow.io import atomic_write
 
 __all__ = [
     "CLASSIFIER_EXTRACTOR_NAME",
@@ -103,14 +103,6 @@ def _check_nhwc_uint8(array: np.ndarray, what: str) -> None:
         )
 
 
-def _atomic_target(path: Path) -> Path:
-    """A temporary file next to ``path`` (same filesystem, so the final rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def save_samples_npz(path: str | Path, uint8_nhwc: np.ndarray, labels: np.ndarray | None = None) -> Path:
     """Write samples as an uncompressed ``.npz`` with ``arr_0`` = uint8 NHWC images and ``arr_1`` = labels.
 
@@ -126,11 +118,11 @@ def save_samples_npz(path: str | Path, uint8_nhwc: np.ndarray, labels: np.ndarra
         if labels.shape != (len(images),):
             raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
         arrays["arr_1"] = labels.astype(np.int64)
-    tmp = _atomic_target(path)
-    with open(tmp, "wb") as f:  # a file object keeps numpy from appending ".npz" to the name
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object keeps numpy from appending ".npz" to the name
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
 
 
 def _npz_member_memmap(path: Path, key: str) -> np.ndarray | None:
@@ -379,11 +371,9 @@ def load_classifier(checkpoint_path: str | Path, map_location: str | torch.devic
 def save_classifier(model: SmallClassifier, path: str | Path, metrics: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as a checkpoint that :func:`load_classifier` reads (atomically, tensors on CPU)."""
     path = Path(path)
-    tmp = _atomic_target(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": _CHECKPOINT_FORMAT, "config": dict(model.config), "state_dict": state, "metrics": dict(metrics or {})}, tmp)
-    os.replace(tmp, path)
-    return path
+    payload = {"format": _CHECKPOINT_FORMAT, "config": dict(model.config), "state_dict": state, "metrics": dict(metrics or {})}
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def train_feature_extractor(
@@ -698,12 +688,12 @@ def compute_reference_statistics(
     fe = _create_extractor(feature_extractor, [layer], feature_extractor_weights_path, use_cuda, verbose)
     feats = extract_features(dataset_or_npz, fe, batch_size, use_cuda, verbose)[layer]
     mu, sigma = _statistics(feats)
-    tmp = _atomic_target(out_path)
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(len(feats)),
-                 feature_extractor=np.str_(feature_extractor), feature_layer=np.str_(layer))
-    os.replace(tmp, out_path)
-    return out_path
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(len(feats)),
+                     feature_extractor=np.str_(feature_extractor), feature_layer=np.str_(layer))
+
+    return atomic_write(out_path, write)
 
 
 def load_reference_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -27,8 +27,10 @@ from simflow.config import Config, load_config, save_config, to_dict
 from simflow.data import build_dataset, subset_indices
 from simflow.distributed import DistEnv, barrier, check_launch_backend, init_distributed, shutdown
 from simflow.flow import bits_per_dim
+from simflow.io import atomic_write
 from simflow.model import SimFlowModel, build_model, psnr
-from simflow.tracking import StageRun, flatten, init_study, init_variant_run, resolve_tracking_uri
+from simflow.tracking import (StageRun, check_run_in_store, flatten, init_study, init_variant_run,
+                              read_run_id, resolve_tracking_uri)
 
 STAGE_OUTPUTS = {
     "feature-extractor": ["classifier.pt", "classifier.json"],
@@ -47,28 +49,18 @@ STAGE_OUTPUTS = {
 # Small utilities
 # ------------------------------------------------------------------------------------------
 def write_json(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(data, indent=2, sort_keys=True, default=float) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_png(path: Path, image: np.ndarray) -> Path:
     from PIL import Image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp)
-    os.replace(tmp, path)
-    return path
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 def save_npz(path: Path, **arrays: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 class RunLogger:
@@ -134,7 +126,12 @@ def load_trained(cfg: Config, device: torch.device) -> SimFlowModel:
     path = Path(cfg.run_dir) / "model.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run `simflow train` for this variant first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    from simflow.train import CheckpointError, load_checkpoint
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; delete it and rerun `simflow train` for this variant (it "
+                              "resumes from its last checkpoint)") from err
     info = ckpt["data_info"]
     model = build_model(cfg, info["channels"], info["num_classes"])
     model.load_state_dict(ckpt["ema" if cfg.sample.use_ema else "model"])
@@ -463,15 +460,34 @@ STAGES: dict[str, Callable[[Config, DistEnv, StageRun], dict]] = {
 # Entry point
 # ------------------------------------------------------------------------------------------
 def variant_run_id_file(cfg: Config) -> Path:
-    """The MLflow run-id file of this variant; created (with the study's parent run) when the
-    config names none, e.g. for a stage run by hand outside the workflow."""
+    """The MLflow run-id file of this variant; created when the config names none, e.g. for a
+    stage run by hand outside the workflow.
+
+    Such a stage is not part of the study, so it never writes the study's files: it files its
+    run under the study's parent run when ``<results_root>/<study>/mlflow_parent_run_id.txt``
+    names a run of the store in use (and fails, naming both, when it names a run of another
+    store), and otherwise under a parent run of its own, kept in its run_dir.
+    """
     if cfg.tracking.run_id_file:
         return Path(cfg.tracking.run_id_file)
     path = Path(cfg.run_dir) / "mlflow_run_id.txt"
     if not path.exists():
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.results_root)
-        parent = Path(cfg.results_root) / cfg.study / "mlflow_parent_run_id.txt"
-        init_study(uri, cfg.tracking.experiment, cfg.study, parent)
+        study_parent = Path(cfg.results_root) / cfg.study / "mlflow_parent_run_id.txt"
+        try:
+            has_study_run = bool(read_run_id(study_parent))
+        except (FileNotFoundError, ValueError):  # no study yet, or one with tracking disabled
+            has_study_run = False
+        if has_study_run:
+            parent = study_parent
+            check_run_in_store(uri, parent, fix=(
+                f"This stage is not part of study {cfg.study!r} (tracking.run_id_file is unset) and "
+                "leaves its files alone: run it against the study's store (tracking.tracking_uri / "
+                "$MLFLOW_TRACKING_URI), or keep it out of the study with --set study=<another "
+                "name> (or --set tracking.enabled=false)"))
+        else:
+            parent = Path(cfg.run_dir) / "mlflow_parent_run_id.txt"
+            init_study(uri, cfg.tracking.experiment, cfg.study, parent)
         init_variant_run(uri, cfg.tracking.experiment, parent, cfg.variant, path)
     return path
 

@@ -62,7 +62,9 @@ from simflow.config import (
     describe,
     from_dict,
     json_schema,
+    read_yaml,
     to_dict,
+    validate,
 )
 
 __all__ = [
@@ -332,10 +334,10 @@ def load_study(source: str | Path | Mapping[str, Any]) -> Study:
     validate it completely: every unit's merged stage config must pass
     :func:`simflow.config.from_dict`. Errors are :class:`StudyError` naming the key."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise StudyError(f"study config {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = read_yaml(source, "study config") or {}
+        except ConfigError as err:
+            raise StudyError(str(err)) from None
     else:
         raw = copy.deepcopy(dict(source))
     if not isinstance(raw, dict):
@@ -496,7 +498,7 @@ def _link_shared(study: Study, cfg: dict, seed: int | None) -> dict:
 
 def _validated(cfg: dict, where: str) -> dict:
     try:
-        from_dict(Config, cfg)
+        validate(from_dict(Config, cfg))
     except ConfigError as err:
         raise StudyError(f"{where}: the merged stage config is invalid: {err}") from None
     return cfg
@@ -721,17 +723,15 @@ def config_fingerprint(cfg: Mapping[str, Any]) -> str:
 def write_stage_config(cfg: Mapping[str, Any], path: str | Path) -> Path:
     """Write the full resolved stage config of ``cfg`` (defaults filled in, launcher left out)
     atomically to ``path``; returns the path."""
+    from simflow.io import atomic_write
+
     full = to_dict(resolved_config(cfg))
     full.pop("launcher", None)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# Resolved stage config of {full['study']}/{full['variant']} (written by the "
               "workflow; edit config/*.yaml instead).\n# The launcher is passed per stage with "
               "`--set launcher.<key>=...`; without it a stage runs in-process.\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(full, sort_keys=False))
-    tmp.replace(path)
-    return path
+    text = header + yaml.safe_dump(full, sort_keys=False)
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _tracking_uri(tracking_uri: str | None, results_root: str) -> str:
@@ -963,8 +963,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 study = load_study(path)
             except StudyError as err:
-                print(f"{path}: {err}", file=sys.stderr)
-                status = 1
+                # a syntax error already starts with the file name (file:line:column: ...)
+                print(err if str(err).startswith(str(path)) else f"{path}: {err}", file=sys.stderr)
+                status = 2
                 continue
             print(f"{path}: study {study.name}: {len(study.variants)} variants x "
                   f"{len(study.seeds)} seed(s); units: {', '.join(study.units)}")

@@ -41,7 +41,9 @@ from types import FrameType, TracebackType
 from typing import Any
 
 __all__ = [
+    "RunNotInStoreError",
     "StageRun",
+    "check_run_in_store",
     "flatten",
     "init_study",
     "init_tracking_store",
@@ -170,6 +172,48 @@ def read_run_id(run_id_file: str | Path) -> str:
 
 def _lock_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
+
+
+class RunNotInStoreError(ValueError):
+    """A run-id file names a run that the tracking store in use does not hold: the ids were
+    written with another store. The message names the file, the run and the store, and the fix."""
+
+
+def _require_run(client: Any, tracking_uri: str, run_id: str, run_id_file: Path,
+                 fix: str | None = None) -> Any:
+    """``client.get_run(run_id)``, or :class:`RunNotInStoreError` if the store does not hold it.
+
+    Never replaced silently: a study's ids in a store other than the one they were made in would
+    leave its runs split over two stores (and every later ``setup_unit`` failing there). ``fix``
+    replaces the default advice (use the right store, or delete the file to start anew).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as err:
+        if getattr(err, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    source = (f"$MLFLOW_TRACKING_URI is set to {env!r} in this environment" if env
+              else "tracking.tracking_uri, or $MLFLOW_TRACKING_URI, picks the store")
+    if fix is None:
+        fix = (f"Use the store that holds the run, or delete {run_id_file} to start a new run in "
+               f"{tracking_uri}")
+    raise RunNotInStoreError(
+        f"{run_id_file} names MLflow run {run_id}, which the tracking store in use ({tracking_uri}) "
+        f"does not hold: the id was written with another store ({source}). {fix}."
+    ) from None
+
+
+def check_run_in_store(tracking_uri: str, run_id_file: str | Path, fix: str | None = None) -> str:
+    """The run id in ``run_id_file`` after checking that the store at ``tracking_uri`` holds the
+    run; :class:`RunNotInStoreError` (naming file, run, store and ``fix``) otherwise. Reads only."""
+    run_id_file = Path(run_id_file)
+    run_id = read_run_id(run_id_file)
+    init_tracking_store(tracking_uri)
+    _require_run(_client(tracking_uri), tracking_uri, run_id, run_id_file, fix)
+    return run_id
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +422,11 @@ def init_variant_run(
     and :func:`provenance_tags`, and lives in the parent's experiment, which must be
     ``experiment_name``.
     """
-    parent_id = read_run_id(parent_run_id_file)
+    # The study's parent run must be in this store: a mismatch is an error, not a new parent.
+    parent_id = check_run_in_store(tracking_uri, parent_run_id_file, fix=(
+        "Use the store the study was started with, or, to start the study's MLflow records afresh in "
+        f"{tracking_uri}, delete {parent_run_id_file} and rerun (the workflow's mlflow_init rule "
+        "writes a new parent run)"))
 
     def create(client: Any) -> Any:
         parent = client.get_run(parent_id)
@@ -455,6 +503,7 @@ class StageRun:
         run_id = read_run_id(self.run_id_file)
         init_tracking_store(self.tracking_uri)
         self._client = _client(self.tracking_uri)
+        _require_run(self._client, self.tracking_uri, run_id, self.run_id_file)
         # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI to os.environ; left there, it
         # would redirect every later stage of this process (and its subprocesses) into this store
         # (resolve_tracking_uri honours the variable). Restored in __exit__.

@@ -196,7 +196,7 @@ def test_gradient_accumulation_on_two_processes_matches_one_process(one_proc, tw
 @pytest.mark.slow
 def test_two_process_run_writes_one_checkpoint_series_and_the_outputs_of_one_process(one_proc, two_proc):
     ckpts = two_proc / "run" / "checkpoints"
-    expected = {"latest.pt"} | {f"step_{s:07d}.pt" for s in range(2, STEPS + 1, 2)}
+    expected = {"latest.pt", "previous.pt"} | {f"step_{s:07d}.pt" for s in range(2, STEPS + 1, 2)}
     assert {p.name for p in ckpts.iterdir()} == expected  # no per-rank copies, no leftover temp files
     latest = load_ckpt(ckpts / "latest.pt")
     assert latest["step"] == STEPS and latest["world_size"] == 2

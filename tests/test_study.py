@@ -155,7 +155,7 @@ def test_base_is_not_mutated_by_variant_configs():
 
 
 def test_shared_units_read_only_what_they_need():
-    study = S.load_study(_tiny(base={"data": {"name": "digits"}, "flow": {"channels": 48},
+    study = S.load_study(_tiny(base={"data": {"name": "digits"}, "flow": {"channels": 64},
                                      "eval": {"feature_extractor": "simflow-classifier",
                                               "classifier_steps": 7, "num_recon": 9}}))
     fe = S.shared_config(study, "feature_extractor")
@@ -165,7 +165,7 @@ def test_shared_units_read_only_what_they_need():
     assert ref["eval"]["classifier_path"].endswith("_shared/feature_extractor/classifier.pt")
     assert "reference_stats" not in ref["eval"] and "num_recon" not in ref["eval"]
     pre = S.shared_config(study, "pretrain_vae", 0)
-    assert pre["flow"] == {"channels": 48} and pre["vae"]["posterior"] == "learnable"
+    assert pre["flow"] == {"channels": 64} and pre["vae"]["posterior"] == "learnable"
 
 
 def test_external_reference_stats_and_classifier_drop_the_shared_stages():
@@ -392,7 +392,7 @@ def test_cli_check_and_schema(capsys, tmp_path):
     raw = _raw("smoke")
     raw["variants"]["simflow"]["overrides"] = {"vae": {"posterior": "sometimes"}}
     bad.write_text(yaml.safe_dump(raw))
-    assert S.main(["check", str(bad)]) == 1
+    assert S.main(["check", str(bad)]) == 2
     assert "variants.simflow.overrides: vae.posterior: 'sometimes'" in capsys.readouterr().err
     assert S.main(["schema"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["title"] == "SimFlow study config"
