@@ -81,7 +81,7 @@ def test_calibrated_scale_is_the_mean_absolute_error():
 def test_raw_weight_and_decoder_scale_are_exclusive():
     with pytest.raises(ConfigError, match="model.decoder_scale: null"):
         load_config(overrides=["model.nll_weight=1.0"])
-    with pytest.raises(ConfigError, match="must be > 0"):
+    with pytest.raises(ConfigError, match="decoder_scale: -1.0 is out of range; it must be > 0"):
         load_config(overrides=["model.decoder_scale=-1"])
     with pytest.raises(ConfigError, match="l1_weight is 0"):
         load_config(overrides=["model.l1_weight=0"])
