@@ -3,6 +3,7 @@
 #   snakemake -c2 --configfile config/demo.yaml     # the demo on a laptop (CPU, in-process)
 #   snakemake --profile slurm all                   # the paper study on SLURM (see slurm/config.yaml)
 #   snakemake -n                                    # what would run (config/config.yaml)
+#   snakemake --configfile config/demo.yaml --report report.html   # figures + summary, one HTML file
 #
 # Rules: workflow/rules/*.smk; keys of the study config: config/README.md.
 from snakemake.utils import min_version, validate
@@ -33,6 +34,27 @@ include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/notebooks.smk"
+include: "workflow/rules/outputs.smk"
+
+
+# `snakemake --report report.html`: one self-contained page with the figures, the summary and
+# the executed notebooks (the outputs marked report(...) in the rules), described by this file.
+report: "workflow/report/workflow.rst"
+
+
+# The study's MLflow parent run spans the study: every invocation that has work to do marks it
+# RUNNING and ends it FINISHED or FAILED (Snakemake runs these handlers only then: not for dry
+# runs, --report or "Nothing to be done").
+onstart:
+    set_study_run_status("RUNNING")
+
+
+onsuccess:
+    set_study_run_status("FINISHED")
+
+
+onerror:
+    set_study_run_status("FAILED")
 
 
 rule all:
@@ -40,3 +62,4 @@ rule all:
     input:
         all_targets(),
         NOTEBOOK_TARGETS,
+        OUTPUT_TARGETS,

@@ -132,6 +132,20 @@ class KVCache:
 # --------------------------------------------------------------------------------------------
 # Transformer pieces
 # --------------------------------------------------------------------------------------------
+def linear_residual(linear: nn.Linear, a: Tensor, residual: Tensor | None) -> Tensor:
+    """``residual + linear(a)`` (just ``linear(a)`` for ``residual=None``), with the residual as
+    the matmul's accumulator: ``residual + bias`` is formed once and ``a·Wᵀ`` is added into it in
+    place. ``linear(a) + residual`` costs one more pass over the (B, T, width) activations (the
+    matmul first copies the bias into its output) and one more temporary. Under autocast (or with
+    mixed dtypes) it is plain ``residual + linear(a)``, so the residual stream keeps its dtype."""
+    if residual is None:
+        return linear(a)
+    if torch.is_autocast_enabled(a.device.type) or not a.dtype == residual.dtype == linear.weight.dtype:
+        return residual + linear(a)
+    out = torch.add(residual.reshape(-1, residual.shape[-1]), linear.bias)
+    return out.addmm_(a.reshape(-1, a.shape[-1]), linear.weight.t()).view(residual.shape)
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention over (B, T, width) through SDPA.
 
@@ -153,9 +167,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
                 query_scale: Tensor | None = None,
-                slot: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                slot: tuple[Tensor, Tensor] | None = None, residual: Tensor | None = None) -> Tensor:
+        """Attention output (B, t, width); ``residual + output`` when ``residual`` is given."""
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # q, k, v as (B, heads, t, head_dim) views of the qkv output, split on its "3" axis: the
+        # backward then stacks their gradients straight into the (B, t, 3, heads, head_dim)
+        # layout of the qkv output (a permute-first split costs one more full copy per layer).
+        q, k, v = (part.transpose(1, 2)
+                   for part in self.qkv(x).view(b, t, 3, self.heads, self.head_dim).unbind(2))
         if query_scale is not None:
             q = q * query_scale.to(q.dtype)
         if cache is None:
@@ -174,19 +193,27 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             else:
                 out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, t, -1))
+        return linear_residual(self.proj, out.transpose(1, 2).reshape(b, t, -1), residual)
 
 
 class MLP(nn.Module):
-    """Position-wise GELU MLP, expansion 4."""
+    """Position-wise GELU MLP, expansion 4.
 
-    def __init__(self, width: int, expansion: int = 4):
+    ``gelu`` is the GELU of ``F.gelu``: ``"none"`` (the exact, erf-based GELU, as TarFlow) or
+    ``"tanh"`` (its tanh approximation). On CPU the exact one is the faster of the two (forward
+    and backward about 2× faster in PyTorch 2.x's kernels; see docs/performance.md)."""
+
+    def __init__(self, width: int, expansion: int = 4, gelu: str = "none"):
         super().__init__()
+        if gelu not in ("none", "tanh"):
+            raise ValueError(f"gelu must be 'none' (exact) or 'tanh', got {gelu!r}")
         self.fc1 = nn.Linear(width, expansion * width)
         self.fc2 = nn.Linear(expansion * width, width)
+        self.gelu = gelu
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """MLP output of x (B, t, width); ``residual + output`` when ``residual`` is given."""
+        return linear_residual(self.fc2, F.gelu(self.fc1(x), approximate=self.gelu), residual)
 
 
 class TransformerLayer(nn.Module):
@@ -197,12 +224,12 @@ class TransformerLayer(nn.Module):
     as a plain pre-norm layer with gates 0 (the residual branch starts switched off).
     """
 
-    def __init__(self, width: int, head_dim: int, adaln: bool):
+    def __init__(self, width: int, head_dim: int, adaln: bool, gelu: str = "none"):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=not adaln)
         self.attn = Attention(width, head_dim)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=not adaln)
-        self.mlp = MLP(width)
+        self.mlp = MLP(width, gelu=gelu)
         self.modulation = None
         if adaln:
             self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
@@ -223,14 +250,17 @@ class TransformerLayer(nn.Module):
                 modulation: tuple[Tensor, ...] | None = None) -> Tensor:
         """``slot`` = (position, mask) selects the static-shape cache path; ``modulation`` (from
         :meth:`modulation_of`) replaces computing the AdaLN terms from ``cond``."""
-        if self.modulation is None:
-            x = x + self.attn(self.norm1(x), cache, layer, query_scale, slot)
-            return x + self.mlp(self.norm2(x))
+        if self.modulation is None:  # the residual adds are fused into the output matmuls
+            x = self.attn(self.norm1(x), cache, layer, query_scale, slot, residual=x)
+            return self.mlp(self.norm2(x), residual=x)
         if modulation is None:
             modulation = self.modulation_of(cond)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation
-        x = x + gate1 * self.attn(self.norm1(x) * scale1 + shift1, cache, layer, query_scale, slot)
-        return x + gate2 * self.mlp(self.norm2(x) * scale2 + shift2)
+        # addcmul: one pass (and one temporary) per modulation instead of a product and a sum
+        h = torch.addcmul(shift1, self.norm1(x), scale1)
+        x = torch.addcmul(x, gate1, self.attn(h, cache, layer, query_scale, slot))
+        h = torch.addcmul(shift2, self.norm2(x), scale2)
+        return torch.addcmul(x, gate2, self.mlp(h))
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,7 +365,7 @@ class FlowBlock(nn.Module):
     """
 
     def __init__(self, token_dim: int, num_tokens: int, width: int, depth: int, head_dim: int,
-                 flip: bool, adaln: bool, scale_param: str, soft_clip: float):
+                 flip: bool, adaln: bool, scale_param: str, soft_clip: float, gelu: str = "none"):
         super().__init__()
         self.flip = flip
         self.scale_param = scale_param
@@ -343,7 +373,7 @@ class FlowBlock(nn.Module):
         self.proj_in = nn.Linear(token_dim, width)
         self.sos = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, width) * 0.02)
-        self.layers = nn.ModuleList(TransformerLayer(width, head_dim, adaln) for _ in range(depth))
+        self.layers = nn.ModuleList(TransformerLayer(width, head_dim, adaln, gelu) for _ in range(depth))
         self.norm_out = nn.LayerNorm(width)
         self.proj_out = nn.Linear(width, 2 * token_dim)
         nn.init.zeros_(self.proj_out.weight)
@@ -367,11 +397,24 @@ class FlowBlock(nn.Module):
         return StepParams(shift, log_scale)
 
     def inputs(self, x_ordered: Tensor, add_cond: Tensor | None) -> Tensor:
-        """Transformer input: position i holds SOS (i = 0) or embed(x_{i−1}), plus position."""
-        b = x_ordered.shape[0]
-        h = torch.cat([self.sos.expand(b, -1, -1), self.proj_in(x_ordered[:, :-1])], dim=1)
-        h = h + self.pos_embed
-        return h if add_cond is None else h + add_cond[:, None]
+        """Transformer input (B, T, width): position i holds SOS (i = 0) or embed(x_{i−1}) =
+        proj_in(x_{i−1}), plus the position embedding and the additive condition.
+
+        Computed in as few passes over (B, T, width) as possible (the training step's input): the
+        additive terms are summed first at (1 or B, T, width) (SOS at position 0, proj_in's bias at
+        the others), then one batched matmul adds x_{i−1}·Wᵀ into them, with a zero token at
+        position 0, which therefore holds exactly sos + pos_0 (+ cond), as in the sampler. The
+        embedding is computed in the parameters' dtype (fp32) also under autocast: the residual
+        stream starts in fp32, as the layers' residual adds keep it."""
+        b, _, d = x_ordered.shape
+        with torch.autocast(x_ordered.device.type, enabled=False):
+            base = torch.cat([self.pos_embed[:, :1] + self.sos,
+                              self.pos_embed[:, 1:] + self.proj_in.bias], dim=1)
+            if add_cond is not None:
+                base = base + add_cond[:, None].to(base.dtype)
+            previous = F.pad(x_ordered[:, :-1], (0, 0, 1, 0))  # x_{i−1} at position i, 0 at 0
+            weight = self.proj_in.weight.t().expand(b, d, -1)
+            return torch.baddbmm(base, previous.to(weight.dtype), weight)
 
     def run_layers(self, h: Tensor, ada_cond: Tensor | None, hidden_at: int | None = None,
                    query_scale: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -540,12 +583,14 @@ class TransformerFlow(nn.Module):
             so the same model also learns the unconditional density used by CFG.
         scale_param: ``"softplus"`` (default) or ``"exp"``; soft_clip: tanh bound on the raw scale
             output (0 disables).
+        gelu: the MLPs' GELU, ``"none"`` (exact, the default, as TarFlow) or ``"tanh"`` (the tanh
+            approximation, this module's activation before the CPU speed work; 2× slower on CPU).
     """
 
     def __init__(self, in_channels: int, img_size: int, patch_size: int, channels: int,
                  layers_per_block: Sequence[int], num_classes: int = 0, head_dim: int = 64,
                  conditioning: str = "adaln", label_drop: float = 0.1,
-                 scale_param: str = "softplus", soft_clip: float = 4.0):
+                 scale_param: str = "softplus", soft_clip: float = 4.0, gelu: str = "none"):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
@@ -569,7 +614,7 @@ class TransformerFlow(nn.Module):
         adaln = self.conditioning == "adaln"
         self.blocks = nn.ModuleList(
             FlowBlock(self.token_dim, self.num_tokens, channels, depth, head_dim, flip=k % 2 == 1,
-                      adaln=adaln, scale_param=scale_param, soft_clip=soft_clip)
+                      adaln=adaln, scale_param=scale_param, soft_clip=soft_clip, gelu=gelu)
             for k, depth in enumerate(self.layers_per_block))
         self.class_embed = nn.Embedding(num_classes, channels) if num_classes > 0 else None
         if self.class_embed is not None:

@@ -44,6 +44,9 @@ STAGE_OUTPUTS = {
     "latents": ["latents.npz"],
 }
 
+# Stages that train a model (their MLflow runs get system metrics).
+TRAINING_STAGES = ("feature-extractor", "pretrain-vae", "train")
+
 
 # ------------------------------------------------------------------------------------------
 # Small utilities
@@ -514,7 +517,9 @@ def run_stage(stage: str, config_path: str | None, overrides: list[str] | None =
         uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.results_root)
         enabled = cfg.tracking.enabled and env.is_main
         run_id_file = variant_run_id_file(cfg) if enabled else Path(os.devnull)
-        with StageRun(uri, run_id_file, stage.replace("-", "_"), enabled=enabled) as run:
+        # the training stages also log MLflow's system metrics (CPU/GPU utilisation, memory)
+        with StageRun(uri, run_id_file, stage.replace("-", "_"), enabled=enabled,
+                      system_metrics=stage in TRAINING_STAGES) as run:
             return STAGES[stage](cfg, env, run)
     finally:
         shutdown()

@@ -35,22 +35,28 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
 __all__ = [
+    "EXPERIMENT_KIND_TAG",
     "RunNotInStoreError",
+    "TRAINING_EXPERIMENT_KIND",
     "StageRun",
     "check_run_in_store",
     "flatten",
     "init_study",
     "init_tracking_store",
     "init_variant_run",
+    "log_run_outputs",
     "provenance_tags",
     "read_run_id",
     "resolve_tracking_uri",
+    "set_run_status",
+    "system_metrics_available",
+    "tag_training_experiment",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,10 +69,20 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 # each attempt waits on a timeout (about 2 s more per process exit). Opt out unless asked.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+# System metrics of training runs (StageRun(system_metrics=True)): MLflow samples every 10 s by
+# default; the demo's training runs last under a minute, so sample every 5 s unless told otherwise.
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
+
+# MLflow 3's UI opens an experiment on the page of its kind, the tag mlflow.experimentKind: the
+# GenAI page (traces, sessions) or, for this value, the model-training page (the runs table).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
+
 # Limits of MLflow's REST/SQL stores (mlflow/utils/validation.py in 3.17).
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAM_VALUE_LEN = 6000
+_MAX_NOTE_LEN = 5000  # tag values: 8000 characters in 3.17; a run description is a tag
 
 _SQLITE_PREFIX = "sqlite:///"
 
@@ -314,6 +330,14 @@ def _artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
     return (db.resolve().parent / "mlartifacts" / safe).as_uri()
 
 
+def tag_training_experiment(client: Any, experiment: Any) -> None:
+    """Tag ``experiment`` (an MLflow Experiment) as a model-training experiment, so that MLflow 3's
+    UI opens it on its runs table rather than on the GenAI traces page. A kind already set (by a
+    user, or by MLflow) is left alone."""
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
+
+
 def _get_or_create_experiment(client: Any, tracking_uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -324,14 +348,17 @@ def _get_or_create_experiment(client: Any, tracking_uri: str, name: str) -> str:
                 f"MLflow experiment {name!r} exists but is deleted; restore it "
                 f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or use another name"
             )
+        tag_training_experiment(client, exp)  # experiments made before the tag existed
         return str(exp.experiment_id)
     try:
-        return str(client.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name)))
+        return str(client.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name),
+                                            tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}))
     except MlflowException:
         # Another process created it between our lookup and create (http store, no shared lock).
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
+        tag_training_experiment(client, exp)
         return str(exp.experiment_id)
 
 
@@ -454,6 +481,88 @@ def init_variant_run(
 
 
 # --------------------------------------------------------------------------------------------
+# the study's parent run over the study's lifetime
+# --------------------------------------------------------------------------------------------
+_RUN_STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
+
+
+def set_run_status(tracking_uri: str, run_id_file: Path, status: str) -> str | None:
+    """Set the status of the run named by ``run_id_file``; return its id, or None when the file
+    does not exist or holds no run id (tracking disabled: a marker).
+
+    ``RUNNING`` reopens the run (the workflow marks the study's parent run RUNNING when a
+    ``snakemake`` invocation starts work); ``FINISHED``, ``FAILED`` and ``KILLED`` end it now. The
+    start time is never changed: the parent run starts with the study's first invocation and ends
+    with its latest one. (MLflow keeps a reopened run's previous end time until it ends again.)"""
+    if status not in _RUN_STATUSES:
+        raise ValueError(f"run status must be one of {', '.join(_RUN_STATUSES)}, got {status!r}")
+    path = Path(run_id_file)
+    if not path.is_file() or not re.fullmatch(r"[0-9a-f]{32}", path.read_text().strip()):
+        return None
+    run_id = read_run_id(path)
+    init_tracking_store(tracking_uri)
+    client = _client(tracking_uri)
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status=status)
+    return run_id
+
+
+def log_run_outputs(
+    tracking_uri: str,
+    run_id_file: Path,
+    artifacts: Mapping[str, Sequence[str | Path]] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    description: str | None = None,
+) -> str | None:
+    """Log a finished study's outputs into its run (the parent run): ``artifacts`` maps an
+    artifact folder ("" for the top) to files copied there (missing files are skipped and a
+    file logged again replaces the old copy), ``metrics`` are logged at step 0 (non-finite values
+    skipped), ``tags`` set, and ``description`` becomes the run's description in the UI (the
+    ``mlflow.note.content`` tag, Markdown). Returns the run id, or None when ``run_id_file`` names
+    no run (tracking disabled)."""
+    from mlflow.entities import Metric, RunTag
+
+    path = Path(run_id_file)
+    if not path.is_file() or not re.fullmatch(r"[0-9a-f]{32}", path.read_text().strip()):
+        return None
+    run_id = read_run_id(path)
+    init_tracking_store(tracking_uri)
+    client = _client(tracking_uri)
+    for folder, files in (artifacts or {}).items():
+        for file in files:
+            if Path(file).is_file():
+                client.log_artifact(run_id, str(file), folder or None)
+    now_ms = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now_ms, 0) for k, v in (metrics or {}).items()
+             if v is not None and math.isfinite(float(v))]
+    for i in range(0, len(batch), _MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=batch[i:i + _MAX_METRICS_PER_BATCH])
+    all_tags = _str_tags(tags)
+    if description is not None:
+        all_tags["mlflow.note.content"] = description[:_MAX_NOTE_LEN]
+    items = [RunTag(k, v) for k, v in all_tags.items()]
+    for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, tags=items[i:i + _MAX_PARAMS_PER_BATCH])
+    return run_id
+
+
+def system_metrics_available() -> bool:
+    """Whether MLflow's system-metrics logging can run here: it needs psutil (CPU, memory, disk,
+    network); GPU utilisation and memory are added when nvidia-ml-py (pynvml) finds a GPU."""
+    import importlib.util
+
+    return importlib.util.find_spec("psutil") is not None
+
+
+def _system_metrics_opted_out() -> bool:
+    value = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+    return value is not None and value.strip().lower() in ("0", "false", "no", "off")
+
+
+# --------------------------------------------------------------------------------------------
 # a stage attached to a run
 # --------------------------------------------------------------------------------------------
 class _SignalKill(SystemExit):
@@ -477,15 +586,24 @@ class StageRun:
     optimiser step so a resumed run lines up); non-finite values are skipped with a warning.
     With ``enabled=False`` (ranks > 0, tracking switched off) every method is a no-op and
     nothing is read or written.
+
+    ``system_metrics=True`` (the training stages) also logs MLflow's system metrics into the run
+    while the stage runs (``system/cpu_utilization_percentage``, ``system/system_memory_usage_*``,
+    disk and network; ``system/gpu_*`` when nvidia-ml-py finds a GPU), every
+    ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (5 unless set), when psutil is installed
+    and ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` is not ``false``. A requeued or resumed stage
+    continues the steps of the earlier samples.
     """
 
-    def __init__(self, tracking_uri: str, run_id_file: Path, stage: str, enabled: bool = True) -> None:
+    def __init__(self, tracking_uri: str, run_id_file: Path, stage: str, enabled: bool = True,
+                 system_metrics: bool = False) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", stage):
             raise ValueError(f"stage name {stage!r} must be letters, digits, '_', '.' or '-' (it becomes a tag key)")
         self.tracking_uri = tracking_uri
         self.run_id_file = Path(run_id_file)
         self.stage = stage
         self.enabled = enabled
+        self.system_metrics = system_metrics
         self.run_id: str | None = None
         self._client: Any = None
         self._old_handler: Any = None
@@ -515,7 +633,12 @@ class StageRun:
             # opening and ending it to the caller.
             self._started_active = False
         else:
-            mlflow.start_run(run_id=run_id, nested=active is not None)
+            wanted = self.system_metrics and not _system_metrics_opted_out()
+            if wanted and not system_metrics_available():
+                log.info("MLflow system metrics not logged: psutil is not installed")
+                wanted = False
+            mlflow.start_run(run_id=run_id, nested=active is not None,
+                             log_system_metrics=True if wanted else None)
             self._started_active = True
         self.run_id = run_id
         tags = {**provenance_tags(), "stage": self.stage, f"host.{self.stage}": socket.gethostname()}

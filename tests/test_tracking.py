@@ -264,3 +264,88 @@ def test_stage_run_leaves_mlflow_tracking_uri_env_as_it_found_it(store, monkeypa
     with T.StageRun(store["uri"], rid_file, "sample"):
         pass
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////elsewhere/mlflow.db"
+
+
+# ---------------------------------------------------------------------------------------------
+# experiment kind, the parent run's lifetime and outputs, system metrics
+# ---------------------------------------------------------------------------------------------
+def test_experiment_is_tagged_as_model_training(store):
+    """MLflow 3's UI opens an experiment by its kind: the runs table for model training."""
+    exp = MlflowClient(store["uri"]).get_experiment_by_name("simflow-test")
+    assert exp.tags[T.EXPERIMENT_KIND_TAG] == T.TRAINING_EXPERIMENT_KIND == "custom_model_development"
+
+
+def test_an_experiment_made_before_the_tag_gets_it_and_a_set_kind_is_kept(store):
+    client = MlflowClient(store["uri"])
+    old = client.create_experiment("made-by-an-older-simflow")
+    T.init_study(store["uri"], "made-by-an-older-simflow", "old", store["root"] / "old" / "parent.txt")
+    assert client.get_experiment(old).tags[T.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    mine = client.create_experiment("kind-chosen-by-a-user", tags={T.EXPERIMENT_KIND_TAG: "finetuning"})
+    T.init_study(store["uri"], "kind-chosen-by-a-user", "mine", store["root"] / "mine" / "parent.txt")
+    assert client.get_experiment(mine).tags[T.EXPERIMENT_KIND_TAG] == "finetuning"
+
+
+def test_parent_run_spans_the_study_and_ends_with_its_status(store, tmp_path):
+    client = MlflowClient(store["uri"])
+    parent_file = tmp_path / "parent.txt"
+    rid = T.init_study(store["uri"], "simflow-test", "span", parent_file)
+    start = client.get_run(rid).info.start_time
+    assert T.set_run_status(store["uri"], parent_file, "RUNNING") == rid
+    info = client.get_run(rid).info
+    assert info.status == "RUNNING" and info.start_time == start
+    T.set_run_status(store["uri"], parent_file, "FAILED")
+    info = client.get_run(rid).info
+    assert info.status == "FAILED" and info.end_time >= start
+    T.set_run_status(store["uri"], parent_file, "RUNNING")  # the next invocation of the study
+    T.set_run_status(store["uri"], parent_file, "FINISHED")
+    info = client.get_run(rid).info
+    assert info.status == "FINISHED" and info.start_time == start
+    # no run (tracking disabled: a marker file; or no file yet): nothing to do
+    marker = tmp_path / "disabled.txt"
+    marker.write_text("tracking disabled\n")
+    assert T.set_run_status(store["uri"], marker, "RUNNING") is None
+    assert T.set_run_status(store["uri"], tmp_path / "missing.txt", "RUNNING") is None
+    with pytest.raises(ValueError, match="run status"):
+        T.set_run_status(store["uri"], parent_file, "DONE")
+
+
+def test_log_run_outputs_puts_files_metrics_tags_and_a_description_on_the_run(store, tmp_path):
+    client = MlflowClient(store["uri"])
+    parent_file = tmp_path / "parent.txt"
+    rid = T.init_study(store["uri"], "simflow-test", "outputs", parent_file)
+    (tmp_path / "summary.md").write_text("# Study\n| a |\n|---|\n| 1 |\n")
+    (tmp_path / "fig.png").write_bytes(b"\x89PNG")
+    T.log_run_outputs(store["uri"], parent_file,
+                      artifacts={"": [tmp_path / "summary.md"], "figures": [tmp_path / "fig.png",
+                                                                          tmp_path / "absent.png"]},
+                      metrics={"gfid/simflow": 12.5, "gfid/broken": float("nan")},
+                      tags={"claim.smoothness": "reproduced"}, description="# Study\nsummary")
+    run = client.get_run(rid)
+    assert run.data.metrics == {"gfid/simflow": 12.5}
+    assert run.data.tags["claim.smoothness"] == "reproduced"
+    assert run.data.tags["mlflow.note.content"] == "# Study\nsummary"
+    top = {a.path for a in client.list_artifacts(rid)}
+    assert top == {"summary.md", "figures"}
+    assert [a.path for a in client.list_artifacts(rid, "figures")] == ["figures/fig.png"]
+    # logging again replaces the copies (one file per name) and the values
+    T.log_run_outputs(store["uri"], parent_file, artifacts={"": [tmp_path / "summary.md"]},
+                      metrics={"gfid/simflow": 11.0})
+    assert client.get_run(rid).data.metrics["gfid/simflow"] == 11.0
+    assert T.log_run_outputs(store["uri"], tmp_path / "missing.txt", metrics={"x": 1.0}) is None
+
+
+def test_training_stage_logs_system_metrics(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    rid, run_file = _variant(store, "sysmetrics")
+    with T.StageRun(store["uri"], run_file, "train", system_metrics=True):
+        time.sleep(3.5)
+    keys = set(MlflowClient(store["uri"]).get_run(rid).data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys
+    # other stages, and an explicit opt-out, log none
+    rid2, run_file2 = _variant(store, "no-sysmetrics")
+    with T.StageRun(store["uri"], run_file2, "sample"):
+        time.sleep(1.5)
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    with T.StageRun(store["uri"], run_file2, "train", system_metrics=True):
+        time.sleep(1.5)
+    assert not [k for k in MlflowClient(store["uri"]).get_run(rid2).data.metrics if k.startswith("system/")]

@@ -304,7 +304,8 @@ def test_changing_one_variant_reruns_only_that_variant(finished):
     assert units == {"simflow_sigma0.25/s0"}
     assert sorted(r for r, _ in jobs) == sorted(["setup_unit", "train", "sample", "fid", "reconstruct",
                                                  "nll", "latents", "summary", "figures", "all",
-                                                 "analysis_notebook", "analysis_notebook"])
+                                                 "analysis_notebook", "analysis_notebook",
+                                                 "report_summary", "mlflow_study_outputs"])
 
 
 def test_changing_the_base_reruns_every_variant(finished):
@@ -325,15 +326,27 @@ def test_a_deleted_output_reruns_only_its_job_and_the_analysis(finished):
         nll.write_text(saved)
         os.utime(nll, (time.time() - 3600,) * 2)  # older than the summary again
     assert sorted(r for r, _ in jobs) == ["all", "analysis_notebook", "analysis_notebook", "figures",
-                                          "nll", "summary"]
+                                          "mlflow_study_outputs", "nll", "report_summary", "summary"]
 
 
-def test_report_holds_the_figures(finished):
+def test_report_holds_the_figures_the_summary_and_the_notebooks(finished):
+    """`snakemake --report report.html`: one self-contained file (everything embedded)."""
     report = finished["root"] / "report.html"
     snakemake("--report", str(report), *finished["args"], cwd=finished["root"])
     html = report.read_text()
-    for name in ("fig3a_noise_robustness", "fig3b_interpolations", "fig4_latent_stats", "fig5_fid"):
-        assert f"{name}.png" in html
+    for name in ("fig3a_noise_robustness", "fig3b_interpolations", "fig4_latent_stats", "fig5_fid",
+                 "summary.html", "latent_space.html", "variants.html"):
+        assert name in html
+    assert "SimFlow reproduction study" in html  # workflow/report/workflow.rst
+    page = (finished["results"] / "summary.html").read_text()
+    assert "<table" in page and "simflow_sigma0.25" in page
+
+
+def test_the_study_outputs_record_without_tracking(finished):
+    record = json.loads((finished["results"] / "mlflow_study_outputs.json").read_text())
+    assert record["run_id"] is None  # tracking disabled: nothing logged, the record still written
+    assert record["metrics"]["gfid/simflow"] > 0
+    assert len(record["artifacts"]["figures"]) == 5 and len(record["artifacts"]["notebooks"]) == 4
 
 
 # ------------------------------------------------------------------------------------------
@@ -345,6 +358,8 @@ def _run_smoke(tmp_path: Path, *extra: str, cwd: Path | None = None) -> Path:
 
 
 def _check_smoke(results: Path) -> list:
+    """The smoke study's tables and MLflow store: the experiment opens on the runs (model
+    training), the parent run spans the study and holds its outputs, a child run per unit."""
     import pandas as pd
     from mlflow import MlflowClient
 
@@ -360,16 +375,30 @@ def _check_smoke(results: Path) -> list:
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
     names = [f"{v}_s{seed}" for v in study["variants"] for seed in study["seeds"]]  # unit_run_name
     assert set(names) <= set(children)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    study_run = client.get_run(parent)
+    assert study_run.info.status == "FINISHED"
+    assert study_run.info.end_time - study_run.info.start_time > 10_000  # spans the study (ms)
+    assert {f"gfid/{v}" for v in study["variants"]} <= set(study_run.data.metrics)
+    assert "## Claims" in study_run.data.tags["mlflow.note.content"]
+    artifacts = {a.path for folder in ("summary", "figures", "notebooks")
+                 for a in client.list_artifacts(parent, folder)}
+    assert {"summary/summary.md", "summary/summary.csv", "summary/claims.json",
+            "figures/fig5_fid.png", "notebooks/variants.html"} <= artifacts
     return [children[name] for name in names]
 
 
 @pytest.mark.slow
-def test_smoke_study_end_to_end_locally(tmp_path):
+def test_smoke_study_end_to_end_locally(tmp_path, monkeypatch):
+    # the smoke study trains for seconds: sample the system metrics every second
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     start = time.perf_counter()
     results = _run_smoke(tmp_path, "-c2")
     elapsed = time.perf_counter() - start
     runs = _check_smoke(results)
     assert all("stage" in r.data.tags for r in runs)
+    # training runs carry MLflow's system metrics
+    assert all(any(k.startswith("system/cpu_utilization") for k in r.data.metrics) for r in runs)
     print(f"smoke study: {elapsed:.0f} s")
 
 

@@ -1,7 +1,9 @@
 # Helpers shared by the *.smk files: the validated study, paths, input functions and params.
 # No rules here (Snakemake's lint: functions and rules live in separate files).
+import os
 import re
 import shlex
+import subprocess
 import sys
 
 from snakemake.logging import logger
@@ -187,3 +189,28 @@ def all_targets():
     return ([f for p in stage_files for f in per_unit(p)]
             + [f"{SD}/summary.csv", f"{SD}/summary.md"]
             + [f"{SD}/figures/{name}.png" for name in FIGURES])
+
+
+def tracking_args():
+    """``--tracking-uri`` of the study (when configured), for the simflow.study commands."""
+    uri = STUDY.tracking["tracking_uri"]
+    return ["--tracking-uri", uri] if uri else []
+
+
+def set_study_run_status(status):
+    """Mark the study's MLflow parent run RUNNING / FINISHED / FAILED (the onstart, onsuccess and
+    onerror handlers of the Snakefile). Runs as its own process (MLflow is not imported into
+    Snakemake's); a failure is a warning, never a failed workflow. Nothing to do when tracking
+    is off or the parent run does not exist yet (rule mlflow_init creates it RUNNING)."""
+    if not STUDY.tracking["enabled"] or not os.path.isfile(STUDY.parent_run_id_file):
+        return
+    cmd = [sys.executable, "-m", "simflow.study", "run-status", status, "--results-root",
+           STUDY.results_root, "--run-id-file", STUDY.parent_run_id_file, *tracking_args()]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        logger.warning(f"MLflow: could not mark the study run {status}: {err}")
+        return
+    if proc.returncode != 0:
+        logger.warning(f"MLflow: could not mark the study run {status}: "
+                       f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")

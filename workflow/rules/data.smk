@@ -5,14 +5,16 @@
 
 
 # First rule of the DAG: creates the MLflow database (once, under a lock, before any parallel
-# writer), the study's experiment and its parent run.
+# writer), the study's experiment (tagged as model training, so the UI opens on its runs) and its
+# parent run, left RUNNING: the Snakefile's onsuccess/onerror handlers end it with the study.
 rule mlflow_init:
     output:
         parent=STUDY.parent_run_id_file,
     params:
         args=shlex.join(
-            ["--study", STUDY.name, "--results-root", STUDY.results_root, "--experiment", STUDY.experiment]
-            + (["--tracking-uri", STUDY.tracking["tracking_uri"]] if STUDY.tracking["tracking_uri"] else [])
+            ["--study", STUDY.name, "--results-root", STUDY.results_root, "--experiment", STUDY.experiment,
+             "--running"]
+            + tracking_args()
             + ([] if STUDY.tracking["enabled"] else ["--disabled"])
         ),
     log:

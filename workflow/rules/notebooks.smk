@@ -27,7 +27,8 @@ rule analysis_notebook:
         noise=f"{SD}/noise_robustness.csv",
     output:
         ipynb=f"{SD}/notebooks/{{notebook}}.ipynb",
-        html=f"{SD}/notebooks/{{notebook}}.html",
+        html=report(f"{SD}/notebooks/{{notebook}}.html", category="Notebooks",
+                    labels={"notebook": "{notebook}"}),
     params:
         # papermill parameters of the notebooks. tracking_uri "default" resolves in the kernel
         # as the stages resolve it; None (tracking disabled) skips the MLflow sections.
