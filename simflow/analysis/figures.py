@@ -45,6 +45,7 @@ __all__ = [
     "fig_noise_robustness",
     "fig_gfid_training",
     "fig_rate_sweep",
+    "fig_channel_stats",
     "fig_interpolations",
     "fig_latent_stats",
     "fig_fid",
@@ -325,6 +326,35 @@ def fig_rate_sweep(df: pd.DataFrame, reference: str | None = "simflow") -> Figur
             if column != "rate_per_dim":
                 ax.set_yscale("log")
         axes[0].legend(frameon=False)
+    return fig
+
+
+def fig_channel_stats(df: pd.DataFrame) -> Figure:
+    """The Figure 4 statistics per latent channel: one panel per (latents, statistic), a dot per
+    channel of each variant (fixed jitter), a bar at the channel mean.
+
+    Args:
+        df: the long table of :func:`simflow.analysis.load.channel_statistics` (``variant,
+            latents, channel, statistic, value``; ``latents`` is ``mu`` or ``z``).
+    """
+    _require_df(df, ["variant", "latents", "statistic", "value"], "the per-channel table")
+    kinds = list(dict.fromkeys(df["latents"]))
+    order = list(dict.fromkeys(df["variant"].astype(str)))
+    with matplotlib.rc_context(_STYLE_RC):
+        fig = _new_figure(max(8.0, 2.0 * len(order) + 2), 2.8 * len(kinds))
+        axes = fig.subplots(len(kinds), len(LATENT_STAT_COLUMNS), squeeze=False)
+        rng = np.random.default_rng(0)  # fixed jitter: re-running gives the same picture
+        for row, kind in zip(axes, kinds, strict=True):
+            for ax, stat in zip(row, LATENT_STAT_COLUMNS, strict=True):
+                d = df[(df["latents"] == kind) & (df["statistic"] == stat)]
+                for i, variant in enumerate(order):
+                    v = d.loc[d["variant"].astype(str) == variant, "value"].to_numpy(float)
+                    if v.size == 0:
+                        continue
+                    ax.scatter(i + rng.uniform(-0.2, 0.2, v.size), v, s=8, color=f"C{i % 10}", alpha=0.7)
+                    ax.hlines(v.mean(), i - 0.3, i + 0.3, color="k", lw=1.5)
+                ax.set_xticks(range(len(order)), order, rotation=45, ha="right", fontsize=7)
+                ax.set_title(f"{stat.replace('_', ' ')} ({ {'mu': 'μ'}.get(kind, kind) })", fontsize=8)
     return fig
 
 

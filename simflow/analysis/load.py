@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from simflow.analysis.latent_stats import latent_statistics
-from simflow.analysis.summary import LATENT_STAT_COLUMNS, aggregate_seeds
+from simflow.analysis.summary import LATENT_STAT_COLUMNS, aggregate_seeds, claim_status
 
 __all__ = [
     "NOISE_COLUMNS",
@@ -65,14 +65,12 @@ __all__ = [
 ]
 
 #: Columns of noise_robustness.csv (PSNR under latent noise, Figure 3a).
-NOISE_COLUMNS = ["variant", "seed", "posterior", "noise_std", "psnr", "mse"]
+NOISE_COLUMNS = ["variant", "seed", "posterior", "noise_std", "noise_rel", "latent_std", "psnr", "mse"]
 
 #: Columns of the summary table (:func:`summary_table`), in order, when present.
-SUMMARY_COLUMNS = ("group", "sigma", "posterior", "fid", "rfid", "nll_bpd", *LATENT_STAT_COLUMNS,
-                   "train_time_s", "img_per_s")
-
-_CLAIM_STATUS = {True: "reproduced", False: "not reproduced", None: "inconclusive"}
-
+SUMMARY_COLUMNS = ("group", "sigma", "posterior", "decoder_scale", "collapsed", "fid", "rfid",
+                   "rate_per_dim", "active_fraction", "posterior_std", "nll_bpd", *LATENT_STAT_COLUMNS,
+                   "total_updates", "total_train_time_s", "img_per_s")
 
 # --------------------------------------------------------------------------------------------
 # the study folder and its tables
@@ -158,7 +156,8 @@ def noise_table(study_dir: str | Path, units: Mapping[tuple[str, int], Path]) ->
             rec = json.loads(path.read_text())
             for point in rec.get("noise_sweep") or []:
                 rows.append({"variant": variant, "seed": seed, "posterior": rec.get("posterior"),
-                             "noise_std": point.get("noise_std"), "psnr": point.get("psnr"),
+                             "noise_std": point.get("noise_std"), "noise_rel": point.get("noise_rel"),
+                             "latent_std": rec.get("latent_std"), "psnr": point.get("psnr"),
                              "mse": point.get("mse")})
     return pd.DataFrame(rows, columns=NOISE_COLUMNS)
 
@@ -318,8 +317,9 @@ def channel_statistics(res: StudyResults, max_latents: int = 256
 def claims_markdown(claims: Sequence[Mapping[str, Any]], ids: Sequence[str] | None = None) -> str:
     """Markdown list of the claims (those with an id in ``ids``, or all): status in bold, the
     claim, and its evidence."""
-    lines = [f"* **{_CLAIM_STATUS.get(c.get('reproduced'), 'inconclusive')}**: {c['claim']}  \n"
-             f"  Evidence: {c['evidence']}" for c in claims if ids is None or c["id"] in ids]
+    lines = [f"* **{claim_status(c)}**: {c['claim']}  \n"
+             + (f"  Why invalid: {c['invalid']}  \n" if c.get("invalid") else "")
+             + f"  Evidence: {c['evidence']}" for c in claims if ids is None or c["id"] in ids]
     return "\n".join(lines)
 
 

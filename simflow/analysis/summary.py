@@ -31,6 +31,7 @@ __all__ = [
     "aggregate_seeds",
     "results_markdown",
     "evaluate_claims",
+    "claim_status",
     "collapsed_seeds",
     "PROTOCOL",
 ]
@@ -190,7 +191,8 @@ def _paper_cell(variant: str, mapping: Mapping[str, str]) -> str:
     return f"{ref['value']:.2f} ({key}, {ref['metric']}, {ref['dataset']})"
 
 
-def _claim_status(claim: Mapping[str, Any]) -> str:
+def claim_status(claim: Mapping[str, Any]) -> str:
+    """reproduced / not reproduced / inconclusive / invalid, of one claim dict."""
     if claim.get("invalid"):
         return "invalid"
     if claim["reproduced"] is None:
@@ -288,7 +290,7 @@ def results_markdown(
             raise ValueError(
                 f"claim #{i}: 'reproduced' must be True, False or None, got {claim['reproduced']!r}"
             )
-        status = _claim_status(claim)
+        status = claim_status(claim)
         lines.append(f"{i}. **{status}**: {claim['claim']}  ")
         if claim.get("invalid"):
             lines.append(f"   Why invalid: {claim['invalid']}  ")
