@@ -23,6 +23,10 @@ What is measured (all on synthetic inputs; weights are random, see ``--weights``
   concatenating cache and separate conditional / unconditional passes). Append ``+cfg`` to run a
   mode with classifier-free guidance. Every mode's output is compared with the ``cached`` output of
   the same noise (``max_abs_diff_vs_cached``); Jacobi also reports its iterations.
+* **train against a reference** (``--reference MODULE:FACTORY``): the same training step of another
+  implementation at the same config, timed side by side in this process (steps alternate between
+  the two, medians reported), e.g. apple/ml-tarflow's model through a small adapter that the user
+  writes (the project ships no reference code). See :func:`bench_train_pair` for the protocol.
 * **attention**: causal SDPA at the model's training shape (forward + backward) with
   ``is_causal=True``, as the flow calls it, against TarFlow's explicit boolean mask.
 * **fid**: images/s of feature extraction through torch-fidelity with the demo's registered
@@ -36,7 +40,9 @@ Run ``python -m simflow.bench --help`` (or ``simflow bench``).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -68,6 +74,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "imagenet256": dict(in_channels=64, img_size=16, patch_size=1, channels=1152,
                         layers_per_block=[2, 2, 2, 2, 2, 46], head_dim=64, num_classes=1000,
                         batch=64, sample_batch=64),
+    # The CPU side-by-side with apple/ml-tarflow (docs/performance.md): 16×16×4, width 128,
+    # 4 blocks × 2 layers, head 64, additive class conditioning, batch 32.
+    "tarflow-cpu": dict(in_channels=4, img_size=16, patch_size=1, channels=128,
+                        layers_per_block=[2, 2, 2, 2], head_dim=64, num_classes=10,
+                        conditioning="add", batch=32, sample_batch=8),
     # TarFlow's ImageNet-64 pixel model: patch 2 (1024 tokens), width 768, 8 blocks × 8 layers.
     "tarflow64": dict(in_channels=3, img_size=64, patch_size=2, channels=768,
                       layers_per_block=[8] * 8, head_dim=64, num_classes=1000, batch=64,
@@ -168,7 +179,8 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg = dict(PRESETS[args.preset])
     overrides = dict(in_channels=args.in_channels, img_size=args.img_size, patch_size=args.patch,
                      channels=args.channels, layers_per_block=args.layers, head_dim=args.head_dim,
-                     num_classes=args.num_classes, batch=args.batch, sample_batch=args.sample_batch)
+                     num_classes=args.num_classes, batch=args.batch, sample_batch=args.sample_batch,
+                     conditioning=getattr(args, "conditioning", None), gelu=getattr(args, "gelu", None))
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     if cfg["img_size"] % cfg["patch_size"]:
         raise ValueError(f"--img-size {cfg['img_size']} is not divisible by --patch {cfg['patch_size']}")
@@ -276,6 +288,41 @@ def autocast_context(device: torch.device, amp: str):
 # --------------------------------------------------------------------------------------------
 # Parts
 # --------------------------------------------------------------------------------------------
+def train_batch(flow: TransformerFlow, batch: int, seed: int, device: torch.device
+                ) -> tuple[Tensor, Tensor | None]:
+    """The synthetic training batch: x (B, C, H, W) standard normal, labels 0, 1, … mod classes."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(batch, flow.in_channels, flow.img_size, flow.img_size, generator=gen).to(device)
+    y = (torch.arange(batch) % flow.num_classes).to(device) if flow.num_classes else None
+    return x, y
+
+
+def train_step(model: nn.Module, loss_fn: Callable[[], Tensor], device: torch.device,
+               amp: str) -> Callable[[], Tensor]:
+    """One optimisation step of ``loss_fn()`` (forward under ``amp``, backward, AdamW with TarFlow's
+    betas (0.9, 0.95) and weight decay 1e-4, fused on CUDA) over ``model``'s parameters."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4,
+                            fused=device.type == "cuda")
+
+    def step() -> Tensor:
+        with autocast_context(device, amp):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def flow_loss(flow: TransformerFlow, x: Tensor, y: Tensor | None) -> Callable[[], Tensor]:
+    """The flow NLL per dimension (the study's training objective of the flow)."""
+    def loss() -> Tensor:
+        z, logdet = flow(x, y)
+        return flow.nll_from(z, logdet).mean() / flow.num_dims
+    return loss
+
+
 def bench_train(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.Namespace,
                 device: torch.device, amp: str) -> dict[str, Any]:
     """Training-step throughput: forward + backward + AdamW of the per-dim NLL."""
@@ -284,20 +331,8 @@ def bench_train(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.Names
     if args.compile_train:
         flow.compile_blocks(**({} if args.compile_mode == "default" else {"mode": args.compile_mode}))
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW(flow.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4,
-                            fused=fused)
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    x = torch.randn(batch, flow.in_channels, flow.img_size, flow.img_size, generator=gen).to(device)
-    y = (torch.arange(batch) % flow.num_classes).to(device) if flow.num_classes else None
-
-    def step() -> Tensor:
-        with autocast_context(device, amp):
-            z, logdet = flow(x, y)
-            loss = flow.nll_from(z, logdet).mean() / flow.num_dims
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+    x, y = train_batch(flow, batch, args.seed, device)
+    step = train_step(flow, flow_loss(flow, x, y), device, amp)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -322,6 +357,103 @@ def bench_train(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.Names
         out["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     flow.eval()
     return out
+
+
+def load_reference(spec: str, paths: list[str] | None = None) -> Callable[[dict[str, Any]], nn.Module]:
+    """The factory named by ``spec`` = ``"module:attribute"`` (``module`` importable, after
+    prepending ``paths`` to ``sys.path``; ``attribute`` may be dotted). Imported at run time only:
+    the project ships no reference implementation."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"--reference {spec!r}: expected MODULE:FACTORY, e.g. tarflow_adapter:build")
+    for path in reversed(paths or []):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"--reference {spec!r}: cannot import {module_name!r} ({err}); put it on "
+                         "--reference-path or PYTHONPATH") from err
+    for name in attribute.split("."):
+        if not hasattr(target, name):
+            raise ValueError(f"--reference {spec!r}: {module_name} has no attribute {attribute!r}")
+        target = getattr(target, name)
+    if not callable(target):
+        raise ValueError(f"--reference {spec!r}: {attribute!r} is not callable")
+    return target
+
+
+def reference_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config a reference factory receives: the benchmarked flow's sizes, its conditioning
+    ("adaln"/"add", "none" without classes) and the training batch (plain values)."""
+    keys = ("in_channels", "img_size", "patch_size", "channels", "head_dim", "num_classes", "batch")
+    out = {k: cfg[k] for k in keys}
+    out["layers_per_block"] = list(cfg["layers_per_block"])
+    out["conditioning"] = cfg.get("conditioning", "adaln") if cfg["num_classes"] else "none"
+    return out
+
+
+def bench_train_pair(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.Namespace,
+                     device: torch.device, amp: str) -> dict[str, Any]:
+    """This flow's training step against a reference implementation's, side by side.
+
+    Protocol of a reference: ``--reference MODULE:FACTORY``; ``FACTORY(config)`` gets
+    :func:`reference_config` (a dict: in_channels, img_size, patch_size, channels,
+    layers_per_block, head_dim, num_classes, conditioning, batch) and returns an ``nn.Module``
+    whose ``forward(x, y)`` returns the scalar training loss of the batch x (B, C, H, W) with labels
+    y (B,) (None for unconditional models). Both models train on the same batch with the same
+    optimiser (:func:`train_step`). After ``--warmup`` steps of each, ``--pair-repeats`` rounds
+    run one step of each, alternating which goes first, each timed in wall and process CPU time.
+    Reported: medians, and ``speed_ratio`` = reference median / this flow's median (> 1: this flow
+    is faster), in CPU time and wall time, plus the median of the per-round ratios.
+
+    Ratios are robust to background load on a shared machine (both sides see it alike); absolute
+    times are not. On a CPU, ``--threads 1`` makes the CPU-time figures the steadier ones."""
+    factory = load_reference(args.reference, args.reference_path)
+    ref_cfg = reference_config(cfg)
+    torch.manual_seed(args.seed)
+    reference = factory(dict(ref_cfg))
+    if not isinstance(reference, nn.Module):
+        raise ValueError(f"--reference {args.reference}: the factory returned "
+                         f"{type(reference).__name__}, not a torch.nn.Module")
+    reference = reference.to(device).train()
+    flow.train()
+    x, y = train_batch(flow, cfg["batch"], args.seed, device)
+    steps = {"simflow": train_step(flow, flow_loss(flow, x, y), device, amp),
+             "reference": train_step(reference, lambda: reference(x, y), device, amp)}
+    losses = {}
+    for name, step in steps.items():
+        for _ in range(max(args.warmup, 1)):
+            loss = step()
+        synchronize(device)
+        losses[name] = float(loss)
+        if not torch.isfinite(loss):
+            raise ValueError(f"--reference {args.reference}: the {name} loss is {float(loss)}")
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for r in range(args.pair_repeats):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            w, c, _ = timed(steps[name], device, 1, 0)
+            wall[name] += w
+            cpu[name] += c
+    med = {kind: {name: statistics.median(v[name]) for name in steps}
+           for kind, v in (("wall", wall), ("cpu", cpu))}
+    per_round = [r / s for r, s in zip(cpu["reference"], cpu["simflow"], strict=True)]
+    return {
+        "reference": args.reference, "reference_config": ref_cfg, "batch": cfg["batch"], "amp": amp,
+        "rounds": args.pair_repeats, "order": "alternating, one step of each per round",
+        "params": {"simflow": sum(p.numel() for p in flow.parameters()),
+                   "reference": sum(p.numel() for p in reference.parameters())},
+        "loss_after_warmup": losses,
+        "step_s_median": med["wall"], "step_cpu_s_median": med["cpu"],
+        "step_s_all": wall, "step_cpu_s_all": cpu,
+        "speed_ratio_cpu": med["cpu"]["reference"] / med["cpu"]["simflow"],
+        "speed_ratio_wall": med["wall"]["reference"] / med["wall"]["simflow"],
+        "speed_ratio_cpu_per_round_median": statistics.median(per_round),
+        "note": "speed_ratio = reference step time / simflow step time (> 1: simflow is faster); "
+                "ratios are robust to background load, absolute times are not",
+    }
 
 
 def parse_mode(mode: str) -> tuple[str, bool]:
@@ -548,6 +680,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--patch", type=int, help="patch size")
     m.add_argument("--head-dim", type=int, help="attention head size")
     m.add_argument("--num-classes", type=int, help="0 = unconditional (CFG uses attention temperature)")
+    m.add_argument("--conditioning", choices=["adaln", "add"],
+                   help="class conditioning: adaln (DiT-style) or add (TarFlow; preset tarflow-cpu)")
+    m.add_argument("--gelu", choices=["none", "tanh"],
+                   help="the MLPs' GELU: none = exact (default), tanh = the tanh approximation")
     m.add_argument("--weights", default="random", choices=["random", "init"],
                    help="random: non-identity blocks (default); init: the zero-initialised model")
     m.add_argument("--checkpoint", help="load trained flow weights (simflow train checkpoint or a flow "
@@ -572,6 +708,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--compile-mode", default="default",
                    help="torch.compile mode for --compile-train (default, max-autotune, …)")
     t.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: bf16 table)")
+    t.add_argument("--reference", metavar="MODULE:FACTORY",
+                   help="also time another implementation's training step side by side: FACTORY(config) "
+                        "returns an nn.Module whose forward(x, y) is the loss (see docs/performance.md)")
+    t.add_argument("--reference-path", action="append", default=[], metavar="DIR",
+                   help="prepended to sys.path before importing --reference (repeatable)")
+    t.add_argument("--pair-repeats", type=int, default=10,
+                   help="rounds of the side-by-side timing (one step of each per round)")
     s = parser.add_argument_group("sampling")
     s.add_argument("--sample-batch", type=int, help="sampling batch (preset default)")
     s.add_argument("--modes", help="comma list of " + ", ".join(BASE_MODES)
@@ -599,6 +742,10 @@ def summary_line(result: dict[str, Any]) -> str:
     cfg = result["config"]
     parts = [f"{cfg['preset']} ({cfg['params'] / 1e6:.2f}M params, {cfg['tokens']} tokens) "
              f"on {result['device']['name']}"]
+    pair = result.get("train_vs_reference")
+    if pair:
+        parts.append(f"train vs {pair['reference']}: {pair['speed_ratio_cpu']:.3f}x (CPU time), "
+                     f"{pair['speed_ratio_wall']:.3f}x (wall)")
     train = result.get("train")
     if train:
         text = f"train {train['img_per_s']:.1f} img/s, {train['achieved_tflops']:.3g} TFLOP/s"
@@ -657,6 +804,8 @@ def main(args: argparse.Namespace) -> int:
     }
     if "sample" in parts:  # before training, so the sampled weights are the built ones
         result["sample"] = bench_sampling(flow, cfg, args, device, amp)
+    if "train" in parts and args.reference:  # before bench_train, which may compile the flow
+        result["train_vs_reference"] = bench_train_pair(flow, cfg, args, device, amp)
     if "train" in parts:
         result["train"] = bench_train(flow, cfg, args, device, amp)
     if "attention" in parts:
