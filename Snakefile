@@ -3,6 +3,8 @@
 #   snakemake -c2 --configfile config/demo.yaml     # the demo on a laptop (CPU, in-process)
 #   snakemake --profile slurm all                   # the paper study on SLURM (see slurm/config.yaml)
 #   snakemake -n                                    # what would run (config/config.yaml)
+#   snakemake --profile slurm preflight             # rehearse every training run first (report in
+#                                                   # results/<study>/preflight/)
 #
 # Rules: workflow/rules/*.smk; keys of the study config: config/README.md.
 from snakemake.utils import min_version, validate
@@ -33,6 +35,7 @@ include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/notebooks.smk"
+include: "workflow/rules/preflight.smk"
 
 
 rule all:
