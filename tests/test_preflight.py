@@ -164,6 +164,54 @@ def test_study_totals_time_limits_and_disk():
     assert "3.5 d" in text and "if every run starts at once" in text
 
 
+def test_gpu_measurements_and_out_of_memory(tmp_path, monkeypatch):
+    """The CUDA branch (memory, MFU, projection on the configured 16 GPUs) with a faked device:
+    no GPU is needed to check its arithmetic."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from simflow import bench
+    from simflow.config import load_config
+    from simflow.model import build_model
+    study = smoke_study(tmp_path)
+    unit = study.units["simflow/s0"]
+    cfg = load_config(data={**unit, "train": {**unit["train"], "global_batch_size": 256, "steps": 1000},
+                            "preflight": {"target_world_size": 16, "steps": 20}})
+    rcfg, real, reduced = P.rehearsal_config(cfg, 1, False, tmp_path, {})
+    assert real == {"world_size": 16, "global_batch": 256, "per_gpu_batch": 16, "micro_batch": 16, "accumulation": 1}
+    assert (rcfg.train.global_batch_size, rcfg.train.steps, rcfg.train.min_lr_ratio, reduced) == (16, 20, 1.0, False)
+    model = build_model(cfg, 1, 10)
+    result = SimpleNamespace(model=model, summary={"rate": {"rate_per_dim": 0.3}, "collapsed": False,
+                                                   "collapse_alarm_step": None,
+                                                   "num_params": {"flow": 2**28, "vae": 10}})
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * gib))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 72 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 74 * gib)
+    monkeypatch.setattr(bench, "bf16_peak_tflops", lambda d: 1000.0)
+    collector = P._Collector()
+    for step, img_s in ((2, 50.0), (4, 200.0), (6, 200.0)):
+        collector.log_metrics({"train/total": 3.0 / step, "train/img_per_s": img_s}, step)
+    row, findings = {"rehearsal": {"seconds": 1.0}}, P.Findings()
+    env = SimpleNamespace(device=torch.device("cuda", 0), world_size=1)
+    P._measure(row, findings, cfg, rcfg, env, collector, result, real, False, False, False)
+    assert row["memory"]["peak_gb"] == 72 and row["memory"]["allreduce_buffer_gb"] == 1.0  # 4 B x 2^28
+    warn = {c["check"]: c for c in findings.items if c["status"] == "warn"}
+    assert "memory" in warn and warn["memory"]["key"] == "train.micro_batch_size"  # 72 + 1 GiB > 90 % of 80
+    thr = row["throughput"]
+    assert thr["img_per_s"] == 200.0 and thr["s_per_step"] == pytest.approx(16 / 200)  # the first window is start-up
+    flops = bench.train_flops(model.flow, 16)["total_flops"]
+    assert thr["mfu"] == pytest.approx(flops / (16 / 200) / 1e12 / 1000.0)
+    proj = row["projection"]
+    assert proj["wall_s"] == pytest.approx(1000 * 16 / 200) and proj["device_hours"] == pytest.approx(16 * 80 / 3600)
+    # out of memory at the configured micro-batch: red, naming the micro-batch that halves it
+    findings, row = P.Findings(), {}
+    P._training_failure(findings, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), real, row)
+    assert findings.items[0]["check"] == "memory" and findings.items[0]["status"] == "fail" and row["oom"]
+    assert "train.micro_batch_size: 8 (accumulation 2)" in findings.items[0]["message"]
+
+
 def test_a_job_that_dies_is_a_red_row(tmp_path, monkeypatch):
     from simflow import stages
     from simflow.launch import LaunchError
