@@ -4,8 +4,12 @@
 #   snakemake --profile slurm all                   # the paper study on SLURM (see slurm/config.yaml)
 #   snakemake -n                                    # what would run (config/config.yaml)
 #   snakemake --configfile config/demo.yaml --report report.html   # figures + summary, one HTML file
+#   snakemake --profile slurm preflight             # rehearse every training run first (report in
+#                                                   # results/<study>/preflight/)
 #
 # Rules: workflow/rules/*.smk; keys of the study config: config/README.md.
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -17,6 +21,12 @@ min_version("9.0")
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
+
+
+# `--configfile <study>.yaml preflight`: Snakemake reads a target written after --configfile as one
+# more config file; the repository's `preflight` file (an empty mapping) is that file, and asks
+# for the preflight target instead of `all` (see its comment).
+PREFLIGHT_BY_CONFIGFILE = any(Path(f).name == "preflight" for f in workflow.overwrite_configfiles or [])
 
 
 # common.smk loads the study with simflow.study, whose errors name the variant and the key;
@@ -57,9 +67,21 @@ onerror:
     set_study_run_status("FAILED")
 
 
+include: "workflow/rules/preflight.smk"
+
+
 rule all:
-    default_target: True
+    default_target: not PREFLIGHT_BY_CONFIGFILE
     input:
         all_targets(),
         NOTEBOOK_TARGETS,
         OUTPUT_TARGETS,
+
+
+# The preflight (workflow/rules/preflight.smk): `snakemake --profile slurm preflight`. Defined here,
+# not in the included file, because only the main Snakefile can make it the default target (for
+# `--configfile <study>.yaml preflight`, see PREFLIGHT_BY_CONFIGFILE).
+rule preflight:
+    default_target: PREFLIGHT_BY_CONFIGFILE
+    input:
+        rules.preflight_report.output,

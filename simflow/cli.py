@@ -2,7 +2,8 @@
 
 Exit status: 0 on success, 2 for a problem with the input (config, dataset, missing upstream
 file, unreadable checkpoint, tracking store) or a full disk, 3 for a non-finite loss, 1 for a
-failed or cancelled job.
+failed or cancelled job. ``simflow preflight`` exits 0 whatever it finds (its findings are the row
+it writes), 2 for an invalid config.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from simflow.stages import STAGES
 
 STAGE_HELP = {
+    "preflight": "rehearse a training stage for a few steps and check what the real stages need "
+                 "(writes <unit>/preflight/preflight.json; a failure is a red row, not an error)",
     "feature-extractor": "train the demo's small classifier used as the FID feature extractor",
     "fid-ref": "compute FID reference statistics once",
     "pretrain-vae": "train the learnable-variance VAE used by the frozen variants",
@@ -65,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from simflow import bench
         return guarded("bench", lambda: bench.main(args))
+    if args.command == "preflight":
+        from simflow.preflight import run
+        return guarded("preflight", lambda: run(args.config, args.overrides))
     from simflow.stages import run_stage
     return guarded(args.command, lambda: (run_stage(args.command, args.config, args.overrides), 0)[1])
 

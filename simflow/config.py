@@ -245,6 +245,27 @@ class EvalConfig:
 
 
 @dataclass
+class PreflightConfig:
+    """What `simflow preflight` rehearses; set by the workflow from the study's `preflight:`
+    section and the real stage's launcher (config/README.md, "The preflight")."""
+
+    stage: Literal["train", "pretrain-vae"] = option(
+        "train", "The training stage rehearsed: `train` (a variant) or `pretrain-vae` (the shared VAE).")
+    steps: int = option(200, "Optimisation steps of the rehearsal (the real run's train.steps is "
+                        "only used to project its wall-clock).")
+    target_world_size: int = option(1, "Ranks (GPUs) of the real run: its per-GPU batch and "
+                                    "accumulation are rehearsed, and its wall-clock projected, for this layout.")
+    cpu_overrides: dict = option({}, "Stage-config overrides applied when the rehearsal runs on a CPU "
+                                 "(a stated reduced scale; the report lists them).")
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "target_world_size"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ConfigError(f"preflight.{key}: {value} must be >= 1")
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = option(True, "Log to MLflow.")
     tracking_uri: str | None = option(None, "MLflow URI; None: $MLFLOW_TRACKING_URI, else "
@@ -290,6 +311,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launcher: LauncherSection = field(default_factory=LauncherSection)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
 
 # ------------------------------------------------------------------------------------------

@@ -300,16 +300,22 @@ def psnr(recon: Tensor, target: Tensor) -> Tensor:
     return (10 * torch.log10(4.0 / mse)).mean()
 
 
+def build_vae(cfg: Config, image_channels: int) -> VAE:
+    """The autoencoder of ``cfg.vae`` (freshly initialised) for images of ``cfg.data``."""
+    v = cfg.vae
+    return VAE(in_channels=image_channels, latent_channels=v.latent_channels,
+               base_channels=v.base_channels, channel_mult=tuple(v.channel_mult),
+               num_res_blocks=v.num_res_blocks, attn_resolutions=tuple(v.attn_resolutions),
+               posterior=v.posterior, fixed_std=v.fixed_std, logvar_init=v.logvar_init,
+               dropout=v.dropout, resolution=cfg.data.image_size)
+
+
 def build_model(cfg: Config, image_channels: int, num_classes: int, vae_only: bool = False) -> SimFlowModel:
     """Everything one variant needs, from its resolved config (``vae_only``: VAE pre-training)."""
-    m, v, f = cfg.model, cfg.vae, cfg.flow
+    m, f = cfg.model, cfg.flow
     vae = None
     if m.mode != "pixel":
-        vae = VAE(in_channels=image_channels, latent_channels=v.latent_channels,
-                  base_channels=v.base_channels, channel_mult=tuple(v.channel_mult),
-                  num_res_blocks=v.num_res_blocks, attn_resolutions=tuple(v.attn_resolutions),
-                  posterior=v.posterior, fixed_std=v.fixed_std, logvar_init=v.logvar_init,
-                  dropout=v.dropout, resolution=cfg.data.image_size)
+        vae = build_vae(cfg, image_channels)
         channels, size = vae.latent_shape(cfg.data.image_size)[:2]
     else:
         channels, size = image_channels, cfg.data.image_size

@@ -33,6 +33,7 @@ from simflow.tracking import (StageRun, check_run_in_store, flatten, init_study,
                               read_run_id, resolve_tracking_uri)
 
 STAGE_OUTPUTS = {
+    "preflight": ["preflight/preflight.json"],
     "feature-extractor": ["classifier.pt", "classifier.json"],
     "fid-ref": ["reference_stats.npz"],
     "pretrain-vae": ["vae.pt", "train_summary.json"],
@@ -194,7 +195,8 @@ def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -
         # the workflow's input file of this unit.
         resolved = save_config(cfg, run_dir / "config.resolved.yaml")
         try:
-            run.log_params_once(flatten(to_dict(cfg)))
+            # not the preflight section: rehearsal settings, never part of the real run
+            run.log_params_once(flatten({k: v for k, v in to_dict(cfg).items() if k != "preflight"}))
         except ValueError as err:  # a changed config re-run into the same MLflow run
             warnings.warn(f"MLflow params not updated: {err}", stacklevel=1)
         run.log_artifact(resolved, "config")
@@ -446,7 +448,14 @@ def stage_latents(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     return {"num_latents": len(images)}
 
 
+def stage_preflight(cfg: Config, env: DistEnv, run: StageRun) -> dict:
+    """A short rehearsal of this unit's training stage (see :mod:`simflow.preflight`)."""
+    from simflow.preflight import rehearse
+    return rehearse(cfg, env, run)
+
+
 STAGES: dict[str, Callable[[Config, DistEnv, StageRun], dict]] = {
+    "preflight": stage_preflight,
     "feature-extractor": stage_feature_extractor,
     "fid-ref": stage_fid_ref,
     "pretrain-vae": stage_pretrain_vae,

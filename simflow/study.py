@@ -83,6 +83,11 @@ __all__ = [
     "init_study_tracking",
     "launcher_for",
     "launcher_sets",
+    "preflight_launcher",
+    "preflight_launcher_sets",
+    "preflight_plan",
+    "preflight_sets",
+    "preflight_units",
     "load_study",
     "profile_config_dropped",
     "resolved_config",
@@ -96,18 +101,21 @@ __all__ = [
     "unit_run_name",
     "unit_tags",
     "variant_config",
+    "world_size",
     "write_stage_config",
 ]
 
 log = logging.getLogger(__name__)
 
-#: The stages of ``simflow <stage>``, in DAG order.
+#: The stages of ``simflow <stage>``, in DAG order (``preflight`` rehearses the training stages
+#: before anything else runs; see :func:`preflight_units`).
 STAGES: tuple[str, ...] = (
-    "feature-extractor", "fid-ref", "pretrain-vae", "train", "sample", "fid", "reconstruct",
+    "preflight", "feature-extractor", "fid-ref", "pretrain-vae", "train", "sample", "fid", "reconstruct",
     "nll", "latents",
 )
 #: Final outputs of each stage, relative to the unit folder (the stage contract).
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "preflight": ("preflight/preflight.json",),
     "feature-extractor": ("classifier.pt", "classifier.json"),
     "fid-ref": ("reference_stats.npz",),
     "pretrain-vae": ("vae.pt", "train_summary.json"),
@@ -134,9 +142,9 @@ _SETUP_STATE = ".setup.json"
 
 # Names: a variant becomes a folder, a Snakemake wildcard value and an MLflow run name.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_RESERVED = {"figures", "logs"}
+_RESERVED = {"figures", "logs", "preflight"}
 # Config keys the workflow sets itself; a study must not set them in base/overrides.
-_WORKFLOW_KEYS = ("study", "variant", "run_dir", "results_root", "launcher", "tracking",
+_WORKFLOW_KEYS = ("study", "variant", "run_dir", "results_root", "launcher", "tracking", "preflight",
                   "train.seed", "sample.seed")
 # Inputs of the shared stages: identical for every variant, so variants may not override them.
 _SHARED_KEYS = ("data", "eval.feature_extractor", "eval.feature_extractor_weights_path",
@@ -145,7 +153,7 @@ _SHARED_KEYS = ("data", "eval.feature_extractor", "eval.feature_extractor_weight
 # VAE keys that fix the architecture of a frozen variant's VAE: they must match the pretrained one.
 _VAE_ARCH_KEYS = ("latent_channels", "base_channels", "channel_mult", "num_res_blocks",
                   "attn_resolutions", "posterior")
-_STUDY_KEYS = ("study", "results_root", "seeds", "cli", "threads", "base", "pretrain_vae",
+_STUDY_KEYS = ("study", "results_root", "seeds", "cli", "threads", "base", "pretrain_vae", "preflight",
                "variants", "only_variants", "launcher", "stage_launcher", "tracking", "analysis")
 _LAUNCHER_FIELDS = tuple(f.name for f in dataclasses.fields(LauncherSection))
 _TRACKING_KEYS = ("enabled", "tracking_uri", "experiment")
@@ -158,6 +166,14 @@ _ANALYSIS_DEFAULTS: dict[str, Any] = {
     "paper_mapping": {"simflow": "SimFlow", "simflow_repa": "SimFlow + REPA-E",
                       "frozen_encoder_noise": "STARFlow", "tarflow_pixel": "TarFlow"},
 }
+#: The study's ``preflight:`` section: rehearsal steps per training unit, and stage-config
+#: overrides for a rehearsal that runs on a CPU (see :func:`preflight_sets`).
+_PREFLIGHT_DEFAULTS: dict[str, Any] = {"steps": 200, "cpu_overrides": {}}
+#: The rehearsal's own launcher keys, over the rehearsed stage's launcher: one node and (at most)
+#: one GPU, no requeue (a rehearsal that runs out of time is a finding, not work to resume), and
+#: at most an hour (see :func:`preflight_launcher`).
+_PREFLIGHT_LAUNCHER: dict[str, Any] = {"nodes": 1, "tasks_per_node": None, "max_num_timeout": 0}
+_PREFLIGHT_TIMEOUT_MIN = 60
 _DEFAULT_CLI = "python3 -m simflow"  # python3: plain Debian has no `python`
 
 
@@ -204,6 +220,7 @@ class Study:
     cli: str = _DEFAULT_CLI
     threads: int = 1
     units: dict[str, dict] = field(default_factory=dict)
+    preflight: dict = field(default_factory=lambda: dict(_PREFLIGHT_DEFAULTS))
 
     # -- paths ---------------------------------------------------------------------------------
     @property
@@ -287,6 +304,7 @@ def _check_partial(partial: dict, where: str) -> None:
         if _has(partial, key):
             hint = {"launcher": "use the study-level `launcher:` / `stage_launcher:` sections",
                     "tracking": "use the study-level `tracking:` section",
+                    "preflight": "use the study-level `preflight:` section",
                     "train.seed": "use the study-level `seeds:` list",
                     "sample.seed": "use the study-level `seeds:` list"}.get(
                         key, "the workflow sets it from the study name, variant and seed")
@@ -412,14 +430,35 @@ def load_study(source: str | Path | Mapping[str, Any]) -> Study:
     if bad:
         raise StudyError(f"unknown key analysis.{bad[0]}; valid keys: {', '.join(_ANALYSIS_DEFAULTS)}")
 
+    preflight = _parse_preflight(raw.get("preflight"))
+
     study = Study(name=name, results_root=results_root, seeds=list(seeds), base=base,
                   pretrain_vae=pretrain, variants=variants, launcher=launcher,
                   stage_launcher=stage_launcher, flat_launcher=flat, tracking=tracking,
-                  analysis=analysis, cli=cli.strip(), threads=threads)
+                  analysis=analysis, cli=cli.strip(), threads=threads, preflight=preflight)
     for stage in STAGES:  # every stage's launcher must be valid, not only the ones run first
         launcher_for(study, stage)
+    preflight_launcher(study, "pretrain-vae")
     study.units = _build_units(study)
     return study
+
+
+def _parse_preflight(spec: Any) -> dict:
+    preflight = deep_merge(_PREFLIGHT_DEFAULTS, _mapping(spec, "preflight"))
+    bad = [k for k in preflight if k not in _PREFLIGHT_DEFAULTS]
+    if bad:
+        raise StudyError(f"unknown key preflight.{bad[0]}; valid keys: {', '.join(_PREFLIGHT_DEFAULTS)}")
+    steps = preflight["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise StudyError(f"preflight.steps: expected an integer >= 1, got {steps!r}")
+    cpu = _mapping(preflight["cpu_overrides"], "preflight.cpu_overrides")
+    _check_partial(cpu, "preflight.cpu_overrides")
+    for key in ("data.name", "data.root"):
+        if _has(cpu, key):
+            raise StudyError(f"preflight.cpu_overrides.{key}: the rehearsal reads (and checks) the "
+                             "study's own dataset; it may shrink the model, not change the data")
+    preflight["cpu_overrides"] = cpu
+    return preflight
 
 
 def _parse_variant(name: str, spec: Any) -> Variant:
@@ -645,8 +684,11 @@ def resolved_config(cfg: Mapping[str, Any]) -> Config:
 # launcher
 # ------------------------------------------------------------------------------------------
 def launcher_for(study: Study, stage: str) -> dict:
-    """The full launcher section of ``stage`` (validated), merged in precedence order."""
+    """The full launcher section of ``stage`` (validated), merged in precedence order. The
+    ``preflight`` stage's is :func:`preflight_launcher` of ``train``."""
     stage = _stage_key(stage)
+    if stage == "preflight":
+        return preflight_launcher(study, "train")
     merged = deep_merge(study.launcher, study.stage_launcher.get(stage, {}))
     merged = deep_merge(merged, study.flat_launcher.get("*", {}))
     merged = deep_merge(merged, study.flat_launcher.get(stage, {}))
@@ -656,6 +698,81 @@ def launcher_for(study: Study, stage: str) -> dict:
         return to_dict(from_dict(LauncherSection, merged, "launcher"))
     except ConfigError as err:
         raise StudyError(f"launcher of stage {stage}: {err}") from None
+
+
+def world_size(launcher: Mapping[str, Any]) -> int:
+    """Ranks of a job with this launcher section: nodes × tasks per node (one per GPU, else 1)."""
+    tasks = launcher.get("tasks_per_node")
+    return int(launcher["nodes"]) * int(tasks if tasks is not None else max(1, launcher["gpus_per_node"]))
+
+
+def preflight_launcher(study: Study, rehearsed: str) -> dict:
+    """The launcher of the rehearsal of stage ``rehearsed`` (``train`` or ``pretrain-vae``): that
+    stage's own launcher (backend, partition, account, constraint, CPUs, memory, setup lines),
+    on one node with one GPU (none where the real stage has none), no requeue, and a time limit
+    of the real one's but at most an hour; then ``stage_launcher.preflight`` and the flat
+    ``launcher_preflight_<key>`` keys."""
+    real = launcher_for(study, rehearsed)
+    merged = {**real, **_PREFLIGHT_LAUNCHER, "gpus_per_node": min(1, real["gpus_per_node"]),
+              "timeout_min": min(_PREFLIGHT_TIMEOUT_MIN, real["timeout_min"])}
+    merged = deep_merge(merged, study.stage_launcher.get("preflight", {}))
+    merged = deep_merge(merged, study.flat_launcher.get("preflight", {}))
+    try:
+        return to_dict(from_dict(LauncherSection, merged, "launcher"))
+    except ConfigError as err:
+        raise StudyError(f"launcher of stage preflight: {err}") from None
+
+
+def preflight_units(study: Study) -> dict[str, str]:
+    """The units the preflight rehearses → the stage each one rehearses: every variant with the
+    study's first seed (the other seeds have the same sizes), and the shared pretrained VAE
+    (first seed) when frozen variants use it."""
+    units = {variant_unit(v, study.seeds[0]): "train" for v in study.variants}
+    if study.pretrain_seeds:
+        units[_pretrain_unit(study.pretrain_seeds[0])] = "pretrain-vae"
+    return units
+
+
+def preflight_sets(study: Study, unit: str) -> list[str]:
+    """``preflight.<key>=<json>`` for the rehearsal of ``unit``: the stage it rehearses, the
+    study's ``preflight.steps`` and ``preflight.cpu_overrides``, and the world size of the real
+    stage's launcher (whose per-GPU batch the rehearsal runs)."""
+    stage = preflight_units(study)[unit]
+    values = {"stage": stage, "steps": study.preflight["steps"],
+              "target_world_size": world_size(launcher_for(study, stage)),
+              "cpu_overrides": study.preflight["cpu_overrides"]}
+    return [f"preflight.{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+def preflight_launcher_sets(study: Study, unit: str) -> list[str]:
+    """``launcher.<key>=<json>`` of the rehearsal of ``unit`` (see :func:`preflight_launcher`)."""
+    launcher = preflight_launcher(study, preflight_units(study)[unit])
+    return [f"launcher.{k}={json.dumps(v)}" for k, v in launcher.items()]
+
+
+def preflight_plan(study: Study) -> list[dict]:
+    """What the preflight report needs beyond the rehearsals' own rows, one entry per rehearsed
+    unit: its name, group, how many runs of it the study has (seeds), the unit it waits for
+    (frozen variants: the pretrained VAE), and the real stage's launcher (layout, time limit,
+    requeues) to project and check the full runs against."""
+    pretrain_path = {f"{study.unit_dir(_pretrain_unit(s))}/vae.pt" for s in study.seeds}
+    plan = []
+    for unit, stage in preflight_units(study).items():
+        launcher = launcher_for(study, stage)
+        if stage == "pretrain-vae":
+            name, group, runs, after = "pretrain_vae", "shared", len(study.pretrain_seeds), None
+        else:
+            name = unit.rsplit("/", 1)[0]
+            group, runs = study.variants[name].group, len(study.seeds)
+            cfg = study.units[unit]
+            after = ("pretrain_vae" if get_key(cfg, "model.mode") in FROZEN_MODES
+                     and get_key(cfg, "model.pretrained_vae") in pretrain_path else None)
+        plan.append({"unit": unit, "name": name, "stage": stage, "group": group, "runs": runs,
+                     "after": after, "world_size": world_size(launcher),
+                     "launcher": {k: launcher[k] for k in ("backend", "nodes", "gpus_per_node",
+                                                           "timeout_min", "signal_delay_s",
+                                                           "max_num_timeout")}})
+    return plan
 
 
 class Untracked:
@@ -719,6 +836,7 @@ def launcher_sets(study: Study, stage: str) -> list[str]:
 def config_fingerprint(cfg: Mapping[str, Any]) -> str:
     """SHA-256 of the full resolved config (key order and default-filling do not matter)."""
     full = to_dict(resolved_config(cfg))
+    full.pop("preflight", None)  # set per rehearsal by the workflow, never part of a unit
     return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()
 
 
@@ -729,6 +847,7 @@ def write_stage_config(cfg: Mapping[str, Any], path: str | Path) -> Path:
 
     full = to_dict(resolved_config(cfg))
     full.pop("launcher", None)
+    full.pop("preflight", None)
     header = (f"# Resolved stage config of {full['study']}/{full['variant']} (written by the "
               "workflow; edit config/*.yaml instead).\n# The launcher is passed per stage with "
               "`--set launcher.<key>=...`; without it a stage runs in-process.\n")
@@ -838,7 +957,7 @@ def study_schema() -> dict:
     default filled into an override would silently replace the base value).
     """
     stage = json_schema(Config)
-    for key in ("study", "variant", "run_dir", "results_root", "launcher", "tracking"):
+    for key in ("study", "variant", "run_dir", "results_root", "launcher", "tracking", "preflight"):
         stage["properties"].pop(key)
     launcher = json_schema(LauncherSection)
     names = {"type": "string", "pattern": f"^{_NAME_RE.pattern}$"}
@@ -901,6 +1020,17 @@ def study_schema() -> dict:
                 "propertyNames": {"enum": [s for s in STAGES] + [s.replace("-", "_") for s in STAGES]},
                 "additionalProperties": _strip_defaults(launcher),
                 "description": "Per-stage launcher overrides, e.g. {train: {nodes: 2}}."},
+            "preflight": {
+                "type": "object", "default": {}, "additionalProperties": False,
+                "description": "The rehearsal of every training run (`snakemake preflight`).",
+                "properties": {
+                    "steps": {"type": "integer", "minimum": 1, "default": _PREFLIGHT_DEFAULTS["steps"],
+                              "description": "Optimisation steps of each rehearsal."},
+                    "cpu_overrides": {**_strip_defaults(stage), "default": {},
+                                      "description": "Stage-config overrides of a rehearsal that runs "
+                                                     "on a CPU (a stated reduced scale)."},
+                },
+            },
             "tracking": {
                 "type": "object", "default": {}, "additionalProperties": False,
                 "description": "MLflow: one experiment per study, a parent run, a child per unit.",
@@ -936,7 +1066,7 @@ def study_schema() -> dict:
 
 def keys_markdown(cls: type = Config, prefix: str = "",
                   skip: Sequence[str] = ("study", "variant", "run_dir", "results_root", "tracking",
-                                         "launcher")) -> str:
+                                         "launcher", "preflight")) -> str:
     """A Markdown table (key, type, default, description) of ``cls``'s options: by default the
     stage keys a study may set in ``base``/``overrides``; ``keys_markdown(LauncherSection,
     "launcher.", ())`` gives the launcher keys."""

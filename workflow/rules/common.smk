@@ -62,6 +62,17 @@ def launcher_args(stage):
     return sf.Untracked(" ".join(f"--set {shlex.quote(s)}" for s in sf.launcher_sets(STUDY, stage)))
 
 
+def preflight_launcher_args(wildcards):
+    """Params value of a rehearsal: its launcher, from the rehearsed stage's (untracked)."""
+    return sf.Untracked(" ".join(f"--set {shlex.quote(s)}" for s in sf.preflight_launcher_sets(STUDY, wildcards.unit)))
+
+
+def preflight_args(wildcards):
+    """Params value of a rehearsal: what it rehearses (steps, real world size, CPU overrides).
+    Tracked: changing the study's `preflight:` section re-runs the rehearsals."""
+    return " ".join(f"--set {shlex.quote(s)}" for s in sf.preflight_sets(STUDY, wildcards.unit))
+
+
 def threads_of(stage):
     return sf.stage_threads(STUDY, stage)
 
