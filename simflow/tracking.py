@@ -486,6 +486,16 @@ def init_variant_run(
 _RUN_STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
 
 
+
+def _open_marked_run(tracking_uri: str, run_id_file: str | Path) -> tuple[str, Any] | None:
+    """(run id, client) of the run named by ``run_id_file``, or None when the file does not exist
+    or holds no run id (tracking disabled: a marker)."""
+    path = Path(run_id_file)
+    if not path.is_file() or not re.fullmatch(r"[0-9a-f]{32}", path.read_text().strip()):
+        return None
+    init_tracking_store(tracking_uri)
+    return read_run_id(path), _client(tracking_uri)
+
 def set_run_status(tracking_uri: str, run_id_file: Path, status: str) -> str | None:
     """Set the status of the run named by ``run_id_file``; return its id, or None when the file
     does not exist or holds no run id (tracking disabled: a marker).
@@ -496,12 +506,10 @@ def set_run_status(tracking_uri: str, run_id_file: Path, status: str) -> str | N
     with its latest one. (MLflow keeps a reopened run's previous end time until it ends again.)"""
     if status not in _RUN_STATUSES:
         raise ValueError(f"run status must be one of {', '.join(_RUN_STATUSES)}, got {status!r}")
-    path = Path(run_id_file)
-    if not path.is_file() or not re.fullmatch(r"[0-9a-f]{32}", path.read_text().strip()):
+    opened = _open_marked_run(tracking_uri, run_id_file)
+    if opened is None:
         return None
-    run_id = read_run_id(path)
-    init_tracking_store(tracking_uri)
-    client = _client(tracking_uri)
+    run_id, client = opened
     if status == "RUNNING":
         client.update_run(run_id, status="RUNNING")
     else:
@@ -525,12 +533,10 @@ def log_run_outputs(
     no run (tracking disabled)."""
     from mlflow.entities import Metric, RunTag
 
-    path = Path(run_id_file)
-    if not path.is_file() or not re.fullmatch(r"[0-9a-f]{32}", path.read_text().strip()):
+    opened = _open_marked_run(tracking_uri, run_id_file)
+    if opened is None:
         return None
-    run_id = read_run_id(path)
-    init_tracking_store(tracking_uri)
-    client = _client(tracking_uri)
+    run_id, client = opened
     for folder, files in (artifacts or {}).items():
         for file in files:
             if Path(file).is_file():
