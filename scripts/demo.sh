@@ -2,7 +2,7 @@
 # The README's first command: install the demo's dataset and this package, then run a study.
 #
 #   bash scripts/demo.sh config/demo.yaml        # the demo (CI runs it with config/smoke.yaml)
-#   bash scripts/demo.sh config/demo.yaml config/demo_3seeds.yaml    # more config files overlay
+#   bash scripts/demo.sh config/demo.yaml config/claims.yaml   # more config files overlay it
 #
 # * Debian/Ubuntu, as root or as a user with sudo: Fashion-MNIST from Debian's
 #   dataset-fashion-mnist (apt-get, through sudo unless root; no sudo is needed as root).
