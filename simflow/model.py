@@ -36,7 +36,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simflow.config import Config, ModelConfig
