@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("action", choices=["describe", "schema", "resolve"])
     cfg.add_argument("--config", "-c")
     cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ui = sub.add_parser("ui", help="start the MLflow UI on a study's store, printing the link to its runs")
+    ui.add_argument("--study", default="demo", help="the study (its MLflow experiment; default demo)")
+    ui.add_argument("--experiment", help="the experiment name, when the study config names another one")
+    ui.add_argument("--results-root", default="results", help="holds mlflow.db (default results)")
+    ui.add_argument("--tracking-uri", help="the store (default: $MLFLOW_TRACKING_URI, else <results-root>/mlflow.db)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--print-url", action="store_true", help="only print the link, do not start the UI")
     bench = sub.add_parser("bench", help="benchmark training and sampling throughput")
     from simflow import bench as bench_module
     bench_module.add_arguments(bench)
@@ -61,8 +69,27 @@ def config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def ui_command(args: argparse.Namespace) -> int:
+    """Print the link to the study's runs table, then run ``mlflow ui`` on its store."""
+    import os
+
+    from simflow.tracking import resolve_tracking_uri, runs_page_url
+
+    uri = resolve_tracking_uri(args.tracking_uri, args.results_root)
+    url = runs_page_url(uri, args.experiment or args.study, args.host, args.port)
+    print(f"MLflow UI of study {args.study!r} (store {uri}): {url}", flush=True)
+    if args.print_url:
+        return 0
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", args.host, "--port", str(args.port)]
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "ui":
+        return ui_command(args)
     if args.command == "config":
         return guarded(args.command, lambda: config_command(args))
     if args.command == "bench":

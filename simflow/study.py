@@ -1142,4 +1142,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from simflow.fastexit import exit_now
+
+    exit_now(main())  # no interpreter teardown of MLflow (init-study, run-status)

@@ -54,6 +54,7 @@ __all__ = [
     "provenance_tags",
     "read_run_id",
     "resolve_tracking_uri",
+    "runs_page_url",
     "set_run_status",
     "system_metrics_available",
     "tag_training_experiment",
@@ -553,6 +554,21 @@ def log_run_outputs(
     for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, tags=items[i:i + _MAX_PARAMS_PER_BATCH])
     return run_id
+
+
+def runs_page_url(tracking_uri: str, experiment_name: str, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """The MLflow UI's link to the runs table of ``experiment_name`` (the experiments list when it
+    does not exist yet). ``workflowType=machine_learning`` selects MLflow 3's "Model training"
+    view: since MLflow 3.1x the UI picks its GenAI or model-training view from a per-browser
+    switch (default GenAI) rather than from the experiment's ``mlflow.experimentKind`` tag."""
+    base = f"http://{host}:{port}/#/experiments"
+    exp_id = None
+    db = _sqlite_path(tracking_uri)
+    if db is None or db.is_file():  # never create an empty SQLite store just to look
+        exp = _client(tracking_uri).get_experiment_by_name(experiment_name)
+        if exp is not None and exp.lifecycle_stage != "deleted":
+            exp_id = exp.experiment_id
+    return f"{base}/{exp_id}?workflowType=machine_learning" if exp_id else f"{base}?workflowType=machine_learning"
 
 
 def system_metrics_available() -> bool:

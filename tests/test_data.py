@@ -263,3 +263,22 @@ def test_imagefolder_missing(tmp_path):
     with pytest.raises(DatasetNotFoundError) as info:
         build_dataset("imagefolder", str(tmp_path), "val", 16)
     assert str(tmp_path / "val") in str(info.value) and "train" in str(info.value)
+
+
+def test_stage_start_up_imports_neither_sklearn_nor_sympy():
+    """Start-up cost (docs/performance.md): the digits come from sklearn's csv without importing
+    sklearn (~1 CPU-s), and the VAE posterior checks its shapes without torch.broadcast_shapes,
+    which imports sympy (~0.3 CPU-s)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from simflow.data import build_dataset\n"
+        "from simflow.vae import DiagonalGaussian\n"
+        "ds = build_dataset('digits', None, 'train', 8)\n"
+        "DiagonalGaussian(torch.zeros(2, 3), torch.ones(1, 3))\n"
+        "print(len(ds), sorted(m for m in ('sklearn', 'sympy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1438", "[]"]

@@ -349,3 +349,17 @@ def test_training_stage_logs_system_metrics(store, monkeypatch):
     with T.StageRun(store["uri"], run_file2, "train", system_metrics=True):
         time.sleep(1.5)
     assert not [k for k in MlflowClient(store["uri"]).get_run(rid2).data.metrics if k.startswith("system/")]
+
+
+def test_runs_page_url_opens_the_model_training_view(store, tmp_path, capsys):
+    exp_id = MlflowClient(store["uri"]).get_experiment_by_name("simflow-test").experiment_id
+    url = T.runs_page_url(store["uri"], "simflow-test", port=5055)
+    assert url == f"http://127.0.0.1:5055/#/experiments/{exp_id}?workflowType=machine_learning"
+    assert T.runs_page_url(store["uri"], "no-such-experiment").endswith("/#/experiments?workflowType=machine_learning")
+    missing = T.resolve_tracking_uri(None, tmp_path / "none")
+    assert T.runs_page_url(missing, "x").endswith("#/experiments?workflowType=machine_learning")
+    assert not (tmp_path / "none").exists()  # no empty store made just to look
+    from simflow.cli import main
+
+    assert main(["ui", "--study", "simflow-test", "--results-root", str(store["root"]), "--print-url"]) == 0
+    assert f"#/experiments/{exp_id}?workflowType=machine_learning" in capsys.readouterr().out

@@ -172,3 +172,9 @@ def test_bad_arguments_raise_clear_errors() -> None:
         vae.encode(torch.randn(1, 1, 16, 16))
     with pytest.raises(ValueError, match=r"\(B, 4, h, w\)"):
         vae.decode(torch.randn(1, 3, 4, 4))
+
+
+def test_posterior_rejects_a_std_that_does_not_broadcast():
+    with pytest.raises(ValueError, match="does not broadcast"):
+        DiagonalGaussian(torch.zeros(2, 3, 4), torch.ones(2, 5, 4))
+    DiagonalGaussian(torch.zeros(2, 3, 4), torch.ones(3, 1))  # broadcasts

@@ -6,6 +6,10 @@
 * :mod:`simflow.analysis.figures`: matplotlib figures. Import it explicitly
   (``from simflow.analysis import figures``); it is not imported here, so that computing
   statistics during training does not load matplotlib.
+* :mod:`simflow.analysis.load`: loading a finished study's results and the notebooks' tables
+  (``from simflow.analysis import load``; ``load.open_results(results_dir, study)``);
+* :mod:`simflow.analysis.report`: the summary page of ``snakemake --report`` and what the
+  study's MLflow parent run holds.
 """
 
 from simflow.analysis.latent_stats import (
