@@ -56,7 +56,8 @@ def option(default: Any, help: str, *, ge: float | None = None, gt: float | None
 class DataConfig:
     name: Literal["digits", "fashion_mnist", "imagefolder"] = option(
         "fashion_mnist", "Dataset: `digits` (scikit-learn, for tests), `fashion_mnist` (the demo; "
-        "Debian's dataset-fashion-mnist or data.root), `imagefolder` (ImageNet: root/train, root/val).")
+        "Debian's dataset-fashion-mnist or data.root), `imagefolder` (ImageNet: root/train; the "
+        "held-out split that the evaluation reads is root/val).")
     root: str | None = option(None, "Dataset folder, used as given (missing data there is an error, "
                               "never replaced by another copy). None: the dataset's default locations.")
     image_size: int = option(32, "Training resolution in pixels (ImageNet: ADM centre crop).", ge=1)

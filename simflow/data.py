@@ -376,9 +376,13 @@ class _ADMTransform:
 
 
 def _build_imagefolder(root: str | None, split: str, image_size: int, hflip: bool) -> Dataset:
+    """ImageNet-layout folders: ``train`` reads ``root/train/``; the held-out split (``test``,
+    which the evaluation stages ask for, or its alias ``val``) reads ``root/val/``, because
+    ImageNet's labelled held-out images are its validation set (it publishes no test labels)."""
     import torchvision
 
     _check_size(image_size)
+    split = "train" if _check_split(split, "imagefolder") else "val"
     if root is None:
         raise DatasetNotFoundError(
             "imagefolder needs data.root: a folder with one sub-folder per split (e.g. train/, val/), "

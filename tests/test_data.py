@@ -265,6 +265,21 @@ def test_imagefolder_missing(tmp_path):
     assert str(tmp_path / "val") in str(info.value) and "train" in str(info.value)
 
 
+def test_imagefolder_held_out_split_is_imagenets_val_folder(tmp_path):
+    """The evaluation stages ask for split 'test'; ImageNet's labelled held-out set is val/."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / split / "n01").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((20, 20, 3), 10 * i, dtype=np.uint8)).save(tmp_path / "val" / "n01" / f"{i}.png")
+    for split in ("test", "val"):
+        ds = build_dataset("imagefolder", str(tmp_path), split, 16)
+        assert len(ds) == 2 and all(path.startswith(str(tmp_path / "val")) for path, _ in ds.samples)
+    with pytest.raises(ValueError, match="unknown split 'holdout'"):
+        build_dataset("imagefolder", str(tmp_path), "holdout", 16)
+
+
 def test_stage_start_up_imports_neither_sklearn_nor_sympy():
     """Start-up cost (docs/performance.md): the digits come from sklearn's csv without importing
     sklearn (~1 CPU-s), and the VAE posterior checks its shapes without torch.broadcast_shapes,
