@@ -15,7 +15,8 @@ What is measured (all on synthetic inputs; weights are random, see ``--weights``
   attention (QKᵀ and AV over the lower triangle: 2·w·T²/2 multiply-adds each per layer forward; ×3
   for forward + backward). This counts only the work a causal model needs (FlashAttention's
   convention), so it is a lower bound on what a kernel computing full tiles executes.
-* **sampling**: images/s of ``TransformerFlow.reverse`` in several modes (``--modes``):
+* **sampling**: images/s of :func:`simflow.sampling.sample` (what the ``sample`` stage runs) in
+  several modes (``--modes``):
   ``uncached`` (full causal pass per token, the plain reference), ``cached`` (the default
   preallocated KV cache), ``static`` (static-shape step), ``compiled`` (torch.compile of the static
   step), ``cuda_graph`` (CUDA-graph replay of the static step), ``jacobi`` (block-wise Jacobi) and
@@ -55,7 +56,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from simflow.flow import GuidanceStrategy, TransformerFlow, build_guidance, patchify, unpatchify
+from simflow.flow import TransformerFlow, patchify, unpatchify
+from simflow.sampling import SAMPLING_MODES, GuidanceStrategy, KVCache, build_guidance, sample
 
 # --------------------------------------------------------------------------------------------
 # Model presets
@@ -94,27 +96,26 @@ BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
     ("RTX 3090", 71.0), ("A6000", 154.8),
 ]
 
-BASE_MODES = ("uncached", "cached", "static", "compiled", "cuda_graph", "jacobi", "baseline")
+BASE_MODES = (*SAMPLING_MODES, "baseline")
 
 
 # --------------------------------------------------------------------------------------------
 # The straightforward TarFlow-style sampler (reference for the speed comparison only)
 # --------------------------------------------------------------------------------------------
-class ConcatKVCache:
+class ConcatKVCache(KVCache):
     """TarFlow's key/value cache: per layer, the new (B, heads, 1, head_dim) keys and values are
     appended with ``torch.cat`` at every token, reallocating and copying the whole cache (O(T²)
-    copies per block). Same ``write``/``length`` interface as :class:`simflow.flow.KVCache`.
-    Reference for benchmarks and tests; production sampling uses the preallocated cache."""
+    copies per block). Attends as :class:`simflow.sampling.KVCache` does (its ``attend``), over
+    everything written so far. Reference for benchmarks and tests; production sampling uses the
+    preallocated cache."""
 
     def __init__(self, layers: int):
         self.keys: list[Tensor | None] = [None] * layers
         self.values: list[Tensor | None] = [None] * layers
-        self.length = 0
 
     def reset(self) -> None:
         self.keys = [None] * len(self.keys)
         self.values = [None] * len(self.values)
-        self.length = 0
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.keys[layer] is None:
@@ -133,7 +134,7 @@ def reference_tarflow_reverse(flow: TransformerFlow, z: Tensor, y: Tensor | None
     """The straightforward TarFlow-style sampler, NOT used in production: a concatenating cache
     (:class:`ConcatKVCache`), conditional and unconditional branches as two separate batch-B
     passes with one cache each, and the AdaLN modulation recomputed at every token. Same arguments
-    and result as :meth:`TransformerFlow.reverse` (z (B, C, H, W) → x); the baseline of the
+    and result as :func:`simflow.sampling.sample` (z (B, C, H, W) → x); the baseline of the
     sampling-speed comparison."""
     strategy = (build_guidance(guidance_method, **guidance_options)
                 if isinstance(guidance_method, str) else guidance_method)
@@ -142,14 +143,14 @@ def reference_tarflow_reverse(flow: TransformerFlow, z: Tensor, y: Tensor | None
         raise ValueError("guidance on an unconditional model needs attn_temp")
     b = z.shape[0]
     emb_c = flow.class_embedding(y, b, z.device)
-    add_c, ada_c = flow._conds(emb_c)
+    add_c, ada_c = flow.conditions(emb_c)
     add_u = ada_u = scale_u = None
     if guided:
         if attn_temp is not None:
             add_u, ada_u = add_c, ada_c
             scale_u = torch.full((b, 1, 1, 1), 1.0 / attn_temp, device=z.device)
         else:
-            add_u, ada_u = flow._conds(flow.class_embedding(None, b, z.device))
+            add_u, ada_u = flow.conditions(flow.class_embedding(None, b, z.device))
     tokens = patchify(z, flow.patch_size)
     for block in reversed(flow.blocks):
         z_ord = block.order(tokens).float()
@@ -158,13 +159,13 @@ def reference_tarflow_reverse(flow: TransformerFlow, z: Tensor, y: Tensor | None
         caches = [ConcatKVCache(len(block.layers)), ConcatKVCache(len(block.layers))]
         token_in = block.sos.expand(b, -1, -1)
         for i in range(t):
-            p = block.step(token_in, i, caches[0], add_c, ada_c, None)
+            p = block.step(token_in, slice(i, i + 1), caches[0], add_c, ada_c, None)
             if guided:
-                p_u = block.step(token_in, i, caches[1], add_u, ada_u, scale_u)
+                p_u = block.step(token_in, slice(i, i + 1), caches[1], add_u, ada_u, scale_u)
                 p = strategy(p, p_u, guidance, i, t)
             x_i = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
             x_ord[:, i:i + 1] = x_i
-            token_in = block.proj_in(x_i.to(block.proj_in.weight.dtype))
+            token_in = block.embed(x_i)
         tokens = block.order(x_ord).to(z.dtype)
     return unpatchify(tokens, flow.in_channels, flow.img_size, flow.img_size, flow.patch_size)
 
@@ -498,15 +499,12 @@ def bench_sampling(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.Na
         kwargs = dict(guide) if cfg_on else {}
         if base == "baseline":
             return lambda: reference_tarflow_reverse(flow, z, y, **kwargs)
-        options = {"uncached": dict(use_cache=False), "cached": {},
-                   "static": dict(static_shapes=True),
-                   "compiled": dict(compile_step=args.sampling_compile_mode),
-                   "cuda_graph": dict(cuda_graph=True),
+        options = {"compiled": dict(compile_mode=args.sampling_compile_mode),
                    "jacobi": dict(jacobi_block_size=args.jacobi_block_size, jacobi_tol=args.jacobi_tol,
-                                  jacobi_max_iter=args.jacobi_max_iter, stats=stats)}[base]
+                                  jacobi_max_iter=args.jacobi_max_iter, stats=stats)}.get(base, {})
         if base == "jacobi" and args.jacobi_block_size is None:
             raise ValueError("sampling mode 'jacobi' needs --jacobi-block-size")
-        return lambda: flow.reverse(z, y, **kwargs, **options)
+        return lambda: sample(flow, z, y, mode=base, **kwargs, **options)
 
     references: dict[bool, Tensor] = {}
     runs: dict[str, dict[str, Any]] = {}

@@ -258,7 +258,7 @@ def generate_images(cfg: Config, model: SimFlowModel, noise: torch.Tensor, label
     from simflow.train import autocast
     s = cfg.sample
     guidance = None if s.guidance == 0 else s.guidance
-    options: dict[str, Any] = {"use_cache": s.use_cache}
+    options: dict[str, Any] = {"mode": "cached" if s.use_cache else "uncached"}
     if guidance is not None:
         options.update(guidance_method=s.guidance_method, attn_temp=s.attn_temp)
         if s.guidance_method == "linear":
