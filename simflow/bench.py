@@ -2,8 +2,11 @@
 
 What is measured (all on synthetic inputs; weights are random, see ``--weights``):
 
-* **train**: one optimisation step of the flow NLL (per-dimension mean, as the study trains it):
-  forward + backward + AdamW (fused on CUDA), under bf16 autocast on CUDA. Reported as img/s, and
+* **train**: the training stage's own step (:func:`simflow.train.accumulate_gradients` and
+  :func:`simflow.train.apply_gradients`) on the flow alone (``model.mode: pixel``, whose loss is the
+  flow NLL per dimension), with the study's optimiser (:func:`simflow.train.make_optimizer`: AdamW,
+  weight decay on ≥ 2-D weights, fused on CUDA) and gradient clipping, under bf16 autocast on CUDA
+  (``--compile-train``: ``TransformerFlow.compile_blocks``, what ``train.compile`` runs). Reported as img/s, and
   as achieved TFLOP/s and MFU against the device's dense bf16 peak (``--peak-tflops`` overrides the
   built-in table). FLOPs per step are counted analytically (:func:`train_flops`):
 
@@ -324,16 +327,46 @@ def flow_loss(flow: TransformerFlow, x: Tensor, y: Tensor | None) -> Callable[[]
     return loss
 
 
+def study_train_step(flow: TransformerFlow, x: Tensor, y: Tensor | None, device: torch.device,
+                     amp: str) -> Callable[[], Tensor]:
+    """One step of the training stage on ``flow`` and the batch (x, y): the flow wrapped as the
+    study's model in ``pixel`` mode (loss: the flow NLL per dimension), trained by the loop's own
+    :func:`simflow.train.accumulate_gradients` and :func:`simflow.train.apply_gradients` with its
+    optimiser (``train.*`` defaults, lr 1e-4). ``amp`` is ``bf16`` or ``none`` (``train.precision``
+    has no fp16). Returns the step, which returns the (detached) loss."""
+    from simflow.config import Config, ModelConfig, TrainConfig
+    from simflow.distributed import DistEnv
+    from simflow.model import SimFlowModel
+    from simflow.train import accumulate_gradients, apply_gradients, make_optimizer
+    if amp not in ("bf16", "none"):
+        raise ValueError(f"--amp {amp}: the training stage runs in bf16 or fp32 (train.precision); "
+                         "use --amp bf16 or --amp none")
+    cfg = Config(model=ModelConfig(mode="pixel"),
+                 train=TrainConfig(lr=1e-4, precision="bf16" if amp == "bf16" else "fp32"))
+    model = SimFlowModel(cfg.model, flow)
+    optimizers = {"flow": make_optimizer(model.parameter_groups()["flow"], cfg.train.lr, cfg, device)}
+    env = DistEnv(device=device)
+    # the loop always has labels; an unconditional flow ignores them
+    labels = y if y is not None else torch.zeros(len(x), dtype=torch.long, device=device)
+
+    def step() -> Tensor:
+        terms, _ = accumulate_gradients(model, x, labels, 0, cfg, len(x))
+        apply_gradients(optimizers, cfg, env)
+        return terms["total"]
+
+    return step
+
+
 def bench_train(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.Namespace,
                 device: torch.device, amp: str) -> dict[str, Any]:
-    """Training-step throughput: forward + backward + AdamW of the per-dim NLL."""
+    """Training-step throughput of the training stage's step (:func:`study_train_step`)."""
     batch = cfg["batch"]
     flow.train()
     if args.compile_train:
         flow.compile_blocks(**({} if args.compile_mode == "default" else {"mode": args.compile_mode}))
     fused = device.type == "cuda"
     x, y = train_batch(flow, batch, args.seed, device)
-    step = train_step(flow, flow_loss(flow, x, y), device, amp)
+    step = study_train_step(flow, x, y, device, amp)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -182,7 +182,9 @@ class TrainConfig:
     grad_clip: float = option(1.0, "Gradient-norm clip per optimiser (REPA-E: 1); 0 = off.", ge=0)
     ema_decay: float = option(0.999, "EMA decay of flow and VAE (REPA-E: 0.9999); 0 = off.", ge=0, lt=1)
     precision: Literal["auto", "fp32", "bf16"] = option("auto", "`auto`: bf16 autocast on CUDA, fp32 on CPU.")
-    compile: bool = option(False, "torch.compile the training step's model forward.")
+    compile: bool = option(False, "torch.compile every flow block's forward for training "
+                           "(TransformerFlow.compile_blocks; the first steps pay the compilation; on "
+                           "CPU it needs a C++ compiler). Checkpoints are unchanged.")
     seed: int = option(0, "Global seed (per-rank seed = seed·world + rank).")
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (exact CPU resume).")
     log_every: int = option(20, "Steps between metric logs (the rate monitor too).", ge=1)

@@ -490,10 +490,10 @@ class TransformerFlow(nn.Module):
     def compile_blocks(self, **compile_options) -> "TransformerFlow":
         """``torch.compile`` every block's forward in place (the training / density path; options go
         to :func:`torch.compile`, e.g. ``mode="max-autotune"``). Parameter names and the state dict
-        are unchanged. Blocks of equal depth share one compiled graph. Compile after making any
-        ``copy.deepcopy`` of the model: the copy of a compiled block would still run the original
-        block's weights. Sampling is unaffected: it uses :meth:`FlowBlock.step` (its compiled form
-        is ``simflow.sampling``'s ``compiled`` mode)."""
+        are unchanged. Blocks of equal depth share one compiled graph. Deep-copying a compiled
+        module is not documented by PyTorch (the training loop samples without copies, see
+        ``simflow.train.ema_weights``). Sampling is unaffected: it uses :meth:`FlowBlock.step` (its
+        compiled form is ``simflow.sampling``'s ``compiled`` mode)."""
         for block in self.blocks:
             block.compile(**compile_options)
         return self

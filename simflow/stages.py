@@ -11,7 +11,6 @@ submit one checkpointable :class:`~simflow.launch.StageJob` (one task per GPU) a
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -94,20 +93,19 @@ def make_fid_probe(cfg: Config, env: DistEnv) -> Callable[[SimFlowModel, dict], 
         raise ValueError("train.fid_every > 0 needs eval.reference_stats (run `simflow fid-ref` and "
                          "point it at reference_stats.npz), or set train.fid_every: 0")
     from simflow.fid import compute_metrics, images_to_uint8, save_samples_npz
+    from simflow.train import ema_weights
     sampling_mode(cfg, env.device)  # before training: a mode this device cannot run fails now
     register_extractor(cfg)
     path = Path(cfg.run_dir) / "fid_probe_samples.npz"
 
     @torch.no_grad()
     def probe(model: SimFlowModel, ema_state: dict) -> float:
-        ema_model = copy.deepcopy(model)
-        ema_model.load_state_dict(ema_state)
-        ema_model.eval()
         images = []
-        for sl in batched(cfg.train.fid_samples, cfg.sample.batch_size):
-            noise, y = sample_noise_and_labels(cfg, ema_model, range(sl.start, sl.stop))
-            out = generate_images(cfg, ema_model, noise.to(env.device), None if y is None else y.to(env.device))
-            images.append(images_to_uint8(torch.nan_to_num(out.float())).cpu().numpy())
+        with ema_weights(model, ema_state):
+            for sl in batched(cfg.train.fid_samples, cfg.sample.batch_size):
+                noise, y = sample_noise_and_labels(cfg, model, range(sl.start, sl.stop))
+                out = generate_images(cfg, model, noise.to(env.device), None if y is None else y.to(env.device))
+                images.append(images_to_uint8(torch.nan_to_num(out.float())).cpu().numpy())
         save_samples_npz(path, np.concatenate(images))
         metrics = compute_metrics(path, cfg.eval.reference_stats, None, cfg.eval.feature_extractor,
                                   cfg.eval.feature_extractor_weights_path, isc=False, kid=False, prc=False,
