@@ -61,7 +61,10 @@ class DataConfig:
                               "never replaced by another copy). None: the dataset's default locations.")
     image_size: int = option(32, "Training resolution in pixels (ImageNet: ADM centre crop).", ge=1)
     hflip: bool = option(False, "Random horizontal flips in training.")
-    num_workers: int = option(0, "DataLoader worker processes per rank.", ge=0)
+    num_workers: int = option(0, "DataLoader worker processes per rank, for the training batches "
+                              "and the feature-extractor classifier's (0: load in the training "
+                              "process, the only setting with exactly reproducible random flips "
+                              "on resume).", ge=0)
 
 
 @dataclass

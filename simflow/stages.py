@@ -167,7 +167,7 @@ def stage_feature_extractor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     test_set = build_dataset(cfg.data.name, cfg.data.root, "test", cfg.data.image_size)
     result = train_feature_extractor(train_set, run_dir / "classifier.pt", steps=cfg.eval.classifier_steps,
                                      batch_size=64, seed=cfg.train.seed, eval_dataset=test_set,
-                                     width=16, device=env.device)
+                                     width=16, device=env.device, num_workers=cfg.data.num_workers)
     run.log_metrics({"feature_extractor/accuracy": result["accuracy"]})
     write_json(run_dir / "classifier.json", result)
     return result

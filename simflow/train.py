@@ -77,9 +77,45 @@ class StepBatches:
         return batch[rank * per_rank:(rank + 1) * per_rank]
 
 
-def collate(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[int(i)] for i in indices]
+def collate_items(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, label) items → images (B, C, H, W) and int64 labels (B,)."""
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+
+def collate(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return collate_items([dataset[int(i)] for i in indices])
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """This rank's indices of the steps ``start … stop−1`` of :class:`StepBatches`, one list per
+    step, so a DataLoader yields exactly the batches the step-indexed order prescribes."""
+
+    def __init__(self, batches: StepBatches, start: int, stop: int, rank: int, world_size: int):
+        self.batches, self.start, self.stop = batches, start, stop
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.batches.indices(step, self.rank, self.world_size).tolist()
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+
+def make_train_loader(cfg: Config, dataset, batches: StepBatches, start_step: int, rank: int,
+                      world_size: int) -> torch.utils.data.DataLoader:
+    """The training batches of steps ``start_step … train.steps−1`` for this rank, loaded by
+    ``data.num_workers`` worker processes (0: in this process).
+
+    The loader draws its workers' base seed from its own generator, seeded by (train.seed, rank,
+    start step), never from the global RNG: creating it leaves the training stream (noise, label
+    dropout) untouched, so resuming stays exact. With 0 workers the random flips
+    (``data.hflip``) come from the training stream as well; with workers they come from the
+    workers' seeds, so a resumed run flips differently from an uninterrupted one."""
+    gen = torch.Generator().manual_seed((cfg.train.seed * world_size + rank) * 1_000_003 + start_step)
+    sampler = StepBatchSampler(batches, start_step, cfg.train.steps, rank, world_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_items,
+                                       num_workers=cfg.data.num_workers, generator=gen)
 
 
 # ------------------------------------------------------------------------------------------
@@ -589,6 +625,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
     if t_cfg.compile and not vae_only:
         # In place, after the EMA copy of the state dict: parameter names (checkpoints) unchanged.
         model.flow.compile_blocks()
+    loader = iter(make_train_loader(cfg, dataset, batches, start_step, env.rank, world))
     model.train()
     step = start_step
     steps_this_run = 0
@@ -603,7 +640,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
         for name, opt in optimizers.items():
             for group in opt.param_groups:
                 group["lr"] = lrs[name] * factor
-        images, labels = collate(dataset, batches.indices(step, env.rank, world))
+        images, labels = next(loader)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
         terms_step, recon_chunks = accumulate_gradients(model, images, labels, step, cfg, micro)

@@ -1,14 +1,17 @@
-"""The training step as the train stage (and `simflow bench`) runs it: `train.compile`, and the EMA
-weights swapped in place for the sample grids and gFID probes."""
+"""The training step as the train stage (and `simflow bench`) runs it: `train.compile`, `data.num_workers`,
+and the EMA weights swapped in place for the sample grids and gFID probes."""
 
 import pytest
 import torch
 
 from simflow.config import load_config
+from simflow.data import build_dataset
 from simflow.distributed import DistEnv
+from simflow.fid import train_feature_extractor
 from simflow.flow import TransformerFlow
 from simflow.model import build_model
-from simflow.train import accumulate_gradients, ema_weights, train
+from simflow.train import (StepBatches, accumulate_gradients, collate, ema_weights, make_train_loader,
+                           train)
 
 TINY = ["data.name=digits", "data.image_size=8", "vae.channel_mult=[1,2]", "vae.base_channels=8",
         "vae.latent_channels=4", "flow.channels=32", "flow.layers_per_block=[1,1]", "flow.head_dim=16"]
@@ -65,6 +68,46 @@ def test_train_compile_compiles_the_flow_blocks_before_the_first_step(tmp_path, 
     assert compiled == [result.model.flow]
     train(load_config(overrides=base + [f"run_dir={tmp_path / 'eager'}"]), DistEnv())
     assert len(compiled) == 1  # train.compile=false (the default) compiles nothing
+
+
+# --------------------------------------------------------------------------------------------
+# data.num_workers
+# --------------------------------------------------------------------------------------------
+def test_data_num_workers_reaches_the_training_loader_which_yields_the_step_batches():
+    cfg = load_config(overrides=TINY + ["data.num_workers=2", "train.steps=4", "train.global_batch_size=8"])
+    dataset = build_dataset("digits", None, "train", 8)
+    batches = StepBatches(len(dataset), 8, cfg.train.seed)
+    loader = make_train_loader(cfg, dataset, batches, 1, rank=1, world_size=2)
+    assert loader.num_workers == 2
+    got = list(loader)
+    assert len(got) == 3  # steps 1, 2, 3: from the start step to train.steps
+    for step, (images, labels) in zip((1, 2, 3), got, strict=True):
+        expected_images, expected_labels = collate(dataset, batches.indices(step, 1, 2))
+        assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+
+
+def test_the_training_loader_leaves_the_training_rng_alone():
+    """The loader seeds its workers from its own generator: resuming stays exact."""
+    cfg = load_config(overrides=TINY + ["train.steps=2", "train.global_batch_size=8"])
+    dataset = build_dataset("digits", None, "train", 8)
+    state = torch.get_rng_state()
+    next(iter(make_train_loader(cfg, dataset, StepBatches(len(dataset), 8, 0), 0, 0, 1)))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_feature_extractor_loaders_use_data_num_workers(tmp_path, monkeypatch):
+    seen = []
+    real = torch.utils.data.DataLoader
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("num_workers", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
+    dataset = build_dataset("digits", None, "train", 8)
+    train_feature_extractor(dataset, tmp_path / "classifier.pt", steps=2, batch_size=8, width=4,
+                            feature_dim=8, device="cpu", num_workers=1)
+    assert seen == [1, 1]  # the training and the accuracy loader
 
 
 # --------------------------------------------------------------------------------------------
