@@ -2,8 +2,11 @@
 
 What is measured (all on synthetic inputs; weights are random, see ``--weights``):
 
-* **train**: one optimisation step of the flow NLL (per-dimension mean, as the study trains it):
-  forward + backward + AdamW (fused on CUDA), under bf16 autocast on CUDA. Reported as img/s, and
+* **train**: the training stage's own step (:func:`simflow.train.accumulate_gradients` and
+  :func:`simflow.train.apply_gradients`) on the flow alone (``model.mode: pixel``, whose loss is the
+  flow NLL per dimension), with the study's optimiser (:func:`simflow.train.make_optimizer`: AdamW,
+  weight decay on ≥ 2-D weights, fused on CUDA) and gradient clipping, under bf16 autocast on CUDA
+  (``--compile-train``: ``TransformerFlow.compile_blocks``, what ``train.compile`` runs). Reported as img/s, and
   as achieved TFLOP/s and MFU against the device's dense bf16 peak (``--peak-tflops`` overrides the
   built-in table). FLOPs per step are counted analytically (:func:`train_flops`):
 
@@ -15,7 +18,8 @@ What is measured (all on synthetic inputs; weights are random, see ``--weights``
   attention (QKᵀ and AV over the lower triangle: 2·w·T²/2 multiply-adds each per layer forward; ×3
   for forward + backward). This counts only the work a causal model needs (FlashAttention's
   convention), so it is a lower bound on what a kernel computing full tiles executes.
-* **sampling**: images/s of ``TransformerFlow.reverse`` in several modes (``--modes``):
+* **sampling**: images/s of :func:`simflow.sampling.sample` (what the ``sample`` stage runs) in
+  several modes (``--modes``):
   ``uncached`` (full causal pass per token, the plain reference), ``cached`` (the default
   preallocated KV cache), ``static`` (static-shape step), ``compiled`` (torch.compile of the static
   step), ``cuda_graph`` (CUDA-graph replay of the static step), ``jacobi`` (block-wise Jacobi) and
@@ -55,7 +59,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from simflow.flow import GuidanceStrategy, TransformerFlow, build_guidance, patchify, unpatchify
+from simflow.flow import TransformerFlow, patchify, unpatchify
+from simflow.sampling import SAMPLING_MODES, GuidanceStrategy, KVCache, build_guidance, sample
 
 # --------------------------------------------------------------------------------------------
 # Model presets
@@ -94,27 +99,26 @@ BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
     ("RTX 3090", 71.0), ("A6000", 154.8),
 ]
 
-BASE_MODES = ("uncached", "cached", "static", "compiled", "cuda_graph", "jacobi", "baseline")
+BASE_MODES = (*SAMPLING_MODES, "baseline")
 
 
 # --------------------------------------------------------------------------------------------
 # The straightforward TarFlow-style sampler (reference for the speed comparison only)
 # --------------------------------------------------------------------------------------------
-class ConcatKVCache:
+class ConcatKVCache(KVCache):
     """TarFlow's key/value cache: per layer, the new (B, heads, 1, head_dim) keys and values are
     appended with ``torch.cat`` at every token, reallocating and copying the whole cache (O(T²)
-    copies per block). Same ``write``/``length`` interface as :class:`simflow.flow.KVCache`.
-    Reference for benchmarks and tests; production sampling uses the preallocated cache."""
+    copies per block). Attends as :class:`simflow.sampling.KVCache` does (its ``attend``), over
+    everything written so far. Reference for benchmarks and tests; production sampling uses the
+    preallocated cache."""
 
     def __init__(self, layers: int):
         self.keys: list[Tensor | None] = [None] * layers
         self.values: list[Tensor | None] = [None] * layers
-        self.length = 0
 
     def reset(self) -> None:
         self.keys = [None] * len(self.keys)
         self.values = [None] * len(self.values)
-        self.length = 0
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.keys[layer] is None:
@@ -133,7 +137,7 @@ def reference_tarflow_reverse(flow: TransformerFlow, z: Tensor, y: Tensor | None
     """The straightforward TarFlow-style sampler, NOT used in production: a concatenating cache
     (:class:`ConcatKVCache`), conditional and unconditional branches as two separate batch-B
     passes with one cache each, and the AdaLN modulation recomputed at every token. Same arguments
-    and result as :meth:`TransformerFlow.reverse` (z (B, C, H, W) → x); the baseline of the
+    and result as :func:`simflow.sampling.sample` (z (B, C, H, W) → x); the baseline of the
     sampling-speed comparison."""
     strategy = (build_guidance(guidance_method, **guidance_options)
                 if isinstance(guidance_method, str) else guidance_method)
@@ -142,14 +146,14 @@ def reference_tarflow_reverse(flow: TransformerFlow, z: Tensor, y: Tensor | None
         raise ValueError("guidance on an unconditional model needs attn_temp")
     b = z.shape[0]
     emb_c = flow.class_embedding(y, b, z.device)
-    add_c, ada_c = flow._conds(emb_c)
+    add_c, ada_c = flow.conditions(emb_c)
     add_u = ada_u = scale_u = None
     if guided:
         if attn_temp is not None:
             add_u, ada_u = add_c, ada_c
             scale_u = torch.full((b, 1, 1, 1), 1.0 / attn_temp, device=z.device)
         else:
-            add_u, ada_u = flow._conds(flow.class_embedding(None, b, z.device))
+            add_u, ada_u = flow.conditions(flow.class_embedding(None, b, z.device))
     tokens = patchify(z, flow.patch_size)
     for block in reversed(flow.blocks):
         z_ord = block.order(tokens).float()
@@ -158,13 +162,13 @@ def reference_tarflow_reverse(flow: TransformerFlow, z: Tensor, y: Tensor | None
         caches = [ConcatKVCache(len(block.layers)), ConcatKVCache(len(block.layers))]
         token_in = block.sos.expand(b, -1, -1)
         for i in range(t):
-            p = block.step(token_in, i, caches[0], add_c, ada_c, None)
+            p = block.step(token_in, slice(i, i + 1), caches[0], add_c, ada_c, None)
             if guided:
-                p_u = block.step(token_in, i, caches[1], add_u, ada_u, scale_u)
+                p_u = block.step(token_in, slice(i, i + 1), caches[1], add_u, ada_u, scale_u)
                 p = strategy(p, p_u, guidance, i, t)
             x_i = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
             x_ord[:, i:i + 1] = x_i
-            token_in = block.proj_in(x_i.to(block.proj_in.weight.dtype))
+            token_in = block.embed(x_i)
         tokens = block.order(x_ord).to(z.dtype)
     return unpatchify(tokens, flow.in_channels, flow.img_size, flow.img_size, flow.patch_size)
 
@@ -323,16 +327,46 @@ def flow_loss(flow: TransformerFlow, x: Tensor, y: Tensor | None) -> Callable[[]
     return loss
 
 
+def study_train_step(flow: TransformerFlow, x: Tensor, y: Tensor | None, device: torch.device,
+                     amp: str) -> Callable[[], Tensor]:
+    """One step of the training stage on ``flow`` and the batch (x, y): the flow wrapped as the
+    study's model in ``pixel`` mode (loss: the flow NLL per dimension), trained by the loop's own
+    :func:`simflow.train.accumulate_gradients` and :func:`simflow.train.apply_gradients` with its
+    optimiser (``train.*`` defaults, lr 1e-4). ``amp`` is ``bf16`` or ``none`` (``train.precision``
+    has no fp16). Returns the step, which returns the (detached) loss."""
+    from simflow.config import Config, ModelConfig, TrainConfig
+    from simflow.distributed import DistEnv
+    from simflow.model import SimFlowModel
+    from simflow.train import accumulate_gradients, apply_gradients, make_optimizer
+    if amp not in ("bf16", "none"):
+        raise ValueError(f"--amp {amp}: the training stage runs in bf16 or fp32 (train.precision); "
+                         "use --amp bf16 or --amp none")
+    cfg = Config(model=ModelConfig(mode="pixel"),
+                 train=TrainConfig(lr=1e-4, precision="bf16" if amp == "bf16" else "fp32"))
+    model = SimFlowModel(cfg.model, flow)
+    optimizers = {"flow": make_optimizer(model.parameter_groups()["flow"], cfg.train.lr, cfg, device)}
+    env = DistEnv(device=device)
+    # the loop always has labels; an unconditional flow ignores them
+    labels = y if y is not None else torch.zeros(len(x), dtype=torch.long, device=device)
+
+    def step() -> Tensor:
+        terms, _ = accumulate_gradients(model, x, labels, 0, cfg, len(x))
+        apply_gradients(optimizers, cfg, env)
+        return terms["total"]
+
+    return step
+
+
 def bench_train(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.Namespace,
                 device: torch.device, amp: str) -> dict[str, Any]:
-    """Training-step throughput: forward + backward + AdamW of the per-dim NLL."""
+    """Training-step throughput of the training stage's step (:func:`study_train_step`)."""
     batch = cfg["batch"]
     flow.train()
     if args.compile_train:
         flow.compile_blocks(**({} if args.compile_mode == "default" else {"mode": args.compile_mode}))
     fused = device.type == "cuda"
     x, y = train_batch(flow, batch, args.seed, device)
-    step = train_step(flow, flow_loss(flow, x, y), device, amp)
+    step = study_train_step(flow, x, y, device, amp)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -498,15 +532,12 @@ def bench_sampling(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.Na
         kwargs = dict(guide) if cfg_on else {}
         if base == "baseline":
             return lambda: reference_tarflow_reverse(flow, z, y, **kwargs)
-        options = {"uncached": dict(use_cache=False), "cached": {},
-                   "static": dict(static_shapes=True),
-                   "compiled": dict(compile_step=args.sampling_compile_mode),
-                   "cuda_graph": dict(cuda_graph=True),
+        options = {"compiled": dict(compile_mode=args.sampling_compile_mode),
                    "jacobi": dict(jacobi_block_size=args.jacobi_block_size, jacobi_tol=args.jacobi_tol,
-                                  jacobi_max_iter=args.jacobi_max_iter, stats=stats)}[base]
+                                  jacobi_max_iter=args.jacobi_max_iter, stats=stats)}.get(base, {})
         if base == "jacobi" and args.jacobi_block_size is None:
             raise ValueError("sampling mode 'jacobi' needs --jacobi-block-size")
-        return lambda: flow.reverse(z, y, **kwargs, **options)
+        return lambda: sample(flow, z, y, mode=base, **kwargs, **options)
 
     references: dict[bool, Tensor] = {}
     runs: dict[str, dict[str, Any]] = {}

@@ -62,7 +62,10 @@ class DataConfig:
                               "never replaced by another copy). None: the dataset's default locations.")
     image_size: int = option(32, "Training resolution in pixels (ImageNet: ADM centre crop).", ge=1)
     hflip: bool = option(False, "Random horizontal flips in training.")
-    num_workers: int = option(0, "DataLoader worker processes per rank.", ge=0)
+    num_workers: int = option(0, "DataLoader worker processes per rank, for the training batches "
+                              "and the feature-extractor classifier's (0: load in the training "
+                              "process, the only setting with exactly reproducible random flips "
+                              "on resume).", ge=0)
 
 
 @dataclass
@@ -183,7 +186,9 @@ class TrainConfig:
     grad_clip: float = option(1.0, "Gradient-norm clip per optimiser (REPA-E: 1); 0 = off.", ge=0)
     ema_decay: float = option(0.999, "EMA decay of flow and VAE (REPA-E: 0.9999); 0 = off.", ge=0, lt=1)
     precision: Literal["auto", "fp32", "bf16"] = option("auto", "`auto`: bf16 autocast on CUDA, fp32 on CPU.")
-    compile: bool = option(False, "torch.compile the training step's model forward.")
+    compile: bool = option(False, "torch.compile every flow block's forward for training "
+                           "(TransformerFlow.compile_blocks; the first steps pay the compilation; on "
+                           "CPU it needs a C++ compiler). Checkpoints are unchanged.")
     seed: int = option(0, "Global seed (per-rank seed = seed·world + rank).")
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (exact CPU resume).")
     log_every: int = option(20, "Steps between metric logs (the rate monitor too).", ge=1)
@@ -212,7 +217,7 @@ class SampleConfig:
     labels: Literal["balanced", "uniform"] = option("balanced", "Class labels: equal counts, or uniform random.")
     guidance: float = option(0.0, "CFG scale w (0 = none). SimFlow's value: NOT RETRIEVED.")
     guidance_method: str = option("linear", "`linear` (TarFlow), `precision` (STARFlow); the "
-                                  "paper's revised CFG is NOT RETRIEVED: register it in flow.py.")
+                                  "paper's revised CFG is NOT RETRIEVED: register it in simflow/sampling/guidance.py.")
     guide: Literal["shift", "scale", "both"] = option("both", "Linear guidance: what is extrapolated.")
     annealed: bool = option(False, "Anneal w over the token index (TarFlow's FID setting).")
     attn_temp: float | None = option(None, "Attention temperature τ of the unconditional branch "
@@ -222,7 +227,19 @@ class SampleConfig:
     denoise_step_scale: float = option(1.0, "s of the denoising step (1 = theoretical optimum).")
     use_ema: bool = option(True, "Sample from the EMA weights.")
     seed: int = option(0, "Base seed; sample i's noise is seeded by (seed, i), independent of GPUs.")
-    use_cache: bool = option(True, "KV-cached autoregressive inverse (False: reference, slow).")
+    mode: Literal["auto", "cached", "static", "compiled", "cuda_graph", "jacobi", "uncached"] = option(
+        "auto", "Sampler (simflow.sampling). `auto`: the fastest exact path of the device: on CUDA "
+        "`cuda_graph` (the static-shape token step captured as one CUDA graph per block and replayed "
+        "per token), on CPU `cached` (the KV-cached token loop). `static`: the static-shape step, "
+        "eager; `compiled`: it through torch.compile (a compilation per process; on CPU it needs a "
+        "C++ compiler); `jacobi`: block-wise Jacobi (STARFlow), approximate within sample.jacobi_tol; "
+        "`uncached`: a full causal pass per token (the slow reference). `cuda_graph` on a CPU run is "
+        "an error.")
+    jacobi_block_size: int = option(16, "sample.mode=jacobi: tokens per chunk solved by parallel "
+                                    "fixed-point iteration.", ge=1)
+    jacobi_tol: float = option(1e-3, "sample.mode=jacobi: a chunk stops iterating when no element "
+                               "changes by more than this (in the flow's units; 0 = exact, as many "
+                               "passes as tokens).", ge=0)
 
 
 @dataclass
@@ -455,6 +472,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.repa_layer={m.repa_layer} does not exist: the flow has {depth} "
                           f"transformer layers (flow.layers_per_block={f.layers_per_block}), counted "
                           f"from 0; use 0 to {depth - 1}")
+    if cfg.sample.mode == "cuda_graph" and cfg.launcher.gpus_per_node == 0:
+        raise ConfigError("sample.mode=cuda_graph needs a CUDA device, but launcher.gpus_per_node=0 "
+                          "makes this a CPU run: use sample.mode=auto (the cached loop on CPU)")
     t = cfg.train
     if t.micro_batch_size is not None and t.micro_batch_size > t.global_batch_size:
         raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} exceeds "

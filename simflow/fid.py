@@ -388,12 +388,13 @@ def train_feature_extractor(
     width: int = 32,
     feature_dim: int = 128,
     device: str | torch.device | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Train a :class:`SmallClassifier` on ``dataset`` ((float image, label) items) and save its checkpoint.
 
     AdamW with a cosine learning-rate decay over ``steps`` steps of ``batch_size`` images drawn with
-    replacement (seeded). Returns ``{"accuracy", "accuracy_split", "final_loss", "steps", "num_params",
-    "checkpoint"}``; accuracy is on ``eval_dataset`` when given, else on (up to 5000 of) the training images.
+    replacement (seeded), loaded by ``num_workers`` worker processes (``data.num_workers``). Returns
+    ``{"accuracy", "accuracy_split", "final_loss", "steps", "num_params", "checkpoint"}``; accuracy is on ``eval_dataset`` when given, else on (up to 5000 of) the training images.
     """
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
@@ -408,7 +409,8 @@ def train_feature_extractor(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     gen = torch.Generator().manual_seed(seed)
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=steps * batch_size, generator=gen)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=num_workers)
     model.train()
     loss = torch.tensor(float("nan"))
     for x, y in loader:
@@ -426,7 +428,7 @@ def train_feature_extractor(
         split, eval_ds = "eval", eval_dataset
     correct = total = 0
     with torch.no_grad():
-        for x, y in torch.utils.data.DataLoader(eval_ds, batch_size=512):
+        for x, y in torch.utils.data.DataLoader(eval_ds, batch_size=512, num_workers=num_workers):
             correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
             total += len(y)
     result = {

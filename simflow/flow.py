@@ -26,22 +26,17 @@ Conventions used throughout (and by every caller of this module):
   "adaln"`` the class embedding modulates every layer (DiT-style AdaLN, zero-initialised); with
   ``"add"`` it is added to every token (TarFlow).
 
-Sampling inverts the blocks in reverse order, token by token, with a preallocated key/value cache
-(:class:`KVCache`). Guidance runs the conditional and the "unconditional" branch in **one batched
-pass** of size 2B and combines their per-token parameters with a pluggable
-:class:`GuidanceStrategy`. The unconditional branch is the null class for conditional models, or the
-same input under an attention temperature τ (TarFlow's guidance for unconditional models).
-
-Speed options of :meth:`TransformerFlow.reverse` (static-shape step, ``torch.compile``, CUDA graphs,
-block-wise Jacobi) and :meth:`TransformerFlow.compile_blocks` for training are measured by
-``simflow bench`` and documented, with their tolerances, in docs/performance.md.
+This module is the model: the density direction (:meth:`TransformerFlow.to_noise`, ``forward``,
+``nll``) and the one primitive the inverse needs from a block, :meth:`FlowBlock.step` (the affine
+parameters of some positions given their inputs and a key/value cache of the earlier ones).
+Sampling — the token-by-token inverse, guidance, and its fast paths — is :mod:`simflow.sampling`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,62 +66,17 @@ def unpatchify(tokens: Tensor, channels: int, height: int, width: int, patch_siz
 
 
 # --------------------------------------------------------------------------------------------
-# Key/value cache for sampling
+# Sampling cache interface
 # --------------------------------------------------------------------------------------------
-class KVCache:
-    """Preallocated keys and values of every layer of one flow block, written in place.
+class AttentionCache(Protocol):
+    """What attention needs from a key/value cache while sampling (see :mod:`simflow.sampling.cache`).
 
-    Shapes: ``keys``/``values`` are lists (one per layer) of ``(B, heads, T, head_dim)`` tensors —
-    separate tensors, not views of one stacked buffer, because ``torch.compile`` copies a whole
-    stacked buffer when a view of it is written in place. ``length`` is the number of positions
-    already written; attention at a new position reads the views ``[..., :length]``. The buffers
-    are allocated once per sampling call and reused by every block (sized for the deepest), so no
-    tensor is concatenated or reallocated in the token loop.
+    ``attend(layer, q, k, v)`` stores the new keys/values ``k, v`` (B, heads, n, head_dim) of
+    ``layer`` and returns the attention output (B, heads, n, head_dim) of the queries ``q`` over the
+    cached positions and, causally, the n new ones. Where the new positions are written is the
+    cache's state, advanced by the sampler."""
 
-    Two ways to use it:
-
-    * :meth:`write` (dynamic shapes): appends at ``length`` and returns the views up to the new
-      end, so attention cost grows with the position. The default sampling path.
-    * :meth:`write_at` + :meth:`mask` (static shapes): writes at a *tensor* position and returns
-      the full ``T``-long buffers; attention masks the positions after it. Every token step then has
-      the same shapes and no Python-int position, which is what ``torch.compile`` (no recompile per
-      token) and CUDA-graph capture need. Such a cache is zero-filled (``zero=True``): unwritten
-      slots are masked out, but a NaN left in uninitialised memory would survive the 0 weight.
-    """
-
-    def __init__(self, layers: int, batch: int, heads: int, seq_len: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype, zero: bool = False):
-        shape = (batch, heads, seq_len, head_dim)
-        alloc = torch.zeros if zero else torch.empty
-        self.keys = [alloc(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.values = [alloc(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.positions = torch.arange(seq_len, device=device)
-        self.length = 0
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store ``k, v`` of shape (B, heads, n, head_dim) at the current position and return the
-        cached keys and values up to and including them."""
-        n = k.shape[2]
-        end = self.length + n
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def write_at(self, layer: int, position: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Static-shape write of one position: ``position`` is a (1,) long tensor, ``k, v`` are
-        (B, heads, 1, head_dim). Returns the full (B, heads, T, head_dim) buffers of ``layer``;
-        combine with :meth:`mask`. ``length`` is not touched (the position tensor is the state)."""
-        keys, values = self.keys[layer], self.values[layer]
-        keys.index_copy_(2, position, k.to(keys.dtype))
-        values.index_copy_(2, position, v.to(values.dtype))
-        return keys, values
-
-    def mask(self, position: Tensor) -> Tensor:
-        """(1, 1, 1, T) boolean attention mask: True at the slots ≤ ``position`` ((1,) long)."""
-        return (self.positions <= position).view(1, 1, 1, -1)
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,11 +97,11 @@ def linear_residual(linear: nn.Linear, a: Tensor, residual: Tensor | None) -> Te
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention over (B, T, width) through SDPA.
+    """Causal multi-head self-attention over x (B, T, width) → (B, T, width), through SDPA.
 
-    In training the whole sequence is processed with ``is_causal=True`` (no explicit mask, so the
-    flash / memory-efficient kernels apply). In sampling one new position is processed against the
-    :class:`KVCache`, which only holds earlier positions, so no mask is needed either.
+    Without a cache (training, density) the whole sequence is processed with ``is_causal=True``
+    (no explicit mask, so the flash / memory-efficient kernels apply). With an
+    :class:`AttentionCache` (sampling) the new positions attend to the cached ones through it.
     ``query_scale`` (B, 1, 1, 1) multiplies the queries per sample: ``1/τ`` implements an attention
     temperature τ for a part of the batch (guidance for unconditional models).
     """
@@ -165,9 +115,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
-                query_scale: Tensor | None = None,
-                slot: tuple[Tensor, Tensor] | None = None, residual: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: AttentionCache | None = None, layer: int = 0,
+                query_scale: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
         """Attention output (B, t, width); ``residual + output`` when ``residual`` is given."""
         b, t, _ = x.shape
         # q, k, v as (B, heads, t, head_dim) views of the qkv output, split on its "3" axis: the
@@ -179,20 +128,8 @@ class Attention(nn.Module):
             q = q * query_scale.to(q.dtype)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif slot is not None:  # static shapes: (position, mask); later slots masked out
-            k, v = cache.write_at(layer, slot[0], k, v)
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=slot[1])
         else:
-            k, v = cache.write(layer, k, v)
-            # With one new position every cached position is in its past, so attention is
-            # unmasked; a multi-position step (Jacobi) needs causality within the new chunk.
-            causal_chunk = t > 1
-            if causal_chunk:
-                offset = k.shape[2] - t
-                mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(offset)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v)
+            out = cache.attend(layer, q, k, v)
         return linear_residual(self.proj, out.transpose(1, 2).reshape(b, t, -1), residual)
 
 
@@ -245,117 +182,37 @@ class TransformerLayer(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
         return shift1, 1 + scale1, gate1, shift2, 1 + scale2, gate2
 
-    def forward(self, x: Tensor, cond: Tensor | None, cache: KVCache | None = None, layer: int = 0,
-                query_scale: Tensor | None = None, slot: tuple[Tensor, Tensor] | None = None,
+    def forward(self, x: Tensor, cond: Tensor | None, cache: AttentionCache | None = None,
+                layer: int = 0, query_scale: Tensor | None = None,
                 modulation: tuple[Tensor, ...] | None = None) -> Tensor:
-        """``slot`` = (position, mask) selects the static-shape cache path; ``modulation`` (from
-        :meth:`modulation_of`) replaces computing the AdaLN terms from ``cond``."""
+        """x (B, t, width) → (B, t, width). ``cache``/``layer`` route attention through a sampling
+        cache; ``modulation`` (from :meth:`modulation_of`) replaces computing the AdaLN terms from
+        ``cond``."""
         if self.modulation is None:  # the residual adds are fused into the output matmuls
-            x = self.attn(self.norm1(x), cache, layer, query_scale, slot, residual=x)
+            x = self.attn(self.norm1(x), cache, layer, query_scale, residual=x)
             return self.mlp(self.norm2(x), residual=x)
         if modulation is None:
             modulation = self.modulation_of(cond)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation
         # addcmul: one pass (and one temporary) per modulation instead of a product and a sum
         h = torch.addcmul(shift1, self.norm1(x), scale1)
-        x = torch.addcmul(x, gate1, self.attn(h, cache, layer, query_scale, slot))
+        x = torch.addcmul(x, gate1, self.attn(h, cache, layer, query_scale))
         h = torch.addcmul(shift2, self.norm2(x), scale2)
         return torch.addcmul(x, gate2, self.mlp(h))
 
 
 # --------------------------------------------------------------------------------------------
-# Guidance
+# One flow block
 # --------------------------------------------------------------------------------------------
 @dataclass
 class StepParams:
-    """Affine parameters of one token step: x = z·exp(log_scale) + shift; tensors (B, n, D), fp32."""
+    """Affine parameters of some token positions: x = z·exp(log_scale) + shift (the inverse of
+    z = (x − shift)·exp(−log_scale)); ``shift``, ``log_scale``: (B, n, D), fp32."""
 
     shift: Tensor
     log_scale: Tensor
 
 
-class GuidanceStrategy(Protocol):
-    """Combines conditional and unconditional step parameters into the guided ones.
-
-    ``weight`` is the guidance scale w (0 = no guidance); ``position`` the token index in the block's
-    order (0-based) and ``num_tokens`` the block's length T, for schedules annealed over tokens.
-    A strategy whose class sets ``accepts_position_tensor = True`` also accepts ``position`` as a
-    (1, n, 1) long tensor for n positions at once (used by Jacobi sampling; others are called
-    position by position).
-    """
-
-    def __call__(self, cond: StepParams, uncond: StepParams, weight: float, position: int,
-                 num_tokens: int) -> StepParams: ...
-
-
-def annealed_weight(weight: float, position: int | Tensor, num_tokens: int) -> float | Tensor:
-    """TarFlow's annealed schedule: w_i = w·(i+1)/T, ramping up over the token index."""
-    return weight * (position + 1) / num_tokens
-
-
-class LinearGuidance:
-    """TarFlow's CFG: linear extrapolation p = p_c + w·(p_c − p_u) of the shift and/or log-scale.
-
-    ``guide`` chooses what is extrapolated: ``"shift"``, ``"scale"`` or ``"both"``; ``annealed``
-    ramps w over the token index as in TarFlow's FID evaluation.
-    """
-
-    accepts_position_tensor = True
-
-    def __init__(self, guide: str = "both", annealed: bool = False):
-        if guide not in ("shift", "scale", "both"):
-            raise ValueError(f"guide must be 'shift', 'scale' or 'both', got {guide!r}")
-        self.guide = guide
-        self.annealed = annealed
-
-    def __call__(self, cond: StepParams, uncond: StepParams, weight: float, position: int,
-                 num_tokens: int) -> StepParams:
-        w = annealed_weight(weight, position, num_tokens) if self.annealed else weight
-        shift, log_scale = cond.shift, cond.log_scale
-        if self.guide in ("shift", "both"):
-            shift = shift + w * (cond.shift - uncond.shift)
-        if self.guide in ("scale", "both"):
-            log_scale = log_scale + w * (cond.log_scale - uncond.log_scale)
-        return StepParams(shift, log_scale)
-
-
-class PrecisionGuidance:
-    """STARFlow's guidance: sample the Gaussian ∝ p_c^(1+w) / p_u^w in precision form.
-
-    With s = min(σ_c/σ_u, 1)²: σ = σ_c / √(1 + w − w·s) and μ = ((1+w)·μ_c − w·s·μ_u)/(1 + w − w·s).
-    """
-
-    accepts_position_tensor = True
-
-    def __init__(self, annealed: bool = False):
-        self.annealed = annealed
-
-    def __call__(self, cond: StepParams, uncond: StepParams, weight: float, position: int,
-                 num_tokens: int) -> StepParams:
-        w = annealed_weight(weight, position, num_tokens) if self.annealed else weight
-        s = torch.exp(2 * (cond.log_scale - uncond.log_scale)).clamp(max=1.0)
-        denom = 1 + w - w * s
-        shift = ((1 + w) * cond.shift - w * s * uncond.shift) / denom
-        return StepParams(shift, cond.log_scale - 0.5 * torch.log(denom))
-
-
-GUIDANCE_STRATEGIES: dict[str, Callable[..., GuidanceStrategy]] = {
-    "linear": LinearGuidance,
-    "precision": PrecisionGuidance,
-}
-"""Guidance strategies by name. SimFlow's "revised" CFG is not published (docs/sources.md);
-register it here (``GUIDANCE_STRATEGIES["simflow"] = MyGuidance``) once its formula is known."""
-
-
-def build_guidance(name: str, **options) -> GuidanceStrategy:
-    if name not in GUIDANCE_STRATEGIES:
-        raise ValueError(f"unknown guidance method {name!r}; known: {sorted(GUIDANCE_STRATEGIES)}")
-    return GUIDANCE_STRATEGIES[name](**options)
-
-
-# --------------------------------------------------------------------------------------------
-# One flow block
-# --------------------------------------------------------------------------------------------
 class FlowBlock(nn.Module):
     """One autoregressive affine flow step over T tokens of size D, in a fixed token order.
 
@@ -418,6 +275,8 @@ class FlowBlock(nn.Module):
 
     def run_layers(self, h: Tensor, ada_cond: Tensor | None, hidden_at: int | None = None,
                    query_scale: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """All layers over the full sequence h (B, T, width), causally; also returns the hidden
+        state after layer ``hidden_at`` (or None)."""
         hidden = None
         for i, layer in enumerate(self.layers):
             h = layer(h, ada_cond, query_scale=query_scale)
@@ -428,6 +287,7 @@ class FlowBlock(nn.Module):
     def forward(self, x: Tensor, add_cond: Tensor | None = None, ada_cond: Tensor | None = None,
                 hidden_at: int | None = None, query_scale: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(z tokens, logdet (B,), hidden state of layer ``hidden_at`` or None), all in raster order."""
         x_ord = self.order(x)
         h, hidden = self.run_layers(self.inputs(x_ord, add_cond), ada_cond, hidden_at, query_scale)
         p = self.params(h)
@@ -444,114 +304,30 @@ class FlowBlock(nn.Module):
             return None
         return [layer.modulation_of(ada_cond) for layer in self.layers]
 
-    def step(self, token_in: Tensor, position: int, cache: KVCache, add_cond: Tensor | None,
-             ada_cond: Tensor | None, query_scale: Tensor | None,
+    def embed(self, x: Tensor) -> Tensor:
+        """Transformer input of the position after each token of x (B, n, D): proj_in(x), in the
+        parameters' dtype (not yet position-embedded)."""
+        return self.proj_in(x.to(self.proj_in.weight.dtype))
+
+    def step(self, inputs: Tensor, positions: slice | Tensor, cache: AttentionCache,
+             add_cond: Tensor | None, ada_cond: Tensor | None, query_scale: Tensor | None,
              modulations: list[tuple[Tensor, ...]] | None = None) -> StepParams:
-        """Parameters of ``position`` given the transformer input of that position (B, 1, width)
-        (not yet position-embedded) and the cache holding all earlier positions. ``modulations``
-        (from :meth:`modulations`) replaces recomputing the AdaLN terms of ``ada_cond``."""
-        h = token_in + self.pos_embed[:, position:position + 1]
+        """Affine parameters (B, n, D) of n consecutive positions (in this block's order) from their
+        transformer inputs ``inputs`` (B, n, width): SOS or :meth:`embed` of the previous token, not
+        yet position-embedded. ``positions`` is a ``slice`` of them, or a (1,) long tensor for one
+        position (static shapes: no Python int, so one compiled graph / CUDA graph serves every
+        token). Attention reads the earlier positions from ``cache``, which the caller positions
+        and advances. ``modulations`` (from :meth:`modulations`) replaces recomputing the AdaLN
+        terms of ``ada_cond`` at every call."""
+        pos = (self.pos_embed[:, positions] if isinstance(positions, slice)
+               else self.pos_embed.index_select(1, positions))
+        h = inputs + pos
         if add_cond is not None:
             h = h + add_cond[:, None]
         for i, layer in enumerate(self.layers):
             h = layer(h, ada_cond, cache=cache, layer=i, query_scale=query_scale,
                       modulation=None if modulations is None else modulations[i])
-        cache.length += 1
         return self.params(h)
-
-    def step_static(self, token_in: Tensor, position: Tensor, cache: KVCache,
-                    add_cond: Tensor | None, query_scale: Tensor | None,
-                    modulations: list[tuple[Tensor, ...]] | None) -> tuple[Tensor, Tensor]:
-        """Static-shape version of :meth:`step`: ``position`` is a (1,) long tensor, the cache
-        (``zero=True``) is read in full under a length mask and ``cache.length`` is not used, so
-        every call has identical shapes. Returns (shift, log_scale), each (B, 1, D) in fp32.
-        AdaLN needs ``modulations`` (the condition is not an argument)."""
-        h = token_in + self.pos_embed.index_select(1, position)
-        if add_cond is not None:
-            h = h + add_cond[:, None]
-        slot = (position, cache.mask(position))
-        for i, layer in enumerate(self.layers):
-            h = layer(h, None, cache=cache, layer=i, query_scale=query_scale, slot=slot,
-                      modulation=None if modulations is None else modulations[i])
-        p = self.params(h)
-        return p.shift, p.log_scale
-
-    def chunk_params(self, inputs: Tensor, start: int, cache: KVCache, add_cond: Tensor | None,
-                     query_scale: Tensor | None, modulations: list[tuple[Tensor, ...]] | None) -> StepParams:
-        """Parameters of positions ``start … start+n−1`` from their transformer inputs (B, n, width)
-        (not yet position-embedded), attending causally within the chunk and to the cached
-        positions < ``start`` (block-wise Jacobi). The chunk's keys/values are written at ``start``
-        and ``cache.length`` is left at ``start``, so the next iterate overwrites them."""
-        n = inputs.shape[1]
-        h = inputs + self.pos_embed[:, start:start + n]
-        if add_cond is not None:
-            h = h + add_cond[:, None]
-        cache.length = start
-        for i, layer in enumerate(self.layers):
-            h = layer(h, None, cache=cache, layer=i, query_scale=query_scale,
-                      modulation=None if modulations is None else modulations[i])
-        return self.params(h)
-
-
-def _static_step(block: FlowBlock, token_in: Tensor, position: Tensor, cache: KVCache,
-                 add_cond: Tensor | None, query_scale: Tensor | None,
-                 modulations: list[tuple[Tensor, ...]] | None) -> tuple[Tensor, Tensor]:
-    """Free-function form of :meth:`FlowBlock.step_static`, the unit that is compiled or captured
-    (one compiled artefact serves every block of the same depth)."""
-    return block.step_static(token_in, position, cache, add_cond, query_scale, modulations)
-
-
-_COMPILED_STEPS: dict[str, Callable] = {}
-
-
-def compiled_static_step(mode: str = "default") -> Callable:
-    """``torch.compile`` of :func:`_static_step` with static shapes, built once per mode and
-    process (``"reduce-overhead"`` adds CUDA graphs on GPU)."""
-    if mode not in _COMPILED_STEPS:
-        _COMPILED_STEPS[mode] = torch.compile(_static_step, mode=None if mode == "default" else mode,
-                                              dynamic=False)
-    return _COMPILED_STEPS[mode]
-
-
-class CUDAGraphStep:
-    """One flow block's static-shape token step captured once as a CUDA graph and replayed per
-    token. Inputs are copied into static buffers (``token_in`` (B, 1, width), ``position`` (1,));
-    the returned (shift, log_scale) are the graph's static outputs, overwritten by the next replay.
-    Capture happens under the caller's autocast settings (with the autocast weight cache off, as
-    graph capture requires)."""
-
-    def __init__(self, block: FlowBlock, cache: KVCache, add_cond: Tensor | None,
-                 query_scale: Tensor | None, modulations: list[tuple[Tensor, ...]] | None,
-                 token_shape: tuple[int, ...], token_dtype: torch.dtype):
-        device = cache.keys[0].device
-        if device.type != "cuda":
-            raise ValueError("CUDA-graph sampling needs the model and noise on a CUDA device")
-        self.token_in = torch.zeros(token_shape, device=device, dtype=token_dtype)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self._args = (block, cache, add_cond, query_scale, modulations)  # kept alive with the graph
-        amp = torch.is_autocast_enabled("cuda")
-        amp_dtype = torch.get_autocast_dtype("cuda")
-
-        def run() -> tuple[Tensor, Tensor]:
-            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp, cache_enabled=False):
-                return _static_step(block, self.token_in, self.position, cache, add_cond,
-                                    query_scale, modulations)
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside capture (lazy inits, kernel selection)
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = run()
-
-    def __call__(self, token_in: Tensor, position: Tensor) -> tuple[Tensor, Tensor]:
-        self.token_in.copy_(token_in)
-        self.position.copy_(position)
-        self.graph.replay()
-        return self.outputs
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,19 +418,22 @@ class TransformerFlow(nn.Module):
         drop = torch.rand(y.shape, device=y.device) < self.label_drop
         return torch.where(drop, torch.full_like(y, -1), y)
 
-    def _conds(self, emb: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    def conditions(self, emb: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """A class embedding (B, width) or None → (additive condition, AdaLN condition) of the
+        blocks, one of them None (``conditioning``)."""
         if emb is None:
             return None, None
         return (emb, None) if self.conditioning == "add" else (None, emb)
 
     # ---- density ------------------------------------------------------------------------------
-    def encode(self, x: Tensor, y: Tensor | None = None, hidden_layer: int | None = None,
-               query_scale: Tensor | None = None) -> FlowOutput:
-        """Full forward pass. ``hidden_layer`` (global layer index counted from the data side)
-        selects a transformer hidden state to return, e.g. for REPA alignment."""
+    def to_noise(self, x: Tensor, y: Tensor | None = None, hidden_layer: int | None = None,
+                 query_scale: Tensor | None = None) -> FlowOutput:
+        """The data → noise pass with everything it produces (:class:`FlowOutput`). ``hidden_layer``
+        (global layer index counted from the data side) selects a transformer hidden state to
+        return, e.g. for REPA alignment. Labels are dropped at rate ``label_drop`` in training."""
         if y is not None and self.class_embed is not None and self.training and self.label_drop > 0:
             y = self.drop_labels(y)
-        add_cond, ada_cond = self._conds(self.class_embedding(y, x.shape[0], x.device))
+        add_cond, ada_cond = self.conditions(self.class_embedding(y, x.shape[0], x.device))
         tokens = patchify(x, self.patch_size)
         logdet = torch.zeros(x.shape[0], device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         hidden, sq_norms, first = None, [], 0
@@ -672,7 +451,7 @@ class TransformerFlow(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x (B, C, H, W) → (z of x's shape, logdet (B,) = log|det ∂z/∂x| in nats)."""
-        out = self.encode(x, y)
+        out = self.to_noise(x, y)
         return out.z, out.logdet
 
     def nll_from(self, z: Tensor, logdet: Tensor) -> Tensor:
@@ -711,258 +490,13 @@ class TransformerFlow(nn.Module):
     def compile_blocks(self, **compile_options) -> "TransformerFlow":
         """``torch.compile`` every block's forward in place (the training / density path; options go
         to :func:`torch.compile`, e.g. ``mode="max-autotune"``). Parameter names and the state dict
-        are unchanged. Blocks of equal depth share one compiled graph. Compile after making any
-        ``copy.deepcopy`` of the model (e.g. an EMA), which a compiled module may not survive.
-        Sampling is unaffected: it uses :meth:`FlowBlock.step`, see ``reverse(compile_step=...)``."""
+        are unchanged. Blocks of equal depth share one compiled graph. Deep-copying a compiled
+        module is not documented by PyTorch (the training loop samples without copies, see
+        ``simflow.train.ema_weights``). Sampling is unaffected: it uses :meth:`FlowBlock.step` (its
+        compiled form is ``simflow.sampling``'s ``compiled`` mode)."""
         for block in self.blocks:
             block.compile(**compile_options)
         return self
-
-    # ---- sampling -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def reverse(self, z: Tensor, y: Tensor | None = None, guidance: float | None = None,
-                guidance_method: str | GuidanceStrategy = "linear", attn_temp: float | None = None,
-                use_cache: bool = True, *, static_shapes: bool = False,
-                compile_step: bool | str = False, cuda_graph: bool = False,
-                jacobi_block_size: int | None = None, jacobi_tol: float = 1e-3,
-                jacobi_max_iter: int = 32, stats: dict | None = None,
-                **guidance_options) -> Tensor:
-        """Invert the flow: noise z (B, C, H, W) → x, autoregressively token by token.
-
-        Guidance (``guidance`` = w; ``None`` samples without it, any number, 0 included, runs the
-        guided pass): the conditional branch (label ``y``) is contrasted with the null class, run
-        under attention temperature ``attn_temp`` when given (unconditional models need it). Both branches run batched
-        (2B). ``guidance_method`` names a strategy in :data:`GUIDANCE_STRATEGIES` (options such as
-        ``annealed=True`` or ``guide="shift"`` go to its constructor) or is a strategy object.
-        ``use_cache=False`` recomputes every step with a full causal pass (slow; the reference
-        implementation the cached path is tested against).
-
-        Speed options (keyword only; each is tested against the default path, see
-        docs/performance.md for tolerances and measurements):
-
-        * ``static_shapes``: every token step has the same shapes (full-length cache under a
-          length mask, tensor position), so it can be compiled or graph-captured.
-        * ``compile_step``: ``torch.compile`` the static step (True → default mode, or a mode name
-          such as ``"reduce-overhead"``); implies ``static_shapes``.
-        * ``cuda_graph``: capture the static step of each block as a CUDA graph and replay it per
-          token (CUDA only); implies ``static_shapes``.
-        * ``jacobi_block_size``: block-wise Jacobi sampling (STARFlow): chunks of this many tokens
-          are solved by parallel fixed-point iteration, stopping when no element of the chunk
-          changes by more than ``jacobi_tol`` or after ``min(jacobi_max_iter, chunk)`` iterations
-          (a chunk of n tokens is exact after n iterations). Approximate for ``jacobi_tol > 0``;
-          one host sync per iteration (the stopping test).
-        * ``stats``: a dict to receive sampler statistics (Jacobi: iterations per chunk).
-        """
-        strategy = (build_guidance(guidance_method, **guidance_options)
-                    if isinstance(guidance_method, str) else guidance_method)
-        static = static_shapes or bool(compile_step) or cuda_graph
-        if not use_cache and (static or jacobi_block_size is not None):
-            raise ValueError("use_cache=False is the plain reference path; it cannot be combined "
-                             "with static_shapes/compile_step/cuda_graph/jacobi_block_size")
-        if jacobi_block_size is not None:
-            if static:
-                raise ValueError("jacobi_block_size cannot be combined with static_shapes/"
-                                 "compile_step/cuda_graph (Jacobi chunks have their own shapes)")
-            if int(jacobi_block_size) < 1 or jacobi_max_iter < 1 or jacobi_tol < 0:
-                raise ValueError(f"Jacobi sampling needs jacobi_block_size ≥ 1, jacobi_max_iter ≥ 1 "
-                                 f"and jacobi_tol ≥ 0; got {jacobi_block_size}, {jacobi_max_iter}, "
-                                 f"{jacobi_tol}")
-        if cuda_graph and compile_step:
-            raise ValueError("choose one of cuda_graph=True (manual capture) and compile_step "
-                             "(torch.compile; mode 'reduce-overhead' also uses CUDA graphs)")
-        if cuda_graph and z.device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs CUDA tensors; z is on {z.device} "
-                             "(use static_shapes or compile_step on CPU)")
-        b = z.shape[0]
-        guided = guidance is not None
-        if guided and self.class_embed is None and attn_temp is None:
-            raise ValueError("guidance on an unconditional model needs attn_temp (attention-"
-                             "temperature guidance); pass e.g. attn_temp=1.5")
-        emb = self.class_embedding(y, b, z.device)
-        query_scale = None
-        if guided:
-            # The unconditional branch is the null class (TarFlow), under attention temperature τ
-            # when one is given (the only contrast an unconditional model has).
-            uncond_emb = self.class_embedding(None, b, z.device)
-            if attn_temp is not None:
-                query_scale = torch.ones(2 * b, 1, 1, 1, device=z.device)
-                query_scale[b:] = 1.0 / attn_temp
-            emb = None if emb is None else torch.cat([emb, uncond_emb])
-        add_cond, ada_cond = self._conds(emb)
-
-        tokens = patchify(z, self.patch_size)
-        batch = 2 * b if guided else b
-        param_dtype = next(self.parameters()).dtype
-        cache_dtype = (torch.get_autocast_dtype(z.device.type)
-                       if torch.is_autocast_enabled(z.device.type) else param_dtype)
-        cache = None
-        if use_cache:  # the plain path needs none
-            cache = KVCache(max(self.layers_per_block), batch, self.width // self.head_dim,
-                            self.num_tokens, self.head_dim, z.device, cache_dtype, zero=static)
-        step_fn: Callable | None = None
-        if compile_step:
-            mode = compile_step if isinstance(compile_step, str) else "default"
-            step_fn = compiled_static_step(mode)
-            if "cudagraphs" in mode or mode == "reduce-overhead":
-                # CUDA-graph trees only replay when mutated inputs keep a fixed address.
-                for buffer in cache.keys + cache.values:
-                    torch._dynamo.mark_static_address(buffer)
-        elif static and not cuda_graph:
-            step_fn = _static_step
-        if stats is not None and jacobi_block_size is not None:
-            stats["jacobi_iterations"] = []
-        for block in reversed(self.blocks):
-            common = (add_cond, ada_cond, query_scale, strategy, guidance, guided)
-            if not use_cache:
-                tokens = self._reverse_block_uncached(block, tokens, *common)
-            elif jacobi_block_size is not None:
-                tokens, iters = self._reverse_block_jacobi(
-                    block, tokens, cache, *common, int(jacobi_block_size), jacobi_tol, jacobi_max_iter)
-                if stats is not None:
-                    stats["jacobi_iterations"].append(iters)
-            elif static:
-                tokens = self._reverse_block_static(block, tokens, cache, *common, step_fn=step_fn)
-            else:
-                tokens = self._reverse_block_cached(block, tokens, cache, *common)
-        return unpatchify(tokens, self.in_channels, self.img_size, self.img_size, self.patch_size)
-
-    @staticmethod
-    def _combine(p: StepParams, strategy: GuidanceStrategy, weight: float, position: int,
-                 num_tokens: int, guided: bool) -> StepParams:
-        if not guided:
-            return p
-        b = p.shift.shape[0] // 2
-        cond = StepParams(p.shift[:b], p.log_scale[:b])
-        uncond = StepParams(p.shift[b:], p.log_scale[b:])
-        return strategy(cond, uncond, weight, position, num_tokens)
-
-    @classmethod
-    def _combine_chunk(cls, p: StepParams, strategy: GuidanceStrategy, weight: float, start: int,
-                       num_tokens: int, guided: bool) -> StepParams:
-        """:meth:`_combine` for a chunk of positions ``start…``. An annealed weight depends on the
-        position: strategies that accept a tensor of positions get them all at once, others are
-        applied position by position."""
-        if not guided:
-            return p
-        n = p.shift.shape[1]
-        if getattr(strategy, "accepts_position_tensor", False):
-            positions = torch.arange(start, start + n, device=p.shift.device).view(1, n, 1)
-            return cls._combine(p, strategy, weight, positions, num_tokens, guided)
-        parts = [cls._combine(StepParams(p.shift[:, j:j + 1], p.log_scale[:, j:j + 1]), strategy,
-                              weight, start + j, num_tokens, guided)
-                 for j in range(p.shift.shape[1])]
-        return StepParams(torch.cat([q.shift for q in parts], 1),
-                          torch.cat([q.log_scale for q in parts], 1))
-
-    @staticmethod
-    def _embed_token(block: FlowBlock, x_i: Tensor, guided: bool) -> Tensor:
-        """Transformer input of the next position from the new token x_i (B, n, D): both CFG
-        branches share the token, so it is embedded once and duplicated."""
-        h = block.proj_in(x_i.to(block.proj_in.weight.dtype))
-        return torch.cat([h, h]) if guided else h
-
-    def _token_loop(self, block: FlowBlock, z_tokens: Tensor, token_in: Tensor,
-                    step: Callable[[Tensor, int], StepParams], strategy: GuidanceStrategy,
-                    weight: float, guided: bool) -> Tensor:
-        """The autoregressive inverse of one block, shared by the cached and static paths.
-
-        ``step(transformer input, i)`` gives position i's (shift, log_scale) (2B rows when
-        guided); after guidance, x_i = z_i·exp(log_scale) + shift becomes the next input.
-        """
-        z_ord = block.order(z_tokens).float()
-        t = z_ord.shape[1]
-        x_ord = torch.empty_like(z_ord)
-        for i in range(t):
-            p = self._combine(step(token_in, i), strategy, weight, i, t, guided)
-            x_i = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
-            x_ord[:, i:i + 1] = x_i
-            if i + 1 < t:
-                token_in = self._embed_token(block, x_i, guided)
-        return block.order(x_ord).to(z_tokens.dtype)
-
-    def _reverse_block_cached(self, block: FlowBlock, z_tokens: Tensor, cache: KVCache,
-                              add_cond, ada_cond, query_scale, strategy, weight, guided) -> Tensor:
-        cache.reset()
-        batch = 2 * z_tokens.shape[0] if guided else z_tokens.shape[0]
-        mods = block.modulations(ada_cond)
-
-        def step(token_in: Tensor, i: int) -> StepParams:
-            return block.step(token_in, i, cache, add_cond, ada_cond, query_scale, mods)
-
-        return self._token_loop(block, z_tokens, block.sos.expand(batch, -1, -1), step,
-                                strategy, weight, guided)
-
-    def _reverse_block_static(self, block: FlowBlock, z_tokens: Tensor, cache: KVCache,
-                              add_cond, ada_cond, query_scale, strategy, weight, guided,
-                              step_fn: Callable | None) -> Tensor:
-        """Token loop with identical shapes at every step; ``step_fn`` is :func:`_static_step`,
-        its compiled form, or None for a per-block CUDA graph."""
-        batch = 2 * z_tokens.shape[0] if guided else z_tokens.shape[0]
-        mods = block.modulations(ada_cond)
-        # detach + contiguous: the first input must look like the later ones (no requires_grad,
-        # which a parameter's view keeps under no_grad; no 0-stride), or torch.compile recompiles.
-        token_in = block.sos.detach().expand(batch, -1, -1).contiguous()
-        positions = cache.positions
-        if step_fn is None:
-            graphed = CUDAGraphStep(block, cache, add_cond, query_scale, mods,
-                                    tuple(token_in.shape), token_in.dtype)
-
-            def step(tok: Tensor, i: int) -> StepParams:
-                return StepParams(*graphed(tok, positions[i:i + 1]))
-        else:
-            def step(tok: Tensor, i: int) -> StepParams:
-                return StepParams(*step_fn(block, tok, positions[i:i + 1], cache, add_cond,
-                                           query_scale, mods))
-
-        return self._token_loop(block, z_tokens, token_in, step, strategy, weight, guided)
-
-    def _reverse_block_jacobi(self, block: FlowBlock, z_tokens: Tensor, cache: KVCache,
-                              add_cond, ada_cond, query_scale, strategy, weight, guided,
-                              chunk: int, tol: float, max_iter: int) -> tuple[Tensor, list[int]]:
-        """Block-wise Jacobi inverse: each chunk of positions is a fixed point x = f(x) of the
-        affine inverse given its own (guessed) earlier tokens; iterate from the guess x = z."""
-        z_ord = block.order(z_tokens).float()
-        b, t, _ = z_ord.shape
-        x_ord = torch.empty_like(z_ord)
-        batch = 2 * b if guided else b
-        mods = block.modulations(ada_cond)
-        first_in = block.sos.expand(batch, -1, -1)  # transformer input of the chunk's first position
-        iterations = []
-        for start in range(0, t, chunk):
-            end = min(start + chunk, t)
-            z_c = z_ord[:, start:end]
-            x_c = z_c
-            n_iter = min(max_iter, end - start)
-            for it in range(n_iter):
-                inputs = first_in if end - start == 1 else torch.cat(
-                    [first_in, self._embed_token(block, x_c[:, :-1], guided)], dim=1)
-                p = self._combine_chunk(block.chunk_params(inputs, start, cache, add_cond,
-                                                           query_scale, mods),
-                                        strategy, weight, start, t, guided)
-                x_new = z_c * torch.exp(p.log_scale) + p.shift
-                # Token 0 of the chunk is exact after one pass, token j after j + 1 passes.
-                done = it + 1 == n_iter or bool((x_new - x_c).abs().max() <= tol)
-                x_c = x_new
-                if done:
-                    break
-            iterations.append(it + 1)
-            cache.length = end
-            x_ord[:, start:end] = x_c
-            first_in = self._embed_token(block, x_c[:, -1:], guided)
-        return block.order(x_ord).to(z_tokens.dtype), iterations
-
-    def _reverse_block_uncached(self, block: FlowBlock, z_tokens: Tensor, add_cond, ada_cond,
-                                query_scale, strategy, weight, guided) -> Tensor:
-        z_ord = block.order(z_tokens).float()
-        t = z_ord.shape[1]
-        x_ord = torch.zeros_like(z_ord)
-        for i in range(t):
-            x_in = torch.cat([x_ord, x_ord]) if guided else x_ord
-            h, _ = block.run_layers(block.inputs(x_in, add_cond), ada_cond, query_scale=query_scale)
-            p = block.params(h[:, i:i + 1])
-            p = self._combine(p, strategy, weight, i, t, guided)
-            x_ord[:, i:i + 1] = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
-        return block.order(x_ord).to(z_tokens.dtype)
 
 
 def bits_per_dim(nll_nats: Tensor, num_dims: int, log_scale_correction: float = 0.0) -> Tensor:

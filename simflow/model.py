@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from simflow import sampling
 from simflow.config import Config, ModelConfig
 from simflow.flow import TransformerFlow
 from simflow.losses import (PatchDiscriminator, REPAProjector, adversarial_weight,
@@ -240,7 +241,7 @@ class SimFlowModel(nn.Module):
         out, nll = None, None
         repa_on = cfg.repa_weight > 0 and self.repa_projector is not None and not self.vae_only
         if not self.vae_only:
-            out = self.flow.encode(x, labels, hidden_layer=cfg.repa_layer if repa_on else None)
+            out = self.flow.to_noise(x, labels, hidden_layer=cfg.repa_layer if repa_on else None)
             nll = self.flow.nll_from(out.z, out.logdet)  # (B,) nats
             d = self.flow.num_dims
             terms["nll_per_dim"] = nll.detach().mean() / d
@@ -281,13 +282,15 @@ class SimFlowModel(nn.Module):
     # ---- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, noise: Tensor, labels: Tensor | None, guidance: float | None = None,
-                 denoise: bool = False, denoise_step_scale: float = 1.0, **reverse_options) -> Tensor:
+                 denoise: bool = False, denoise_step_scale: float = 1.0, **sample_options) -> Tensor:
         """Prior noise (B, *flow_input_shape) → images in [-1, 1] (clamped).
 
-        ``denoise`` applies the Tweedie step with σ = ``latent_noise_std`` to the flow's sample
-        before decoding (the noise-augmented baselines; SimFlow needs none).
+        The flow is inverted by :func:`simflow.sampling.sample` (``sample_options``: its mode,
+        guidance method and options). ``denoise`` applies the Tweedie step with
+        σ = ``latent_noise_std`` to the flow's sample before decoding (the noise-augmented
+        baselines; SimFlow needs none).
         """
-        x = self.flow.reverse(noise, labels, guidance=guidance, **reverse_options)
+        x = sampling.sample(self.flow, noise, labels, guidance=guidance, **sample_options)
         if denoise and self.cfg.latent_noise_std > 0:
             x = self.flow.denoise(x, self.cfg.latent_noise_std, labels, denoise_step_scale)
         return self.decode_latents(x).clamp(-1, 1)

@@ -11,7 +11,6 @@ submit one checkpointable :class:`~simflow.launch.StageJob` (one task per GPU) a
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from simflow.config import Config, load_config, save_config, to_dict
+from simflow.config import Config, ConfigError, load_config, save_config, to_dict
 from simflow.data import build_dataset, subset_indices
 from simflow.distributed import DistEnv, barrier, check_launch_backend, init_distributed, shutdown
 from simflow.flow import bits_per_dim
@@ -94,19 +93,19 @@ def make_fid_probe(cfg: Config, env: DistEnv) -> Callable[[SimFlowModel, dict], 
         raise ValueError("train.fid_every > 0 needs eval.reference_stats (run `simflow fid-ref` and "
                          "point it at reference_stats.npz), or set train.fid_every: 0")
     from simflow.fid import compute_metrics, images_to_uint8, save_samples_npz
+    from simflow.train import ema_weights
+    sampling_mode(cfg, env.device)  # before training: a mode this device cannot run fails now
     register_extractor(cfg)
     path = Path(cfg.run_dir) / "fid_probe_samples.npz"
 
     @torch.no_grad()
     def probe(model: SimFlowModel, ema_state: dict) -> float:
-        ema_model = copy.deepcopy(model)
-        ema_model.load_state_dict(ema_state)
-        ema_model.eval()
         images = []
-        for sl in batched(cfg.train.fid_samples, cfg.sample.batch_size):
-            noise, y = sample_noise_and_labels(cfg, ema_model, range(sl.start, sl.stop))
-            out = generate_images(cfg, ema_model, noise.to(env.device), None if y is None else y.to(env.device))
-            images.append(images_to_uint8(torch.nan_to_num(out.float())).cpu().numpy())
+        with ema_weights(model, ema_state):
+            for sl in batched(cfg.train.fid_samples, cfg.sample.batch_size):
+                noise, y = sample_noise_and_labels(cfg, model, range(sl.start, sl.stop))
+                out = generate_images(cfg, model, noise.to(env.device), None if y is None else y.to(env.device))
+                images.append(images_to_uint8(torch.nan_to_num(out.float())).cpu().numpy())
         save_samples_npz(path, np.concatenate(images))
         metrics = compute_metrics(path, cfg.eval.reference_stats, None, cfg.eval.feature_extractor,
                                   cfg.eval.feature_extractor_weights_path, isc=False, kid=False, prc=False,
@@ -168,7 +167,7 @@ def stage_feature_extractor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     test_set = build_dataset(cfg.data.name, cfg.data.root, "test", cfg.data.image_size)
     result = train_feature_extractor(train_set, run_dir / "classifier.pt", steps=cfg.eval.classifier_steps,
                                      batch_size=64, seed=cfg.train.seed, eval_dataset=test_set,
-                                     width=16, device=env.device)
+                                     width=16, device=env.device, num_workers=cfg.data.num_workers)
     run.log_metrics({"feature_extractor/accuracy": result["accuracy"]})
     write_json(run_dir / "classifier.json", result)
     return result
@@ -253,12 +252,26 @@ def rank_slice(n: int, env: DistEnv) -> range:
     return range(env.rank * per, min(n, (env.rank + 1) * per))
 
 
+def sampling_mode(cfg: Config, device: torch.device) -> str:
+    """The sampler mode ``sample.mode`` resolves to on ``device`` (see
+    :func:`simflow.sampling.resolve_mode`); a CUDA-only mode on a CPU run is a :class:`ConfigError`
+    raised when the stage starts, not a silent fallback."""
+    from simflow.sampling import resolve_mode
+    try:
+        return resolve_mode(cfg.sample.mode, device)
+    except ValueError as err:
+        raise ConfigError(f"sample.mode={cfg.sample.mode}: {err}") from None
+
+
 def generate_images(cfg: Config, model: SimFlowModel, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """Images in [-1, 1] from prior noise, with the guidance and denoising of ``cfg.sample``."""
+    """Images in [-1, 1] from prior noise, with the sampler mode, guidance and denoising of
+    ``cfg.sample``."""
     from simflow.train import autocast
     s = cfg.sample
     guidance = None if s.guidance == 0 else s.guidance
-    options: dict[str, Any] = {"use_cache": s.use_cache}
+    options: dict[str, Any] = {"mode": sampling_mode(cfg, noise.device)}
+    if options["mode"] == "jacobi":
+        options.update(jacobi_block_size=s.jacobi_block_size, jacobi_tol=s.jacobi_tol)
     if guidance is not None:
         options.update(guidance_method=s.guidance_method, attn_temp=s.attn_temp)
         if s.guidance_method == "linear":
@@ -274,6 +287,7 @@ def stage_sample(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     from simflow.fid import images_to_uint8, save_samples_npz
     from simflow.train import make_grid
     run_dir = Path(cfg.run_dir)
+    sampling_mode(cfg, env.device)  # a mode this device cannot run fails before any work
     model = load_trained(cfg, env.device)
     s = cfg.sample
     mine = rank_slice(s.num_samples, env)

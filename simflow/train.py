@@ -14,7 +14,6 @@ averaged explicitly with one flat all-reduce per optimiser after the backward pa
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import random
@@ -23,7 +22,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -78,9 +77,45 @@ class StepBatches:
         return batch[rank * per_rank:(rank + 1) * per_rank]
 
 
-def collate(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[int(i)] for i in indices]
+def collate_items(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, label) items → images (B, C, H, W) and int64 labels (B,)."""
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+
+def collate(dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return collate_items([dataset[int(i)] for i in indices])
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """This rank's indices of the steps ``start … stop−1`` of :class:`StepBatches`, one list per
+    step, so a DataLoader yields exactly the batches the step-indexed order prescribes."""
+
+    def __init__(self, batches: StepBatches, start: int, stop: int, rank: int, world_size: int):
+        self.batches, self.start, self.stop = batches, start, stop
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.batches.indices(step, self.rank, self.world_size).tolist()
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+
+def make_train_loader(cfg: Config, dataset, batches: StepBatches, start_step: int, rank: int,
+                      world_size: int) -> torch.utils.data.DataLoader:
+    """The training batches of steps ``start_step … train.steps−1`` for this rank, loaded by
+    ``data.num_workers`` worker processes (0: in this process).
+
+    The loader draws its workers' base seed from its own generator, seeded by (train.seed, rank,
+    start step), never from the global RNG: creating it leaves the training stream (noise, label
+    dropout) untouched, so resuming stays exact. With 0 workers the random flips
+    (``data.hflip``) come from the training stream as well; with workers they come from the
+    workers' seeds, so a resumed run flips differently from an uninterrupted one."""
+    gen = torch.Generator().manual_seed((cfg.train.seed * world_size + rank) * 1_000_003 + start_step)
+    sampler = StepBatchSampler(batches, start_step, cfg.train.steps, rank, world_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_items,
+                                       num_workers=cfg.data.num_workers, generator=gen)
 
 
 # ------------------------------------------------------------------------------------------
@@ -125,6 +160,24 @@ class EMA:
                 self.state[name].lerp_(value, 1 - decay)
             else:
                 self.state[name].copy_(value)
+
+
+@contextlib.contextmanager
+def ema_weights(model: nn.Module, ema_state: dict) -> Iterator[nn.Module]:
+    """``model`` with the EMA weights loaded and in eval mode; its own weights and mode come back
+    on exit (the parameter tensors stay the optimiser's). In place rather than on a
+    ``copy.deepcopy``: no second model in memory (5 GB at the paper's flow size), and no deep copy
+    of ``torch.compile`` d blocks (``train.compile``), which PyTorch does not document (with torch
+    2.14 such a copy does run its own weights, without recompiling)."""
+    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    model.load_state_dict(ema_state)
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.load_state_dict(own)
+        model.train(was_training)
 
 
 def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
@@ -430,6 +483,44 @@ class CheckpointKeeper:
             tmp.unlink(missing_ok=True)
 
 
+def accumulate_gradients(model: SimFlowModel, images: torch.Tensor, labels: torch.Tensor, step: int,
+                         cfg: Config, micro: int) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Forward (under :func:`autocast`) and backward of this rank's batch in micro-batches of
+    ``micro``, gradients accumulated as the mean over them. Returns the loss terms (means over
+    the micro-batches) and the detached reconstructions (for the discriminator step)."""
+    device = images.device
+    accumulation = len(images) // micro
+    recon_chunks = []
+    terms: dict[str, torch.Tensor] = {}
+    for chunk in range(accumulation):
+        sl = slice(chunk * micro, (chunk + 1) * micro)
+        with autocast(cfg, device):
+            out = model.training_losses(images[sl], labels[sl], step)
+        (out.total / accumulation).backward()
+        for k, v in out.terms.items():
+            terms[k] = terms.get(k, 0.0) + v.float() / accumulation
+        if out.recon is not None:
+            recon_chunks.append(out.recon)
+    return terms, recon_chunks
+
+
+def apply_gradients(optimizers: dict[str, torch.optim.Optimizer], cfg: Config,
+                    env: DistEnv) -> dict[str, torch.Tensor]:
+    """Average the gradients over ranks, clip them (``train.grad_clip``) and step every optimiser
+    but the discriminator's (stepped after its own loss). Returns the gradient norm per optimiser."""
+    norms = {}
+    for name, opt in optimizers.items():
+        if name == "disc":
+            continue
+        params = [p for g in opt.param_groups for p in g["params"]]
+        all_reduce_mean_([p.grad for p in params if p.grad is not None], env)
+        norms[name] = (torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip) if cfg.train.grad_clip > 0
+                       else grad_norm(params))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return norms
+
+
 def load_pretrained_vae(model: SimFlowModel, path: str | None) -> None:
     if model.mode not in ("frozen_vae", "frozen_encoder"):
         return
@@ -531,6 +622,10 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
                 atomic_save(state, checkpoint_dir(cfg) / f"step_{step:07d}.pt")
         return checkpoint_dir(cfg) / LATEST
 
+    if t_cfg.compile and not vae_only:
+        # In place, after the EMA copy of the state dict: parameter names (checkpoints) unchanged.
+        model.flow.compile_blocks()
+    loader = iter(make_train_loader(cfg, dataset, batches, start_step, env.rank, world))
     model.train()
     step = start_step
     steps_this_run = 0
@@ -545,37 +640,16 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
         for name, opt in optimizers.items():
             for group in opt.param_groups:
                 group["lr"] = lrs[name] * factor
-        images, labels = collate(dataset, batches.indices(step, env.rank, world))
+        images, labels = next(loader)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
-        recon_chunks = []
-        terms_step: dict[str, torch.Tensor] = {}
-        for chunk in range(accumulation):
-            sl = slice(chunk * micro, (chunk + 1) * micro)
-            with autocast(cfg, device):
-                out = model.training_losses(images[sl], labels[sl], step)
-            (out.total / accumulation).backward()
-            for k, v in out.terms.items():
-                terms_step[k] = terms_step.get(k, 0.0) + v.float() / accumulation
-            if out.recon is not None:
-                recon_chunks.append(out.recon)
-
+        terms_step, recon_chunks = accumulate_gradients(model, images, labels, step, cfg, micro)
         loss_check = terms_step["total"].detach().clone().reshape(1)
         all_reduce_mean_([loss_check], env)
         if not torch.isfinite(loss_check).all():
             raise NonFiniteLossError(non_finite_message(float(loss_check), step, cfg, keeper))
         keeper.observe(float(loss_check))
-
-        norms = {}
-        for name, opt in optimizers.items():
-            if name == "disc":
-                continue
-            params = [p for g in opt.param_groups for p in g["params"]]
-            all_reduce_mean_([p.grad for p in params if p.grad is not None], env)
-            norms[name] = (torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip) if t_cfg.grad_clip > 0
-                           else grad_norm(params))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        norms = apply_gradients(optimizers, cfg, env)
 
         if "disc" in optimizers and recon_chunks:
             recon = torch.cat(recon_chunks)
@@ -712,14 +786,12 @@ def make_progress(total: int, initial: int, env: DistEnv):
 def sample_grid(model: SimFlowModel, ema_state: dict, n: int = 16) -> np.ndarray:
     """A fixed-noise grid from the EMA weights, uint8 (H·rows, W·cols, C), for MLflow."""
     from simflow.fid import images_to_uint8
-    ema_model = copy.deepcopy(model)
-    ema_model.load_state_dict(ema_state)
-    ema_model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn((n, *model.flow_input_shape), generator=gen).to(device)
     labels = (torch.arange(n, device=device) % model.flow.num_classes) if model.flow.num_classes else None
-    images = images_to_uint8(ema_model.generate(noise, labels)).cpu().numpy()
+    with ema_weights(model, ema_state):
+        images = images_to_uint8(model.generate(noise, labels)).cpu().numpy()
     return make_grid(images)
 
 

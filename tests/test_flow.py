@@ -1,46 +1,13 @@
-"""Properties of the transformer autoregressive flow (simflow/flow.py)."""
+"""Properties of the transformer autoregressive flow (simflow/flow.py): the model; its sampler is tested
+in test_sampling.py and test_sampling_fast_paths.py."""
 
 import math
 
 import pytest
 import torch
 
-from simflow.flow import (KVCache, LinearGuidance, PrecisionGuidance, StepParams, TransformerFlow,
-                          bits_per_dim, patchify, unpatchify)
-
-
-def randomise(model: TransformerFlow, std: float = 0.1) -> TransformerFlow:
-    """Give the zero-initialised parts (output projections, AdaLN) random values, so a test of
-    invertibility or causality is not trivially passed by identity blocks."""
-    torch.manual_seed(1234)
-    for name, param in model.named_parameters():
-        if name.endswith("weight") and param.dim() > 1:
-            torch.nn.init.normal_(param, std=std)
-        elif name.endswith("bias"):
-            torch.nn.init.normal_(param, std=std)
-    return model.eval()
-
-
-CONFIGS = {
-    "multi_block": dict(in_channels=4, img_size=8, patch_size=1, channels=32, layers_per_block=[1, 1, 1]),
-    "patch2": dict(in_channels=3, img_size=8, patch_size=2, channels=32, layers_per_block=[2, 1]),
-    "conditional_adaln": dict(in_channels=4, img_size=4, patch_size=1, channels=32, layers_per_block=[1, 2],
-                              num_classes=5),
-    "conditional_add_exp": dict(in_channels=2, img_size=4, patch_size=1, channels=32, layers_per_block=[2, 2],
-                                num_classes=3, conditioning="add", scale_param="exp", soft_clip=0.0),
-    "deep_shallow": dict(in_channels=4, img_size=4, patch_size=1, channels=32, layers_per_block=[1, 1, 1, 4]),
-}
-
-
-def make(name: str) -> TransformerFlow:
-    torch.manual_seed(0)
-    return randomise(TransformerFlow(head_dim=16, **CONFIGS[name]))
-
-
-def labels_for(model: TransformerFlow, batch: int) -> torch.Tensor | None:
-    if model.num_classes == 0:
-        return None
-    return torch.arange(batch) % model.num_classes
+from helpers_flow import labels_for, make
+from simflow.flow import TransformerFlow, bits_per_dim, patchify, unpatchify
 
 
 def test_patchify_roundtrip():
@@ -57,17 +24,6 @@ def test_fresh_flow_is_identity_with_zero_logdet():
     z, logdet = model(x)
     assert torch.allclose(z, x, atol=1e-6)
     assert torch.allclose(logdet, torch.zeros(3), atol=1e-5)
-
-
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_reverse_inverts_forward(name):
-    model = make(name)
-    x = torch.randn(4, model.in_channels, model.img_size, model.img_size)
-    y = labels_for(model, 4)
-    z, logdet = model(x, y)
-    assert z.shape == x.shape and logdet.shape == (4,)
-    assert (z - x).abs().max() > 1e-2, "randomised blocks must not be the identity"
-    assert torch.allclose(model.reverse(z, y), x, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["patch2", "conditional_add_exp"])
@@ -116,96 +72,6 @@ def test_causal_attention_ignores_future_inputs_in_training_pass():
     assert not torch.allclose(h1[:, 8:], h2[:, 8:], atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["multi_block", "patch2", "conditional_adaln"])
-def test_cached_reverse_equals_uncached(name):
-    model = make(name)
-    z = torch.randn(3, model.in_channels, model.img_size, model.img_size)
-    y = labels_for(model, 3)
-    cached = model.reverse(z, y)
-    uncached = model.reverse(z, y, use_cache=False)
-    assert torch.allclose(cached, uncached, atol=1e-5)
-    guided_cached = model.reverse(z, y, guidance=1.5, guidance_method="precision") if y is not None else None
-    if guided_cached is not None:
-        guided_uncached = model.reverse(z, y, guidance=1.5, guidance_method="precision", use_cache=False)
-        assert torch.allclose(guided_cached, guided_uncached, atol=1e-5)
-
-
-def test_guidance_zero_equals_unguided():
-    model = make("conditional_adaln")
-    z = torch.randn(4, 4, 4, 4)
-    y = labels_for(model, 4)
-    plain = model.reverse(z, y)
-    for method in ("linear", "precision"):
-        assert torch.allclose(model.reverse(z, y, guidance=0.0, guidance_method=method), plain, atol=1e-5)
-    assert not torch.allclose(model.reverse(z, y, guidance=2.0), plain, atol=1e-3)
-
-
-def test_batched_cfg_equals_two_separate_passes():
-    """Reference: TarFlow's scheme, one cache per branch, two single-batch passes per token."""
-    model = make("conditional_adaln")
-    z = torch.randn(3, 4, 4, 4)
-    y = labels_for(model, 3)
-    weight, strategy = 1.7, LinearGuidance(annealed=True)
-    batched = model.reverse(z, y, guidance=weight, guidance_method=strategy)
-
-    tokens = patchify(z, 1)
-    emb_c = model.class_embedding(y, 3, z.device)
-    emb_u = model.class_embedding(None, 3, z.device)
-    with torch.no_grad():
-        for block in reversed(model.blocks):
-            z_ord = block.order(tokens)
-            x_ord = torch.empty_like(z_ord)
-            caches = [KVCache(len(block.layers), 3, 2, model.num_tokens, 16, z.device, torch.float32)
-                      for _ in range(2)]
-            inp = block.sos.expand(3, -1, -1)
-            for i in range(model.num_tokens):
-                pc = block.step(inp, i, caches[0], None, emb_c, None)
-                pu = block.step(inp, i, caches[1], None, emb_u, None)
-                p = strategy(pc, pu, weight, i, model.num_tokens)
-                x_ord[:, i:i + 1] = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
-                inp = block.proj_in(x_ord[:, i:i + 1])
-            tokens = block.order(x_ord)
-    assert torch.allclose(batched, unpatchify(tokens, 4, 4, 4, 1), atol=1e-5)
-
-
-def test_temperature_guidance_at_temperature_one_is_no_guidance():
-    model = make("multi_block")  # unconditional
-    z = torch.randn(2, 4, 8, 8)
-    plain = model.reverse(z)
-    assert torch.allclose(model.reverse(z, guidance=3.0, attn_temp=1.0), plain, atol=1e-5)
-    assert not torch.allclose(model.reverse(z, guidance=3.0, attn_temp=1.5), plain, atol=1e-3)
-
-
-def test_temperature_guidance_of_a_conditional_model_contrasts_the_null_class():
-    """TarFlow: the unconditional branch is the null class, under τ; at τ = 1 that is plain CFG."""
-    model = next(make(n) for n in CONFIGS if CONFIGS[n].get("num_classes"))
-    z, y = torch.randn(2, model.in_channels, model.img_size, model.img_size), torch.tensor([1, 2])
-    cfg_only = model.reverse(z, y, guidance=2.0)
-    assert torch.allclose(model.reverse(z, y, guidance=2.0, attn_temp=1.0), cfg_only, atol=1e-5)
-    assert not torch.allclose(model.reverse(z, y), cfg_only, atol=1e-3)
-
-
-def test_unconditional_guidance_without_temperature_is_an_error():
-    model = make("multi_block")
-    with pytest.raises(ValueError, match="attn_temp"):
-        model.reverse(torch.randn(1, 4, 8, 8), guidance=1.0)
-
-
-def test_guidance_strategies_on_known_values():
-    cond = StepParams(torch.tensor([1.0]), torch.tensor([math.log(0.5)]))
-    uncond = StepParams(torch.tensor([0.0]), torch.tensor([math.log(1.0)]))
-    lin = LinearGuidance()(cond, uncond, 2.0, 0, 4)
-    assert lin.shift.item() == pytest.approx(3.0)
-    assert lin.log_scale.item() == pytest.approx(3 * math.log(0.5))
-    annealed = LinearGuidance(guide="shift", annealed=True)(cond, uncond, 2.0, 1, 4)
-    assert annealed.shift.item() == pytest.approx(1.0 + 2.0 * 2 / 4)
-    assert annealed.log_scale.item() == pytest.approx(math.log(0.5))
-    # precision form: s = (0.5/1)² = 0.25, denom = 1 + 2 − 0.5 = 2.5
-    prec = PrecisionGuidance()(cond, uncond, 2.0, 0, 4)
-    assert prec.shift.item() == pytest.approx(3.0 / 2.5)
-    assert torch.exp(prec.log_scale).item() == pytest.approx(0.5 / math.sqrt(2.5))
-
-
 def test_dropped_label_uses_mean_class_embedding():
     model = make("conditional_adaln")
     emb = model.class_embedding(torch.tensor([2, -1]), 2, torch.device("cpu"))
@@ -239,7 +105,7 @@ def test_nll_is_per_sample_nats_and_bits_per_dim():
 def test_hidden_layer_is_returned_in_raster_order():
     model = make("multi_block")
     x = torch.randn(2, 4, 8, 8)
-    out = model.encode(x, hidden_layer=1)  # layer 1 is the first (only) layer of the flipped block 1
+    out = model.to_noise(x, hidden_layer=1)  # layer 1 is the first (only) layer of the flipped block 1
     assert out.hidden.shape == (2, 64, 32)
     block = model.blocks[1]
     tokens0, _, _ = model.blocks[0](patchify(x, 1))
@@ -266,6 +132,3 @@ def test_bad_arguments_raise_clear_errors():
         TransformerFlow(4, 6, 4, 32, [1], head_dim=16)
     with pytest.raises(ValueError, match="scale_param"):
         TransformerFlow(4, 4, 1, 32, [1], head_dim=16, scale_param="tanh")
-    with pytest.raises(ValueError, match="unknown guidance"):
-        make("conditional_adaln").reverse(torch.randn(1, 4, 4, 4), torch.tensor([0]), guidance=1.0,
-                                          guidance_method="revised")

@@ -1,4 +1,5 @@
-"""Every fast sampling / training path of simflow/flow.py equals the plain one within a stated tolerance.
+"""Every fast sampling path of simflow.sampling (and the compiled training forward of simflow/flow.py) equals
+the plain one within a stated tolerance.
 
 Tolerances (fp32 on CPU): paths that only reorder or regroup the same arithmetic (static-shape cache,
 CUDA graph, compiled step, hoisted AdaLN terms, batched CFG) agree with the plain ones to 1e-5 (1e-4 under
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from simflow import bench
-from simflow.flow import KVCache, LinearGuidance, TransformerFlow
+from simflow.flow import TransformerFlow
+from simflow.sampling import LinearGuidance, StaticKVCache, resolve_mode, sample
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,8 +67,8 @@ def guidance_kwargs(model: TransformerFlow) -> dict:
 # Static-shape cached step
 # --------------------------------------------------------------------------------------------
 def test_static_cache_writes_in_place_and_masks_later_slots():
-    cache = KVCache(layers=2, batch=1, heads=1, seq_len=4, head_dim=2, device=torch.device("cpu"),
-                    dtype=torch.float32, zero=True)
+    cache = StaticKVCache(layers=2, batch=1, heads=1, seq_len=4, head_dim=2, device=torch.device("cpu"),
+                          dtype=torch.float32)
     assert all(torch.equal(buf, torch.zeros(1, 1, 4, 2)) for buf in cache.keys + cache.values)
     k = torch.full((1, 1, 1, 2), 3.0)
     keys, _ = cache.write_at(1, torch.tensor([2]), k, -k)
@@ -75,24 +77,31 @@ def test_static_cache_writes_in_place_and_masks_later_slots():
     assert torch.equal(cache.values[1][0, 0, 2], torch.tensor([-3.0, -3.0]))
     assert cache.keys[0].abs().sum() == 0 and cache.keys[1][0, 0, :2].abs().sum() == 0
     assert cache.mask(torch.tensor([2])).flatten().tolist() == [True, True, True, False]
-    assert cache.length == 0  # the static path keeps its position in the tensor, not in Python
+    # a step's slot writes at its tensor position, and its position tensor is its only state
+    slot = cache.at(torch.tensor([1]))
+    assert slot.mask.flatten().tolist() == [True, True, False, False]
+    q = torch.ones(1, 1, 1, 2)
+    out = slot.attend(0, q, k, -k)
+    assert torch.equal(cache.keys[0][0, 0, 1], torch.tensor([3.0, 3.0]))
+    # slot 0 (zeros) and slot 1 are attended, the later ones masked out
+    torch.testing.assert_close(out, torch.softmax(torch.tensor([0.0, 6.0 / math.sqrt(2)]), 0)[1] * -k)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_static_step_equals_dynamic_cache_equals_uncached(name):
     model = make(name)
     z, y = inputs(model)
-    dynamic = model.reverse(z, y)
-    static = model.reverse(z, y, static_shapes=True)
-    uncached = model.reverse(z, y, use_cache=False)
+    dynamic = sample(model, z, y)
+    static = sample(model, z, y, mode="static")
+    uncached = sample(model, z, y, mode="uncached")
     assert (dynamic - model(z, y)[0]).abs().max() > 1e-2  # non-trivial: x differs from z
     torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=0)
     torch.testing.assert_close(dynamic, uncached, atol=1e-5, rtol=0)
     guide = guidance_kwargs(model)
-    g_dynamic = model.reverse(z, y, **guide)
+    g_dynamic = sample(model, z, y, **guide)
     assert (g_dynamic - dynamic).abs().max() > 1e-3, "guidance must change the samples"
-    torch.testing.assert_close(model.reverse(z, y, static_shapes=True, **guide), g_dynamic, atol=1e-4, rtol=0)
-    torch.testing.assert_close(model.reverse(z, y, use_cache=False, **guide), g_dynamic, atol=1e-4, rtol=0)
+    torch.testing.assert_close(sample(model, z, y, mode="static", **guide), g_dynamic, atol=1e-4, rtol=0)
+    torch.testing.assert_close(sample(model, z, y, mode="uncached", **guide), g_dynamic, atol=1e-4, rtol=0)
 
 
 def test_samples_invert_the_forward_pass_on_the_static_path():
@@ -100,7 +109,7 @@ def test_samples_invert_the_forward_pass_on_the_static_path():
     x = torch.randn(2, 4, 4, 4)
     y = torch.tensor([1, 3])
     z, _ = model(x, y)
-    torch.testing.assert_close(model.reverse(z, y, static_shapes=True), x, atol=1e-4, rtol=0)
+    torch.testing.assert_close(sample(model, z, y, mode="static"), x, atol=1e-4, rtol=0)
 
 
 def test_hot_token_loops_make_no_host_syncs(monkeypatch):
@@ -114,11 +123,11 @@ def test_hot_token_loops_make_no_host_syncs(monkeypatch):
 
     for attr in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
         monkeypatch.setattr(torch.Tensor, attr, forbidden)
-    model.reverse(z, y)
-    model.reverse(z, y, guidance=2.0)
-    model.reverse(z, y, guidance=2.0, guidance_method="precision", static_shapes=True)
+    sample(model, z, y)
+    sample(model, z, y, guidance=2.0)
+    sample(model, z, y, guidance=2.0, guidance_method="precision", mode="static")
     with pytest.raises(RuntimeError, match="host sync"):
-        model.reverse(z, y, jacobi_block_size=4)
+        sample(model, z, y, mode="jacobi", jacobi_block_size=4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,14 +139,14 @@ def test_jacobi_with_zero_tolerance_is_the_exact_inverse(name, chunk):
     model = make(name)
     z, y = inputs(model)
     stats: dict = {}
-    jacobi = model.reverse(z, y, jacobi_block_size=chunk, jacobi_tol=0.0, stats=stats)
-    torch.testing.assert_close(jacobi, model.reverse(z, y), atol=1e-5, rtol=0)
+    jacobi = sample(model, z, y, mode="jacobi", jacobi_block_size=chunk, jacobi_tol=0.0, stats=stats)
+    torch.testing.assert_close(jacobi, sample(model, z, y), atol=1e-5, rtol=0)
     t = model.num_tokens
     expected = [min(chunk, t - s) for s in range(0, t, chunk)]  # n tokens need exactly n passes
     assert stats["jacobi_iterations"] == [expected] * len(model.blocks)
     guide = guidance_kwargs(model)
-    torch.testing.assert_close(model.reverse(z, y, jacobi_block_size=chunk, jacobi_tol=0.0, **guide),
-                               model.reverse(z, y, **guide), atol=1e-4, rtol=0)
+    torch.testing.assert_close(sample(model, z, y, mode="jacobi", jacobi_block_size=chunk, jacobi_tol=0.0, **guide),
+                               sample(model, z, y, **guide), atol=1e-4, rtol=0)
 
 
 def test_jacobi_with_a_position_by_position_strategy():
@@ -155,9 +164,9 @@ def test_jacobi_with_a_position_by_position_strategy():
     model = make("adaln")
     z, y = inputs(model)
     strategy = Annealed()
-    jacobi = model.reverse(z, y, guidance=1.5, guidance_method=strategy, jacobi_block_size=8, jacobi_tol=0.0)
+    jacobi = sample(model, z, y, guidance=1.5, guidance_method=strategy, mode="jacobi", jacobi_block_size=8, jacobi_tol=0.0)
     assert all(isinstance(pos, int) for pos in strategy.positions)
-    torch.testing.assert_close(jacobi, model.reverse(z, y, guidance=1.5, guidance_method=LinearGuidance(annealed=True)),
+    torch.testing.assert_close(jacobi, sample(model, z, y, guidance=1.5, guidance_method=LinearGuidance(annealed=True)),
                                atol=1e-4, rtol=0)
 
 
@@ -166,11 +175,11 @@ def test_jacobi_stops_early_within_its_tolerance():
     within a few tolerances of the sequential inverse, and a tighter tolerance gives a smaller error."""
     model = make("uncond_patch2", std=0.02)
     z, _ = inputs(model)
-    exact = model.reverse(z)
+    exact = sample(model, z)
     errors, passes = [], []
     for tol in (1e-2, 1e-4):
         stats: dict = {}
-        x = model.reverse(z, jacobi_block_size=16, jacobi_tol=tol, stats=stats)
+        x = sample(model, z, mode="jacobi", jacobi_block_size=16, jacobi_tol=tol, stats=stats)
         errors.append((x - exact).abs().max().item())
         passes.append(sum(sum(b) for b in stats["jacobi_iterations"]))
         assert errors[-1] <= 10 * tol
@@ -182,7 +191,7 @@ def test_jacobi_max_iter_caps_the_passes():
     model = make("adaln")
     z, y = inputs(model)
     stats: dict = {}
-    model.reverse(z, y, jacobi_block_size=8, jacobi_tol=0.0, jacobi_max_iter=2, stats=stats)
+    sample(model, z, y, mode="jacobi", jacobi_block_size=8, jacobi_tol=0.0, jacobi_max_iter=2, stats=stats)
     assert stats["jacobi_iterations"] == [[2, 2]] * 2
 
 
@@ -193,14 +202,14 @@ def test_jacobi_max_iter_caps_the_passes():
 def test_baseline_sampler_equals_production_sampler(name):
     model = make(name)
     z, y = inputs(model)
-    torch.testing.assert_close(bench.reference_tarflow_reverse(model, z, y), model.reverse(z, y), atol=1e-5, rtol=0)
+    torch.testing.assert_close(bench.reference_tarflow_reverse(model, z, y), sample(model, z, y), atol=1e-5, rtol=0)
     guide = guidance_kwargs(model)
-    torch.testing.assert_close(bench.reference_tarflow_reverse(model, z, y, **guide), model.reverse(z, y, **guide),
+    torch.testing.assert_close(bench.reference_tarflow_reverse(model, z, y, **guide), sample(model, z, y, **guide),
                                atol=1e-4, rtol=0)
     if model.num_classes:
         torch.testing.assert_close(
             bench.reference_tarflow_reverse(model, z, y, guidance=2.0, guidance_method="precision"),
-            model.reverse(z, y, guidance=2.0, guidance_method="precision"), atol=1e-4, rtol=0)
+            sample(model, z, y, guidance=2.0, guidance_method="precision"), atol=1e-4, rtol=0)
 
 
 def test_concat_cache_grows_by_concatenation():
@@ -221,7 +230,7 @@ def test_compiled_static_step_equals_eager():
     model.blocks = model.blocks[:1]  # one block: one compilation
     model.layers_per_block = model.layers_per_block[:1]
     z, y = inputs(model)
-    torch.testing.assert_close(model.reverse(z, y, compile_step=True), model.reverse(z, y), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sample(model, z, y, mode="compiled"), sample(model, z, y), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
@@ -242,9 +251,9 @@ def test_cuda_graph_step_equals_eager_on_gpu():
     model = make("adaln").cuda()
     z, y = inputs(model)
     z, y = z.cuda(), y.cuda()
-    torch.testing.assert_close(model.reverse(z, y, cuda_graph=True), model.reverse(z, y), atol=1e-4, rtol=0)
+    torch.testing.assert_close(sample(model, z, y, mode="cuda_graph"), sample(model, z, y), atol=1e-4, rtol=0)
     guide = guidance_kwargs(model)
-    torch.testing.assert_close(model.reverse(z, y, cuda_graph=True, **guide), model.reverse(z, y, **guide),
+    torch.testing.assert_close(sample(model, z, y, mode="cuda_graph", **guide), sample(model, z, y, **guide),
                                atol=1e-4, rtol=0)
 
 
@@ -254,16 +263,27 @@ def test_cuda_graph_step_equals_eager_on_gpu():
 def test_incompatible_sampling_options_raise_clear_errors():
     model = make("adaln")
     z, y = inputs(model)
-    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA"):
-        model.reverse(z.cpu(), y, cuda_graph=True)  # z on the CPU, whatever the machine has
-    with pytest.raises(ValueError, match="choose one of cuda_graph"):
-        model.reverse(z, y, cuda_graph=True, compile_step="reduce-overhead")
-    with pytest.raises(ValueError, match="use_cache=False"):
-        model.reverse(z, y, use_cache=False, static_shapes=True)
-    with pytest.raises(ValueError, match="cannot be combined"):
-        model.reverse(z, y, jacobi_block_size=4, static_shapes=True)
+    with pytest.raises(ValueError, match="'cuda_graph' needs CUDA"):
+        sample(model, z.cpu(), y, mode="cuda_graph")  # z on the CPU, whatever the machine has
+    with pytest.raises(ValueError, match="unknown sampling mode 'fast'"):
+        sample(model, z, y, mode="fast")
+    with pytest.raises(ValueError, match="compile_mode is an option of mode 'compiled'"):
+        sample(model, z, y, mode="static", compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="cannot be combined with mode 'static'"):
+        sample(model, z, y, mode="static", jacobi_block_size=4)
     with pytest.raises(ValueError, match="jacobi_block_size ≥ 1"):
-        model.reverse(z, y, jacobi_block_size=0)
+        sample(model, z, y, mode="jacobi", jacobi_block_size=0)
+    with pytest.raises(ValueError, match="jacobi_block_size ≥ 1"):
+        sample(model, z, y, mode="jacobi")  # Jacobi has no default chunk
+
+
+def test_auto_mode_is_the_fastest_exact_path_of_the_device():
+    assert resolve_mode("auto", torch.device("cpu")) == "cached"
+    assert resolve_mode("auto", torch.device("cuda")) == "cuda_graph"
+    assert resolve_mode("static", torch.device("cpu")) == "static"
+    model = make("adaln")
+    z, y = inputs(model)
+    torch.testing.assert_close(sample(model, z, y, mode="auto"), sample(model, z, y), atol=0, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""The sampler (simflow.sampling): it inverts the flow, its cached loop equals the plain reference, and
+guidance does what its formulas say. The fast paths are in test_sampling_fast_paths.py."""
+
+import math
+
+import pytest
+import torch
+
+from helpers_flow import CONFIGS, labels_for, make
+from simflow.flow import StepParams, patchify, unpatchify
+from simflow.sampling import KVCache, LinearGuidance, PrecisionGuidance, sample
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_reverse_inverts_forward(name):
+    model = make(name)
+    x = torch.randn(4, model.in_channels, model.img_size, model.img_size)
+    y = labels_for(model, 4)
+    z, logdet = model(x, y)
+    assert z.shape == x.shape and logdet.shape == (4,)
+    assert (z - x).abs().max() > 1e-2, "randomised blocks must not be the identity"
+    assert torch.allclose(sample(model, z, y), x, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["multi_block", "patch2", "conditional_adaln"])
+def test_cached_reverse_equals_uncached(name):
+    model = make(name)
+    z = torch.randn(3, model.in_channels, model.img_size, model.img_size)
+    y = labels_for(model, 3)
+    cached = sample(model, z, y)
+    uncached = sample(model, z, y, mode="uncached")
+    assert torch.allclose(cached, uncached, atol=1e-5)
+    guided_cached = sample(model, z, y, guidance=1.5, guidance_method="precision") if y is not None else None
+    if guided_cached is not None:
+        guided_uncached = sample(model, z, y, guidance=1.5, guidance_method="precision", mode="uncached")
+        assert torch.allclose(guided_cached, guided_uncached, atol=1e-5)
+
+
+def test_guidance_zero_equals_unguided():
+    model = make("conditional_adaln")
+    z = torch.randn(4, 4, 4, 4)
+    y = labels_for(model, 4)
+    plain = sample(model, z, y)
+    for method in ("linear", "precision"):
+        assert torch.allclose(sample(model, z, y, guidance=0.0, guidance_method=method), plain, atol=1e-5)
+    assert not torch.allclose(sample(model, z, y, guidance=2.0), plain, atol=1e-3)
+
+
+def test_batched_cfg_equals_two_separate_passes():
+    """Reference: TarFlow's scheme, one cache per branch, two single-batch passes per token."""
+    model = make("conditional_adaln")
+    z = torch.randn(3, 4, 4, 4)
+    y = labels_for(model, 3)
+    weight, strategy = 1.7, LinearGuidance(annealed=True)
+    batched = sample(model, z, y, guidance=weight, guidance_method=strategy)
+
+    tokens = patchify(z, 1)
+    emb_c = model.class_embedding(y, 3, z.device)
+    emb_u = model.class_embedding(None, 3, z.device)
+    with torch.no_grad():
+        for block in reversed(model.blocks):
+            z_ord = block.order(tokens)
+            x_ord = torch.empty_like(z_ord)
+            caches = [KVCache(len(block.layers), 3, 2, model.num_tokens, 16, z.device, torch.float32)
+                      for _ in range(2)]
+            inp = block.sos.expand(3, -1, -1)
+            for i in range(model.num_tokens):
+                pc = block.step(inp, slice(i, i + 1), caches[0], None, emb_c, None)
+                pu = block.step(inp, slice(i, i + 1), caches[1], None, emb_u, None)
+                for cache in caches:
+                    cache.length += 1
+                p = strategy(pc, pu, weight, i, model.num_tokens)
+                x_ord[:, i:i + 1] = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
+                inp = block.proj_in(x_ord[:, i:i + 1])
+            tokens = block.order(x_ord)
+    assert torch.allclose(batched, unpatchify(tokens, 4, 4, 4, 1), atol=1e-5)
+
+
+def test_temperature_guidance_at_temperature_one_is_no_guidance():
+    model = make("multi_block")  # unconditional
+    z = torch.randn(2, 4, 8, 8)
+    plain = sample(model, z)
+    assert torch.allclose(sample(model, z, guidance=3.0, attn_temp=1.0), plain, atol=1e-5)
+    assert not torch.allclose(sample(model, z, guidance=3.0, attn_temp=1.5), plain, atol=1e-3)
+
+
+def test_temperature_guidance_of_a_conditional_model_contrasts_the_null_class():
+    """TarFlow: the unconditional branch is the null class, under τ; at τ = 1 that is plain CFG."""
+    model = next(make(n) for n in CONFIGS if CONFIGS[n].get("num_classes"))
+    z, y = torch.randn(2, model.in_channels, model.img_size, model.img_size), torch.tensor([1, 2])
+    cfg_only = sample(model, z, y, guidance=2.0)
+    assert torch.allclose(sample(model, z, y, guidance=2.0, attn_temp=1.0), cfg_only, atol=1e-5)
+    assert not torch.allclose(sample(model, z, y), cfg_only, atol=1e-3)
+
+
+def test_unconditional_guidance_without_temperature_is_an_error():
+    model = make("multi_block")
+    with pytest.raises(ValueError, match="attn_temp"):
+        sample(model, torch.randn(1, 4, 8, 8), guidance=1.0)
+
+
+def test_guidance_strategies_on_known_values():
+    cond = StepParams(torch.tensor([1.0]), torch.tensor([math.log(0.5)]))
+    uncond = StepParams(torch.tensor([0.0]), torch.tensor([math.log(1.0)]))
+    lin = LinearGuidance()(cond, uncond, 2.0, 0, 4)
+    assert lin.shift.item() == pytest.approx(3.0)
+    assert lin.log_scale.item() == pytest.approx(3 * math.log(0.5))
+    annealed = LinearGuidance(guide="shift", annealed=True)(cond, uncond, 2.0, 1, 4)
+    assert annealed.shift.item() == pytest.approx(1.0 + 2.0 * 2 / 4)
+    assert annealed.log_scale.item() == pytest.approx(math.log(0.5))
+    # precision form: s = (0.5/1)² = 0.25, denom = 1 + 2 − 0.5 = 2.5
+    prec = PrecisionGuidance()(cond, uncond, 2.0, 0, 4)
+    assert prec.shift.item() == pytest.approx(3.0 / 2.5)
+    assert torch.exp(prec.log_scale).item() == pytest.approx(0.5 / math.sqrt(2.5))
+
+
+
+def test_unknown_guidance_method_is_an_error():
+    with pytest.raises(ValueError, match="unknown guidance"):
+        sample(make("conditional_adaln"), torch.randn(1, 4, 4, 4), torch.tensor([0]), guidance=1.0,
+               guidance_method="revised")
