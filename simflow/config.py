@@ -22,6 +22,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from simflow.contracts import BACKENDS, MODEL_MODES
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key path and how to fix it."""
@@ -102,7 +104,7 @@ class FlowConfig:
 
 @dataclass
 class ModelConfig:
-    mode: Literal["end_to_end", "frozen_vae", "frozen_encoder", "pixel"] = option(
+    mode: Literal[MODEL_MODES] = option(
         "end_to_end", "`end_to_end`: VAE + flow jointly from scratch, no stop-gradient (SimFlow); "
         "`frozen_vae`: pretrained VAE frozen, flow on its latents; `frozen_encoder`: encoder frozen, "
         "decoder fine-tuned on noisy latents (STARFlow); `pixel`: TarFlow on image patches, no VAE.")
@@ -277,7 +279,7 @@ class TrackingConfig:
 
 @dataclass
 class LauncherSection:
-    backend: Literal["local", "submitit-local", "slurm"] = option(
+    backend: Literal[BACKENDS] = option(
         "local", "`local`: in-process; `submitit-local`: a submitit subprocess; `slurm`: sbatch via submitit.")
     partition: str | None = option(None, "SLURM partition.")
     account: str | None = option(None, "SLURM account.")
