@@ -540,9 +540,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:
-    from simflow.io import atomic_write
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    from simflow.io import write_text
+    return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
