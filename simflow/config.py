@@ -578,11 +578,12 @@ def _json_bounds(tp: Any, metadata: Any) -> dict:
     so ``minimum`` beside ``anyOf: [integer, null]`` leaves null alone)."""
     names = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
     numeric = {names[k]: v for k, v in metadata.get("bounds", {}).items()}
-    if get_origin(tp) is not list:
-        return numeric
     out: dict[str, Any] = {}
-    if numeric:
-        out["items"] = {**_json_type(get_args(tp)[0]), **numeric}
+    if get_origin(tp) is list:
+        if numeric:
+            out["items"] = {**_json_type(get_args(tp)[0]), **numeric}
+    else:  # a scalar, or `list[...] | None`, where minItems applies to the list alone
+        out.update(numeric)
     lo, hi = metadata.get("length", (None, None))
     if lo is not None:
         out["minItems"] = lo
