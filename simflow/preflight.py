@@ -326,7 +326,7 @@ def write_standins(rcfg, dataset, standins: dict[str, bool]) -> None:
         atomic_save({"vae": build_vae(rcfg, dataset.channels).state_dict(), "standin": True},
                     Path(rcfg.model.pretrained_vae))
     if standins.get("classifier"):
-        from simflow.fid import SmallClassifier, save_classifier
+        from simflow.classifier import SmallClassifier, save_classifier
         torch.manual_seed(0)
         # the architecture of the feature-extractor stage's classifier (width 16)
         model = SmallClassifier(dataset.channels, dataset.num_classes, 16, 128, rcfg.data.image_size)
