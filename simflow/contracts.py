@@ -17,6 +17,7 @@ __all__ = [
     "PARENT_RUN_ID_FILE",
     "RUN_ID_FILE",
     "SHARED_DIR",
+    "SHARED_UNITS",
     "STAGES",
     "STAGE_FILES",
     "TRACKING_DISABLED",
@@ -48,6 +49,10 @@ TRAINING_STAGES: tuple[str, ...] = ("feature-extractor", "pretrain-vae", "train"
 
 #: Folder (inside results/<study>/) of the units shared by all variants.
 SHARED_DIR = "_shared"
+#: The shared units (relative to the study folder), by the stage that writes them; the pretrained
+#: VAE has one per seed inside its folder (``_shared/pretrain_vae/s<seed>``).
+SHARED_UNITS: dict[str, str] = {stage: f"{SHARED_DIR}/{stage.replace('-', '_')}"
+                                for stage in ("feature-extractor", "fid-ref", "pretrain-vae")}
 #: A unit folder's resolved stage config, written by the workflow.
 CONFIG_FILE = "config.yaml"
 #: A unit folder's MLflow run id; the study folder's parent run id.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from simflow.config import Config, ConfigError, LauncherSection, deep_merge, from_dict, option, to_dict
-from simflow.contracts import PARENT_RUN_ID_FILE, SHARED_DIR, STAGES
+from simflow.contracts import PARENT_RUN_ID_FILE, SHARED_UNITS, STAGES
 
 __all__ = [
     "AnalysisSection",
@@ -199,18 +199,18 @@ class Study:
     @property
     def needs_feature_extractor(self) -> bool:
         """True when some unit reads the classifier the workflow trains (feature-extractor)."""
-        return f"{SHARED_DIR}/feature_extractor" in self.units
+        return SHARED_UNITS["feature-extractor"] in self.units
 
     @property
     def needs_fid_ref(self) -> bool:
         """True unless ``base.eval.reference_stats`` names precomputed statistics (e.g. ADM's)."""
-        return f"{SHARED_DIR}/fid_ref" in self.units
+        return SHARED_UNITS["fid-ref"] in self.units
 
     @property
     def pretrain_seeds(self) -> list[int]:
         """Seeds whose pretrained VAE some frozen variant uses (empty: no pretrain-vae stage)."""
         return sorted(int(m.group(1)) for u in self.units
-                      if (m := re.fullmatch(rf"{SHARED_DIR}/pretrain_vae/s(\d+)", u)))
+                      if (m := re.fullmatch(rf"{SHARED_UNITS['pretrain-vae']}/s(\d+)", u)))
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from simflow.config import Config, ConfigError, deep_merge, from_dict, validate
-from simflow.contracts import FROZEN_MODES, RUN_ID_FILE, SHARED_DIR, STAGE_FILES
+from simflow.contracts import FROZEN_MODES, RUN_ID_FILE, SHARED_DIR, SHARED_UNITS, STAGE_FILES
 from simflow.study.spec import Study, StudyError, get_key, has_key, set_key
 
 __all__ = [
@@ -58,14 +58,14 @@ def _identity(study: Study, cfg: dict, variant: str, unit: str) -> dict:
 
 def _shared_paths(study: Study) -> dict[str, str]:
     return {
-        "classifier": f"{study.dir}/{SHARED_DIR}/feature_extractor/"
+        "classifier": f"{study.unit_dir(SHARED_UNITS['feature-extractor'])}/"
                       f"{STAGE_FILES['feature-extractor']['classifier']}",
-        "reference_stats": f"{study.dir}/{SHARED_DIR}/fid_ref/{STAGE_FILES['fid-ref']['stats']}",
+        "reference_stats": f"{study.unit_dir(SHARED_UNITS['fid-ref'])}/{STAGE_FILES['fid-ref']['stats']}",
     }
 
 
 def pretrain_unit(seed: int) -> str:
-    return f"{SHARED_DIR}/pretrain_vae/s{seed}"
+    return f"{SHARED_UNITS['pretrain-vae']}/s{seed}"
 
 
 def pretrained_vae_path(study: Study, seed: int) -> str:
@@ -135,7 +135,7 @@ def shared_config(study: Study, kind: str, seed: int | None = None) -> dict:
         if has_key(base, "eval.classifier_steps"):
             set_key(cfg, "eval.classifier_steps", get_key(base, "eval.classifier_steps"))
         set_key(cfg, "train.seed", 0)
-        unit = f"{SHARED_DIR}/feature_extractor"
+        unit = SHARED_UNITS["feature-extractor"]
     elif kind == "fid_ref":
         cfg = {"data": copy.deepcopy(base.get("data", {}))}
         for key in ("feature_extractor", "feature_extractor_weights_path", "classifier_path",
@@ -145,7 +145,7 @@ def shared_config(study: Study, kind: str, seed: int | None = None) -> dict:
         set_key(cfg, "train.seed", 0)
         _link_shared(study, cfg, None)
         cfg["eval"].pop("reference_stats", None)  # fid-ref writes it; it does not read it
-        unit = f"{SHARED_DIR}/fid_ref"
+        unit = SHARED_UNITS["fid-ref"]
     elif kind == "pretrain_vae":
         if seed is None:
             raise StudyError("shared_config('pretrain_vae') needs a seed")
@@ -172,11 +172,11 @@ def build_units(study: Study) -> dict[str, dict]:
                for cfg in units.values()):
             units[pretrain_unit(seed)] = shared_config(study, "pretrain_vae", seed)
     if get_key(study.base, "eval.reference_stats") is None:
-        units[f"{SHARED_DIR}/fid_ref"] = shared_config(study, "fid_ref")
+        units[SHARED_UNITS["fid-ref"]] = shared_config(study, "fid_ref")
     classifier = _shared_paths(study)["classifier"]
     if any(classifier in (get_key(cfg, "eval.classifier_path"), get_key(cfg, "model.repa_target_weights_path"))
            for cfg in units.values()):
-        units[f"{SHARED_DIR}/feature_extractor"] = shared_config(study, "feature_extractor")
+        units[SHARED_UNITS["feature-extractor"]] = shared_config(study, "feature_extractor")
     _check_frozen_vae(study, units)
     return units
 

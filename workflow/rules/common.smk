@@ -9,7 +9,7 @@ import sys
 from snakemake.logging import logger
 
 from simflow import study as sf
-from simflow.contracts import CONFIG_FILE, RUN_ID_FILE, SHARED_DIR, STAGE_FILES
+from simflow.contracts import CONFIG_FILE, RUN_ID_FILE, SHARED_UNITS, STAGE_FILES
 
 # The whole study config is validated here, at parse time: an invalid variant fails the run
 # before any job starts, with a message naming the variant and the key.
@@ -28,10 +28,9 @@ SD = STUDY.dir  # results/<study>
 LOGS = f"{SD}/logs"
 VDIR = f"{SD}/{{variant}}/s{{seed}}"  # one variant trained with one seed
 VLOG = f"{LOGS}/{{variant}}/s{{seed}}"
-SHARED = f"{SD}/{SHARED_DIR}"
-CLASSIFIER_DIR = f"{SHARED}/feature_extractor"
-FIDREF_DIR = f"{SHARED}/fid_ref"
-PRETRAIN_DIR = f"{SHARED}/pretrain_vae/s{{seed}}"
+CLASSIFIER_DIR = f"{SD}/{SHARED_UNITS['feature-extractor']}"
+FIDREF_DIR = f"{SD}/{SHARED_UNITS['fid-ref']}"
+PRETRAIN_DIR = f"{SD}/{SHARED_UNITS['pretrain-vae']}/s{{seed}}"
 # One software environment for every rule: the simflow package and its dependencies.
 ENV = "../envs/simflow.yaml"
 

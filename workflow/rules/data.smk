@@ -51,14 +51,14 @@ rule setup_unit:
 
 rule feature_extractor:
     input:
-        **unit_files(f"{SHARED_DIR}/feature_extractor"),
+        **unit_files(SHARED_UNITS["feature-extractor"]),
     output:
         **stage_outputs("feature-extractor", CLASSIFIER_DIR),
     params:
         cmd=stage_cmd("feature-extractor"),
         launcher=launcher_args("feature-extractor"),
     log:
-        f"{LOGS}/{SHARED_DIR}/feature_extractor.log",
+        f"{LOGS}/{SHARED_UNITS['feature-extractor']}.log",
     threads: threads_of("feature-extractor")
     localrule: True
     conda:
@@ -69,15 +69,15 @@ rule feature_extractor:
 
 rule fid_ref:
     input:
-        **unit_files(f"{SHARED_DIR}/fid_ref"),
-        **_classifier_input(STUDY.units.get(f"{SHARED_DIR}/fid_ref", {}), "eval.classifier_path"),
+        **unit_files(SHARED_UNITS["fid-ref"]),
+        **_classifier_input(STUDY.units.get(SHARED_UNITS["fid-ref"], {}), "eval.classifier_path"),
     output:
         **stage_outputs("fid-ref", FIDREF_DIR),
     params:
         cmd=stage_cmd("fid-ref"),
         launcher=launcher_args("fid-ref"),
     log:
-        f"{LOGS}/{SHARED_DIR}/fid_ref.log",
+        f"{LOGS}/{SHARED_UNITS['fid-ref']}.log",
     threads: threads_of("fid-ref")
     localrule: True
     conda:

@@ -13,7 +13,7 @@ rule pretrain_vae:
         cmd=stage_cmd("pretrain-vae"),
         launcher=launcher_args("pretrain-vae"),
     log:
-        f"{LOGS}/{SHARED_DIR}/pretrain_vae/s{{seed}}.log",
+        f"{LOGS}/{SHARED_UNITS['pretrain-vae']}/s{{seed}}.log",
     threads: threads_of("pretrain-vae")
     localrule: True
     conda:
