@@ -113,10 +113,19 @@ def test_the_cli_lists_the_stages_without_torch():
     assert "torch" not in loaded and "mlflow" not in loaded
 
 
-def test_submitting_a_stage_imports_neither_torch_nor_mlflow():
-    """The runner's submit path (config, launcher, submitit), up to the point where it submits."""
-    loaded = _modules_after("import simflow.runner, simflow.launch, simflow.distributed\n"
-                            "simflow.distributed.check_launch_backend('slurm', {})")
+def test_submitting_a_stage_imports_neither_torch_nor_mlflow(tmp_path):
+    """The runner's whole submit path (config, snapshot, launcher), with launch() itself
+    replaced by a stand-in that checks the call it is handed."""
+    loaded = _modules_after(
+        "import os, simflow.launch as L, simflow.runner as R\n"
+        "for var in ('RANK', 'WORLD_SIZE', 'SLURM_NTASKS', 'SLURM_STEP_NUM_TASKS'):\n"
+        "    os.environ.pop(var, None)\n"
+        "def fake_launch(job, cfg, job_name):\n"
+        "    assert job.target == 'simflow.runner:run_stage' and job.args[2] == ['launcher.backend=local']\n"
+        "    return 'submitted'\n"
+        "L.launch = fake_launch\n"
+        f"assert R.run_stage('train', None, ['launcher.backend=slurm', 'run_dir={tmp_path}']) == 'submitted'\n"
+        f"assert os.path.isfile('{tmp_path}/jobs/train.yaml')")
     assert "torch" not in loaded and "mlflow" not in loaded
 
 
