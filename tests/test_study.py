@@ -229,6 +229,16 @@ def test_invalid_study_configs_name_the_key(mutate, message):
         S.load_study(raw)
 
 
+def test_mapping_keys_left_empty_in_the_yaml_are_empty_mappings():
+    # `overrides:` with nothing after it is None in YAML: an empty mapping, or a section's defaults
+    raw = _tiny(launcher=None, stage_launcher=None, preflight={"cpu_overrides": None})
+    raw["variants"]["simflow"]["overrides"] = None
+    raw["tracking"] = None
+    study = S.load_study(raw)
+    assert study.variants["simflow"].overrides == {} and study.launcher == {}
+    assert study.preflight == {"steps": 200, "cpu_overrides": {}} and study.tracking["enabled"] is True
+
+
 def test_unknown_variant_and_seed_are_errors():
     study = S.load_study(_tiny())
     with pytest.raises(S.StudyError, match="unknown variant 'nope'"):

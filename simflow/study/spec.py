@@ -9,7 +9,9 @@ type cannot say is checked in :func:`parse_study` (names, distinct seeds, keys t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -254,12 +256,30 @@ def stage_key(name: str) -> str:
 # ------------------------------------------------------------------------------------------
 # parsing
 # ------------------------------------------------------------------------------------------
+def _empty_mappings(cls: type, data: Mapping) -> dict:
+    """``data`` with the mapping-valued keys left empty in the YAML (``overrides:``, i.e. None)
+    as empty mappings, in ``cls`` and its nested sections: ``{}`` for a free mapping, the
+    defaults for a section, as a study has always read them."""
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for name, tp in hints.items():
+        if name not in out:
+            continue
+        if out[name] is None and tp is dict:
+            out[name] = {}
+        elif out[name] is None and dataclasses.is_dataclass(tp):
+            del out[name]
+        elif isinstance(out[name], Mapping) and dataclasses.is_dataclass(tp):
+            out[name] = _empty_mappings(tp, out[name])
+    return out
+
+
 def _typed(cls: type, data: Any, where: str) -> Any:
     """``from_dict(cls, data, where)`` with its ConfigError as a StudyError."""
     if not isinstance(data, Mapping):
         raise StudyError(f"{where} must be a mapping, got {data!r}")
     try:
-        return from_dict(cls, copy.deepcopy(dict(data)), where)
+        return from_dict(cls, _empty_mappings(cls, copy.deepcopy(dict(data))), where)
     except ConfigError as err:
         raise StudyError(str(err)) from None
 
@@ -337,7 +357,7 @@ def parse_study(raw: Mapping[str, Any]) -> Study:
     if unknown:
         raise StudyError(f"unknown study key {unknown[0]!r}; valid keys: {', '.join(STUDY_KEYS)} "
                          "(and flat launcher_<key> / launcher_<stage>_<key> overrides)")
-    top = {k: v for k, v in raw.items() if not str(k).startswith("launcher_") and v is not None}
+    top = {k: v for k, v in raw.items() if not str(k).startswith("launcher_")}
     # An overlay's partial analysis section refines the defaults (claims merge role by role).
     if isinstance(raw.get("analysis"), Mapping):
         top["analysis"] = deep_merge(to_dict(AnalysisSection()), dict(raw["analysis"]))
