@@ -10,7 +10,7 @@
 # Rules: workflow/rules/*.smk; keys of the study config: config/README.md.
 from pathlib import Path
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -29,13 +29,11 @@ if not workflow.overwrite_configfiles:
 PREFLIGHT_BY_CONFIGFILE = any(Path(f).name == "preflight" for f in workflow.overwrite_configfiles or [])
 
 
-# common.smk loads the study with simflow.study, whose errors name the variant and the key;
-# the JSON schema then checks the structure once more (and documents it). Defaults are not
-# filled in (set_default=False): units keep their explicit configs, which feed the params trigger.
+# common.smk loads the study with simflow.study.load_study, the one validation of a study (its
+# errors name the variant and the key), before anything else reads the config. The JSON schema
+# workflow/schemas/config.schema.yaml is generated from the same typed sections, for editors and
+# CI checks of study files; the workflow does not check it a second time.
 include: "workflow/rules/common.smk"
-
-
-validate(config, "workflow/schemas/config.schema.yaml", set_default=False)
 
 
 include: "workflow/rules/data.smk"

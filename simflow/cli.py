@@ -4,6 +4,10 @@ Exit status: 0 on success, 2 for a problem with the input (config, dataset, miss
 file, unreadable checkpoint, tracking store) or a full disk, 3 for a non-finite loss, 1 for a
 failed or cancelled job. ``simflow preflight`` exits 0 whatever it finds (its findings are the row
 it writes), 2 for an invalid config.
+
+Building the parser imports neither torch nor MLflow (the stage names come from
+:mod:`simflow.contracts`; ``simflow bench`` loads its options only when it runs), and neither
+does a stage submitted to a launcher: only the job that runs the stage loads them.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 
-from simflow.stages import STAGES
+from simflow.contracts import STAGES
 
 STAGE_HELP = {
     "preflight": "rehearse a training stage for a few steps and check what the real stages need "
@@ -27,9 +32,12 @@ STAGE_HELP = {
     "nll": "test-set bits/dim",
     "latents": "encode a validation set and save the latent maps",
 }
+BENCH_HELP = "benchmark training and sampling throughput (`simflow bench --help` lists its options)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``simflow`` parser: every stage, ``config``, ``ui`` and ``bench`` (whose own options
+    are parsed by :func:`bench_parser`, which imports torch)."""
     parser = argparse.ArgumentParser(prog="simflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for stage in STAGES:
@@ -49,9 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--print-url", action="store_true", help="only print the link, do not start the UI")
-    bench = sub.add_parser("bench", help="benchmark training and sampling throughput")
-    from simflow import bench as bench_module
-    bench_module.add_arguments(bench)
+    sub.add_parser("bench", help=BENCH_HELP, add_help=False)
+    return parser
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    """The parser of ``simflow bench``'s options (imports :mod:`simflow.bench`, and so torch)."""
+    from simflow import bench
+
+    parser = argparse.ArgumentParser(prog="simflow bench", description=BENCH_HELP.split(" (")[0])
+    bench.add_arguments(parser)
     return parser
 
 
@@ -86,48 +101,56 @@ def ui_command(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from simflow import bench
+        bench_args = bench_parser().parse_args(argv[1:])
+        return guarded("bench", lambda: bench.main(bench_args))
     args = build_parser().parse_args(argv)
     if args.command == "ui":
         return ui_command(args)
     if args.command == "config":
         return guarded(args.command, lambda: config_command(args))
-    if args.command == "bench":
-        from simflow import bench
-        return guarded("bench", lambda: bench.main(args))
     if args.command == "preflight":
-        from simflow.preflight import run
-        return guarded("preflight", lambda: run(args.config, args.overrides))
-    from simflow.stages import run_stage
+        from simflow.runner import run_preflight
+        return guarded("preflight", lambda: run_preflight(args.config, args.overrides))
+    from simflow.runner import run_stage
     return guarded(args.command, lambda: (run_stage(args.command, args.config, args.overrides), 0)[1])
 
 
-def guarded(command: str, fn) -> int:
+def _raised_as(err: BaseException, module: str, name: str) -> bool:
+    """Whether ``err`` is an instance of ``module.name``, without importing ``module``: an
+    exception class of a module that was never imported cannot have been raised, and importing
+    simflow.train or simflow.data here would load torch into every submitting process."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(err, getattr(loaded, name))
+
+
+def guarded(command: str, fn: Callable[[], int]) -> int:
     """Run ``fn``; known failures become one line on stderr and an exit status."""
     from simflow.config import ConfigError
-    from simflow.data import DatasetNotFoundError
     from simflow.io import DiskFullError, disk_full_cause
-    from simflow.launch import LaunchError
-    from simflow.train import NonFiniteLossError
     try:
         return fn()
-    except (ConfigError, DatasetNotFoundError, FileNotFoundError, ValueError, DiskFullError) as err:
-        print(f"simflow {command}: error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        print(f"simflow {command}: error: {err}", file=sys.stderr)
-        return 3
-    except LaunchError as err:
-        print(f"simflow {command}: error: {err}", file=sys.stderr)
-        return 1
     except Exception as err:
-        # A full disk met outside simflow.io's writers (e.g. MLflow's SQLite store): one line.
-        cause = disk_full_cause(err)
-        if cause is None:
-            raise
-        print(f"simflow {command}: error: no space left on the device while running this stage "
-              f"({type(cause).__name__}: {cause}); free some space and rerun", file=sys.stderr)
-        return 2
+        if (isinstance(err, (ConfigError, FileNotFoundError, ValueError, DiskFullError))
+                or _raised_as(err, "simflow.data", "DatasetNotFoundError")):
+            status = 2
+        elif _raised_as(err, "simflow.train", "NonFiniteLossError"):
+            status = 3
+        elif _raised_as(err, "simflow.launch", "LaunchError"):
+            status = 1
+        else:
+            # A full disk met outside simflow.io's writers (e.g. MLflow's SQLite store): one line.
+            cause = disk_full_cause(err)
+            if cause is None:
+                raise
+            print(f"simflow {command}: error: no space left on the device while running this stage "
+                  f"({type(cause).__name__}: {cause}); free some space and rerun", file=sys.stderr)
+            return 2
+        print(f"simflow {command}: error: {err}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from simflow.contracts import BACKENDS, MODEL_MODES
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key path and how to fix it."""
@@ -106,7 +108,7 @@ class FlowConfig:
 
 @dataclass
 class ModelConfig:
-    mode: Literal["end_to_end", "frozen_vae", "frozen_encoder", "pixel"] = option(
+    mode: Literal[MODEL_MODES] = option(
         "end_to_end", "`end_to_end`: VAE + flow jointly from scratch, no stop-gradient (SimFlow); "
         "`frozen_vae`: pretrained VAE frozen, flow on its latents; `frozen_encoder`: encoder frozen, "
         "decoder fine-tuned on noisy latents (STARFlow); `pixel`: TarFlow on image patches, no VAE.")
@@ -295,7 +297,7 @@ class TrackingConfig:
 
 @dataclass
 class LauncherSection:
-    backend: Literal["local", "submitit-local", "slurm"] = option(
+    backend: Literal[BACKENDS] = option(
         "local", "`local`: in-process; `submitit-local`: a submitit subprocess; `slurm`: sbatch via submitit.")
     partition: str | None = option(None, "SLURM partition.")
     account: str | None = option(None, "SLURM account.")
@@ -559,9 +561,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:
-    from simflow.io import atomic_write
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    from simflow.io import write_text
+    return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
@@ -598,11 +599,12 @@ def _json_bounds(tp: Any, metadata: Any) -> dict:
     so ``minimum`` beside ``anyOf: [integer, null]`` leaves null alone)."""
     names = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
     numeric = {names[k]: v for k, v in metadata.get("bounds", {}).items()}
-    if get_origin(tp) is not list:
-        return numeric
     out: dict[str, Any] = {}
-    if numeric:
-        out["items"] = {**_json_type(get_args(tp)[0]), **numeric}
+    if get_origin(tp) is list:
+        if numeric:
+            out["items"] = {**_json_type(get_args(tp)[0]), **numeric}
+    else:  # a scalar, or `list[...] | None`, where minItems applies to the list alone
+        out.update(numeric)
     lo, hi = metadata.get("length", (None, None))
     if lo is not None:
         out["minItems"] = lo

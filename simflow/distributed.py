@@ -3,7 +3,7 @@
 One process per GPU. Where a process sits comes from the environment its launcher provides:
 
 * ``torchrun`` and submitit (``TorchDistributedEnvironment().export()`` in
-  :class:`simflow.launch.StageJob`): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+  :class:`simflow.launch.Call`): ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
   ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``;
 * a plain ``srun`` step (``srun -n 16 simflow train ...`` inside an sbatch script), which sets
   none of those: ``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID`` and the step's
@@ -20,10 +20,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+# torch is imported where it is used: reading the launcher's environment (check_launch_backend,
+# on the submit host) must not load it.
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DistEnv",
@@ -46,6 +48,12 @@ _TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
 _PORT_LO, _PORT_HI = 20000, 60000
 
 
+def _cpu_device() -> torch.device:
+    import torch
+
+    return torch.device("cpu")
+
+
 @dataclass
 class DistEnv:
     """Where this process sits.
@@ -59,7 +67,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=_cpu_device)
     local_world_size: int = 1
 
     @property
@@ -211,6 +219,9 @@ def init_distributed(device: str | None = None) -> DistEnv:
     is NCCL on CUDA and gloo on CPU. For a plain srun step the rendezvous address and port are
     derived from SLURM and exported as MASTER_ADDR/MASTER_PORT (env:// initialisation).
     """
+    import torch
+    import torch.distributed as dist
+
     where = resolve_environment()
     rank, world_size = where["rank"], where["world_size"]
     local_rank, local_world = where["local_rank"], where["local_world_size"]
@@ -232,6 +243,8 @@ def init_distributed(device: str | None = None) -> DistEnv:
 
 def shutdown() -> None:
     """Leave the process group (no-op for a single process)."""
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -239,6 +252,8 @@ def shutdown() -> None:
 def barrier(env: DistEnv) -> None:
     """Wait for every rank (no-op for a single process)."""
     if env.enabled:
+        import torch.distributed as dist
+
         dist.barrier()
 
 
@@ -257,6 +272,9 @@ def all_reduce_mean_(tensors: list[torch.Tensor], env: DistEnv) -> None:
     if any(not (t.is_floating_point() or t.is_complex()) for t in tensors):
         raise TypeError("all_reduce_mean_ averages floating-point tensors only (an integer mean "
                         "cannot be stored in place); convert the tensor to float first")
+    import torch
+    import torch.distributed as dist
+
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
@@ -278,6 +296,8 @@ def mean_over_ranks(values: Mapping[str, float], env: DistEnv) -> dict[str, floa
     keys = sorted(values)
     if not env.enabled or not keys:
         return {k: float(values[k]) for k in keys}
+    import torch
+
     device = env.device if env.device.type == "cuda" else torch.device("cpu")
     buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     all_reduce_mean_([buf], env)
@@ -288,6 +308,8 @@ def broadcast_object(obj: Any, env: DistEnv, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank (pickled; for small objects such as paths)."""
     if not env.enabled:
         return obj
+    import torch.distributed as dist
+
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]

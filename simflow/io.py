@@ -1,10 +1,12 @@
 """Writing files so that a failure leaves nothing half-written behind.
 
 :func:`atomic_write` is the one writer of the package's final files (checkpoints, configs,
-metrics, samples): the data go to a hidden temporary file next to the target, which is checked
-(optionally) and then renamed over the target, so a reader sees either the old file or the
-complete new one. On any failure the temporary file is removed and the old file stays as it was;
-a full disk becomes one :class:`DiskFullError` that says so and names the file::
+metrics, samples; :func:`write_text`, :func:`write_json`, :func:`save_npz` and :func:`write_png`
+write the common formats through it): the data go to a hidden temporary file next to the
+target, which is checked (optionally) and then renamed over the target, so a reader sees
+either the old file or the complete new one. On any failure the temporary file is removed and
+the old file stays as it was; a full disk becomes one :class:`DiskFullError` that says so and
+names the file::
 
     atomic_write(run_dir / "model.pt", lambda tmp: torch.save(state, tmp))
 
@@ -18,12 +20,15 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["DiskFullError", "LOW_SPACE_BYTES", "atomic_write", "disk_full_cause", "temp_path"]
+__all__ = ["DiskFullError", "LOW_SPACE_BYTES", "atomic_write", "disk_full_cause", "save_npz", "temp_path",
+           "write_json", "write_png", "write_text"]
 
 #: A write that fails while less than this is free on its filesystem failed for lack of space.
 LOW_SPACE_BYTES = 1 << 20
@@ -128,3 +133,28 @@ def atomic_write(path: str | Path, writer: Callable[[Path], object], *,
             raise _disk_full_error(path, err) from err
         raise
     return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`; returns the path."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON with sorted keys (numpy scalars as floats), atomically."""
+    return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def save_npz(path: str | Path, **arrays: Any) -> Path:
+    """``np.savez(path, **arrays)``, atomically."""
+    import numpy as np  # not at module level: the submit host's imports stay light
+
+    return atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+
+
+def write_png(path: str | Path, image: Any) -> Path:
+    """Write an HWC uint8 array (1 or 3 channels) as a PNG, atomically."""
+    from PIL import Image
+
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))

@@ -1,10 +1,11 @@
-"""Run one stage in-process, as a local submitit job, or as a SLURM job, and wait for it.
+"""Run one callable in-process, as a local submitit job, or as a SLURM job, and wait for it.
 
-A Snakemake rule calls :func:`launch` and blocks until the stage is done, so the rule's outputs
-appear only after the job succeeded::
+Generic submitit plumbing: nothing here knows what a stage is (:mod:`simflow.runner` turns a
+stage into a :class:`Call` and hands it to :func:`launch`). The caller blocks until the job is
+done, so a Snakemake rule's outputs appear only after the job succeeded::
 
     cfg = LauncherConfig.from_dict(config["launcher"])   # backend: local | submitit-local | slurm
-    launch(StageJob("train", "config/study.yaml", ["variant=base"]), cfg, job_name="train-base")
+    launch(Call("simflow.runner:run_stage", "train", "unit/config.yaml", []), cfg, job_name="train")
 
 Backends:
 
@@ -18,7 +19,8 @@ While waiting, SIGINT/SIGTERM (Ctrl-C, Snakemake stopping a rule) cancel the job
 ``128 + signum``, so no orphan GPU job keeps running. A job that ends without a result (cancelled,
 out of memory, time limit, node failure) raises :class:`LaunchError` naming its log files.
 Requeue after a time-out or preemption is submitit's: the callable's ``checkpoint`` method
-(see :class:`StageJob`) resubmits the same stage, which resumes from its latest checkpoint.
+(see :class:`Call`) resubmits the same call, which resumes from its latest checkpoint.
+Imported on the submit host, this module loads submitit but neither torch nor MLflow.
 """
 
 from __future__ import annotations
@@ -42,19 +44,18 @@ import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from simflow.config import LauncherSection
+from simflow.contracts import BACKENDS
 
 __all__ = [
     "BACKENDS",
     "LaunchError",
     "LauncherConfig",
-    "StageJob",
+    "Call",
     "build_executor",
     "export_distributed_env",
     "launch",
     "wait_for",
 ]
-
-BACKENDS = ("local", "submitit-local", "slurm")
 
 # Scheduler states of a job that is over without having run to completion (SLURM's sacct names;
 # INTERRUPTED is submitit-local's name for a controller killed by a signal). PREEMPTED and
@@ -401,7 +402,7 @@ def launch(
 
 
 # --------------------------------------------------------------------------------------------
-# the callable submitted for a stage
+# the callable submitted
 # --------------------------------------------------------------------------------------------
 def export_distributed_env() -> dict[str, str] | None:
     """Inside a submitit job with more than one task, export MASTER_ADDR/PORT, RANK,
@@ -428,34 +429,43 @@ def export_distributed_env() -> dict[str, str] | None:
     }
 
 
-class StageJob:
-    """A picklable, checkpointable call of ``simflow.stages.run_stage(stage, config_path,
-    overrides)``.
+class Call:
+    """A picklable, checkpointable call ``function(*args, **kwargs)`` of a module-level function
+    named ``"package.module:function"``.
 
-    On a time-out or preemption submitit calls :meth:`checkpoint`, which resubmits the same call;
-    the stage resumes from its own latest checkpoint file. ``simflow.stages`` is imported only
-    inside the job, so pickling a StageJob does not import torch on the submit host.
+    The function is imported only where the call runs (inside the job), so neither pickling a
+    Call nor submitting it imports the module that defines the function: the launcher stays
+    generic and the submit host loads nothing of the job's code. Inside a job with more than one
+    task the ``torch.distributed`` variables are exported first (:func:`export_distributed_env`).
+    On a time-out or preemption submitit calls :meth:`checkpoint`, which resubmits the same call
+    (the function is expected to resume from its own checkpoint files).
     """
 
-    def __init__(self, stage: str, config_path: str, overrides: list[str]) -> None:
-        if isinstance(overrides, str):
-            raise TypeError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
-        self.stage = stage
-        self.config_path = str(config_path)
-        self.overrides = list(overrides)
+    def __init__(self, target: str, *args: Any, **kwargs: Any) -> None:
+        module, sep, function = target.partition(":")
+        if not sep or not module or not function.isidentifier():
+            raise ValueError(f"call target {target!r} is not of the form 'package.module:function'")
+        self.target = target
+        self.args = args
+        self.kwargs = kwargs
+
+    def resolve(self) -> Callable[..., Any]:
+        """The function named by :attr:`target` (imports its module)."""
+        module, _, function = self.target.partition(":")
+        return getattr(importlib.import_module(module), function)
 
     def __call__(self) -> Any:
         export_distributed_env()
-        stages = importlib.import_module("simflow.stages")
-        return stages.run_stage(self.stage, self.config_path, self.overrides)
+        return self.resolve()(*self.args, **self.kwargs)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """Requeue the same stage call (the stage resumes from its latest checkpoint)."""
-        return submitit.helpers.DelayedSubmission(StageJob(self.stage, self.config_path, list(self.overrides)))
+        """Requeue the same call (the function resumes from its latest checkpoint)."""
+        return submitit.helpers.DelayedSubmission(Call(self.target, *self.args, **self.kwargs))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, StageJob) and (self.stage, self.config_path, self.overrides) == (
-            other.stage, other.config_path, other.overrides)
+        return isinstance(other, Call) and (self.target, self.args, self.kwargs) == (
+            other.target, other.args, other.kwargs)
 
     def __repr__(self) -> str:
-        return f"StageJob({self.stage!r}, {self.config_path!r}, {self.overrides!r})"
+        parts = [repr(self.target), *map(repr, self.args), *(f"{k}={v!r}" for k, v in self.kwargs.items())]
+        return f"Call({', '.join(parts)})"

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from simflow import sampling
 from simflow.config import Config, ModelConfig
+from simflow.contracts import DECODER_TRAINING_MODES, FROZEN_MODES, MODEL_MODES
 from simflow.flow import TransformerFlow
 from simflow.losses import (PatchDiscriminator, REPAProjector, adversarial_weight,
                             build_perceptual_loss, build_target_encoder, generator_adversarial_loss,
@@ -47,8 +48,6 @@ from simflow.losses import (PatchDiscriminator, REPAProjector, adversarial_weigh
                             repa_alignment_loss, resample_tokens)
 from simflow.rate import rate_statistics
 from simflow.vae import VAE, DiagonalGaussian
-
-MODES = ("end_to_end", "frozen_vae", "frozen_encoder", "pixel")
 
 
 @dataclass
@@ -74,8 +73,8 @@ class SimFlowModel(nn.Module):
                  vae_only: bool = False):
         """``vae_only``: train the autoencoder alone (``pretrain-vae``): no flow term at all."""
         super().__init__()
-        if cfg.mode not in MODES:
-            raise ValueError(f"unknown model.mode {cfg.mode!r}; known: {MODES}")
+        if cfg.mode not in MODEL_MODES:
+            raise ValueError(f"unknown model.mode {cfg.mode!r}; known: {MODEL_MODES}")
         if (vae is None) != (cfg.mode == "pixel"):
             raise ValueError(f"model.mode={cfg.mode!r} {'needs no' if vae else 'needs a'} VAE")
         self.cfg = cfg
@@ -124,7 +123,7 @@ class SimFlowModel(nn.Module):
             vae_params = [p for p in self.vae.parameters() if p.requires_grad]
             if vae_params:
                 groups["vae"] = vae_params
-        if self.discriminator is not None and self.mode in ("end_to_end", "frozen_encoder"):
+        if self.discriminator is not None and self.mode in DECODER_TRAINING_MODES:
             groups["disc"] = list(self.discriminator.parameters())
         return groups
 
@@ -138,7 +137,7 @@ class SimFlowModel(nn.Module):
     def calibrate_latent_scale(self, batches: list[Tensor]) -> float:
         """Frozen modes: set latent_scale = 1/std of the pretrained VAE's latents over the image
         ``batches`` (pooled over all of them)."""
-        if self.mode not in ("frozen_vae", "frozen_encoder") or bool(self.latent_scale_set):
+        if self.mode not in FROZEN_MODES or bool(self.latent_scale_set):
             return float(self.latent_scale)
         latents = torch.cat([self._frozen_latents(images, scaled=False)[0].float().flatten() for images in batches])
         self.latent_scale.fill_(1.0 / latents.std().clamp(min=1e-6).item())
@@ -326,7 +325,7 @@ def build_model(cfg: Config, image_channels: int, num_classes: int, vae_only: bo
                            head_dim=f.head_dim, conditioning=f.conditioning,
                            label_drop=f.label_drop, scale_param=f.scale_param,
                            soft_clip=f.soft_clip)
-    trains_decoder = m.mode in ("end_to_end", "frozen_encoder")
+    trains_decoder = m.mode in DECODER_TRAINING_MODES
     perceptual = (build_perceptual_loss(m.lpips_weight, backbone_weights_path=m.lpips_backbone_weights_path)
                   if trains_decoder else None)
     discriminator = (PatchDiscriminator(image_channels, m.disc_channels, m.disc_layers,
@@ -347,6 +346,6 @@ def build_repa_target(cfg: Config) -> nn.Module:
         if not m.repa_target_weights_path:
             raise ValueError("model.repa_target=classifier needs model.repa_target_weights_path: the "
                              "checkpoint written by `simflow feature-extractor`")
-        from simflow.fid import classifier_patch_tokens
+        from simflow.classifier import classifier_patch_tokens
         return build_target_encoder("module", module=classifier_patch_tokens(m.repa_target_weights_path))
     return build_target_encoder(m.repa_target, m.repa_target_weights_path)

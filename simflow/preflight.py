@@ -39,10 +39,10 @@ Verdicts: ``fail`` (red: the real run would fail or waste its compute: a missing
 memory, a non-finite loss, a collapsed encoder, a layout that does not divide, a time limit too
 short, too little disk), ``warn`` (amber: a loss that did not fall, memory near the limit), ``ok``.
 Every failure names the config key to change. A rehearsal never raises: a failure is a row
-(:func:`run`; a job that dies, e.g. killed for host memory, is one too), so the report always has
-every row. :func:`build_report` turns the rows into ``results/<study>/preflight/report.{md,json}``,
-with the projected wall-clock and GPU-hours of the whole study; :func:`log_report` attaches them to
-the study's MLflow parent run.
+(and so is a job that dies, e.g. killed for host memory: :func:`simflow.runner.run_preflight`),
+so the report always has every row. :func:`build_report` turns the rows into
+``results/<study>/preflight/report.{md,json}``, with the projected wall-clock and GPU-hours of
+the whole study; :func:`log_report` attaches them to the study's MLflow parent run.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 import resource
 import shutil
@@ -61,21 +60,24 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from simflow.contracts import DECODER_TRAINING_MODES, FROZEN_MODES, STAGE_FILES
+
 #: Fraction of the rehearsal's steps over which the learning rate warms up (at most the real warm-up).
 WARMUP_FRACTION = 0.2
 #: Log windows of a rehearsal (train.log_every = steps / LOG_POINTS).
 LOG_POINTS = 10
 #: Peak memory above this fraction of the device's is a warning.
 MEMORY_WARN_FRACTION = 0.9
-#: Folder of a rehearsal inside its unit folder; the row file inside it.
-REHEARSAL_DIR = "preflight"
-ROW_FILE = f"{REHEARSAL_DIR}/preflight.json"
+#: The row file of a rehearsal inside its unit folder (the preflight stage's output), and the
+#: rehearsal's own folder holding it (the real run's folder is never touched).
+ROW_FILE = STAGE_FILES["preflight"]["row"]
+REHEARSAL_DIR = ROW_FILE.rsplit("/", 1)[0]
 #: Rules that write the files under ``<study>/_shared/<folder>/`` (a missing one there is pending).
 PRODUCED_BY = {"pretrain_vae": "pretrain_vae", "feature_extractor": "feature_extractor", "fid_ref": "fid_ref"}
 _RANK = {"ok": 0, "pending": 0, "skipped": 0, "warn": 1, "fail": 2}
 _MARK = {"ok": "🟢 ok", "warn": "🟠 WARN", "fail": "🔴 FAIL"}
 
-__all__ = ["build_report", "log_report", "rehearse", "render_markdown", "run", "write_report"]
+__all__ = ["build_report", "log_report", "rehearse", "render_markdown", "write_report"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -182,8 +184,8 @@ def check_inputs(findings: Findings, cfg, stage: str) -> dict[str, bool]:
     the rehearsal needs (``pretrained_vae``, ``classifier``)."""
     m, e = cfg.model, cfg.eval
     standins = {"pretrained_vae": False, "classifier": False}
-    trains_decoder = m.mode in ("end_to_end", "frozen_encoder")
-    if stage == "train" and m.mode in ("frozen_vae", "frozen_encoder"):
+    trains_decoder = m.mode in DECODER_TRAINING_MODES
+    if stage == "train" and m.mode in FROZEN_MODES:
         status = _needed_file(findings, cfg, "pretrained_vae", m.pretrained_vae, "model.pretrained_vae",
                               "pretrained VAE (frozen modes)", standin=True)
         standins["pretrained_vae"] = status != "ok"
@@ -324,7 +326,7 @@ def write_standins(rcfg, dataset, standins: dict[str, bool]) -> None:
         atomic_save({"vae": build_vae(rcfg, dataset.channels).state_dict(), "standin": True},
                     Path(rcfg.model.pretrained_vae))
     if standins.get("classifier"):
-        from simflow.fid import SmallClassifier, save_classifier
+        from simflow.classifier import SmallClassifier, save_classifier
         torch.manual_seed(0)
         # the architecture of the feature-extractor stage's classifier (width 16)
         model = SmallClassifier(dataset.channels, dataset.num_classes, 16, 128, rcfg.data.image_size)
@@ -346,7 +348,7 @@ def rehearse(cfg, env, run) -> dict:
     row is written to ``<unit>/preflight/preflight.json`` by global rank 0 and returned."""
     import torch
     from simflow.distributed import barrier
-    from simflow.stages import write_json
+    from simflow.io import write_json
     t_start = time.perf_counter()
     findings = Findings()
     stage = cfg.preflight.stage
@@ -598,30 +600,6 @@ def failed_row(cfg, check: str, message: str, key: str | None = None) -> dict:
             "verdict": "fail", "projection": {"steps": cfg.train.steps}}
 
 
-def run(config_path: str | None, overrides: list[str] | None = None) -> int:
-    """``simflow preflight``: run the stage through its launcher; a job that fails without a row
-    (killed for host memory, out of time, a node failure) gets a red row naming its logs."""
-    from simflow.config import ConfigError, load_config
-    from simflow.stages import run_stage, write_json
-    try:
-        run_stage("preflight", config_path, overrides)
-        return 0
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - the report must still get this row
-        cfg = load_config(config_path, overrides)
-        text = str(err)
-        key = "stage_launcher.preflight / launcher_preflight_<key>"
-        if "OUT_OF_MEMORY" in text or "oom" in text.lower():
-            key = "launcher_preflight_mem_gb (host memory of the job)"
-        elif "TIMEOUT" in text:
-            key = "preflight.steps or launcher_preflight_timeout_min"
-        row = failed_row(cfg, "job", f"the rehearsal produced no result: {type(err).__name__}: {text[-2000:]}", key)
-        write_json(Path(cfg.run_dir) / ROW_FILE, row)
-        print(summary_line(row), flush=True)
-        return 0
-
-
 # ------------------------------------------------------------------------------------------
 # the report
 # ------------------------------------------------------------------------------------------
@@ -821,13 +799,9 @@ def render_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, markdown_path: str | Path, json_path: str | Path) -> str:
-    from simflow.stages import write_json
+    from simflow.io import write_json, write_text
     text = render_markdown(report)
-    path = Path(markdown_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(markdown_path, text)
     write_json(Path(json_path), report)
     return text
 

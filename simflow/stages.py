@@ -1,19 +1,17 @@
-"""The stages of the study, one function each, and :func:`run_stage`, their common entry point.
+"""The stages of the study, one function each (:data:`STAGE_FUNCTIONS`).
 
 A stage reads its resolved :class:`~simflow.config.Config`, does one job on one GPU job (or a CPU),
 writes **final** files atomically at the end (their existence means the stage finished; the
 workflow relies on it) and logs into its variant's MLflow run. Which files each stage writes is
-listed in :data:`STAGE_OUTPUTS`.
+listed in :data:`simflow.contracts.STAGE_FILES`.
 
-``run_stage`` honours ``launcher.backend``: ``local`` runs here; ``submitit-local`` and ``slurm``
-submit one checkpointable :class:`~simflow.launch.StageJob` (one task per GPU) and wait for it.
+:func:`simflow.runner.run_stage` loads a stage's config and runs its function here, or submits it
+through the launcher (``launcher.backend``).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -22,50 +20,18 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from simflow.config import Config, ConfigError, load_config, save_config, to_dict
+from simflow.config import Config, ConfigError, save_config, to_dict
 from simflow.data import build_dataset, subset_indices
-from simflow.distributed import DistEnv, barrier, check_launch_backend, init_distributed, shutdown
+from simflow.distributed import DistEnv, barrier
 from simflow.flow import bits_per_dim
-from simflow.io import atomic_write
+from simflow.io import save_npz, write_json, write_png
 from simflow.model import SimFlowModel, build_model, psnr
-from simflow.tracking import (StageRun, check_run_in_store, flatten, init_study, init_variant_run,
-                              read_run_id, resolve_tracking_uri)
-
-STAGE_OUTPUTS = {
-    "preflight": ["preflight/preflight.json"],
-    "feature-extractor": ["classifier.pt", "classifier.json"],
-    "fid-ref": ["reference_stats.npz"],
-    "pretrain-vae": ["vae.pt", "train_summary.json"],
-    "train": ["model.pt", "train_summary.json"],
-    "sample": ["samples.npz", "samples.png"],
-    "fid": ["metrics/fid.json"],
-    "reconstruct": ["metrics/reconstruct.json", "interpolation.npz"],
-    "nll": ["metrics/nll.json"],
-    "latents": ["latents.npz"],
-}
-
-# Stages that train a model (their MLflow runs get system metrics).
-TRAINING_STAGES = ("feature-extractor", "pretrain-vae", "train")
+from simflow.tracking import StageRun, flatten
 
 
 # ------------------------------------------------------------------------------------------
 # Small utilities
 # ------------------------------------------------------------------------------------------
-def write_json(path: Path, data: dict) -> Path:
-    text = json.dumps(data, indent=2, sort_keys=True, default=float) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def write_png(path: Path, image: np.ndarray) -> Path:
-    from PIL import Image
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
-
-
-def save_npz(path: Path, **arrays: Any) -> Path:
-    return atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
-
-
 class RunLogger:
     """Adapter from the training loop's logger protocol to an MLflow :class:`StageRun`."""
 
@@ -468,7 +434,8 @@ def stage_preflight(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     return rehearse(cfg, env, run)
 
 
-STAGES: dict[str, Callable[[Config, DistEnv, StageRun], dict]] = {
+#: The function of each stage of :data:`simflow.contracts.STAGES`, called as ``fn(cfg, env, run)``.
+STAGE_FUNCTIONS: dict[str, Callable[[Config, DistEnv, StageRun], dict]] = {
     "preflight": stage_preflight,
     "feature-extractor": stage_feature_extractor,
     "fid-ref": stage_fid_ref,
@@ -480,69 +447,3 @@ STAGES: dict[str, Callable[[Config, DistEnv, StageRun], dict]] = {
     "nll": stage_nll,
     "latents": stage_latents,
 }
-
-
-# ------------------------------------------------------------------------------------------
-# Entry point
-# ------------------------------------------------------------------------------------------
-def variant_run_id_file(cfg: Config) -> Path:
-    """The MLflow run-id file of this variant; created when the config names none, e.g. for a
-    stage run by hand outside the workflow.
-
-    Such a stage is not part of the study, so it never writes the study's files: it files its
-    run under the study's parent run when ``<results_root>/<study>/mlflow_parent_run_id.txt``
-    names a run of the store in use (and fails, naming both, when it names a run of another
-    store), and otherwise under a parent run of its own, kept in its run_dir.
-    """
-    if cfg.tracking.run_id_file:
-        return Path(cfg.tracking.run_id_file)
-    path = Path(cfg.run_dir) / "mlflow_run_id.txt"
-    if not path.exists():
-        uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.results_root)
-        study_parent = Path(cfg.results_root) / cfg.study / "mlflow_parent_run_id.txt"
-        try:
-            has_study_run = bool(read_run_id(study_parent))
-        except (FileNotFoundError, ValueError):  # no study yet, or one with tracking disabled
-            has_study_run = False
-        if has_study_run:
-            parent = study_parent
-            check_run_in_store(uri, parent, fix=(
-                f"This stage is not part of study {cfg.study!r} (tracking.run_id_file is unset) and "
-                "leaves its files alone: run it against the study's store (tracking.tracking_uri / "
-                "$MLFLOW_TRACKING_URI), or keep it out of the study with --set study=<another "
-                "name> (or --set tracking.enabled=false)"))
-        else:
-            parent = Path(cfg.run_dir) / "mlflow_parent_run_id.txt"
-            init_study(uri, cfg.tracking.experiment, cfg.study, parent)
-        init_variant_run(uri, cfg.tracking.experiment, parent, cfg.variant, path)
-    return path
-
-
-def run_stage(stage: str, config_path: str | None, overrides: list[str] | None = None) -> dict:
-    """Load the config, then run ``stage`` here or through the configured launcher."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
-    overrides = list(overrides or [])
-    cfg = load_config(config_path, overrides)
-    if cfg.launcher.backend != "local":
-        check_launch_backend(cfg.launcher.backend)  # not from each rank of torchrun / srun
-        from simflow.launch import LauncherConfig, StageJob, launch
-        launcher = LauncherConfig.from_dict(to_dict(cfg.launcher))
-        # The job (and any requeue of it) runs from a snapshot of the resolved config, so editing
-        # the YAML while it waits in the queue cannot change what it does.
-        snapshot = save_config(cfg, Path(cfg.run_dir) / "jobs" / f"{stage}.yaml")
-        job = StageJob(stage, str(snapshot), ["launcher.backend=local"])
-        return launch(job, launcher, job_name=f"{cfg.study}.{cfg.variant}.{stage}")
-    if os.environ.get("SUBMITIT_EXECUTOR"):  # a submitted job: use the CPUs it was given
-        torch.set_num_threads(max(1, cfg.launcher.cpus_per_task))
-    env = init_distributed()
-    try:
-        uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.results_root)
-        enabled = cfg.tracking.enabled and env.is_main
-        run_id_file = variant_run_id_file(cfg) if enabled else Path(os.devnull)
-        # the training stages also log MLflow's system metrics (CPU/GPU utilisation, memory)
-        with StageRun(uri, run_id_file, stage.replace("-", "_"), enabled=enabled,
-                      system_metrics=stage in TRAINING_STAGES) as run:
-            return STAGES[stage](cfg, env, run)
-    finally:
-        shutdown()

@@ -40,6 +40,9 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from simflow.contracts import PARENT_RUN_ID_FILE, RUN_ID_FILE, TRACKING_DISABLED
+from simflow.io import atomic_write
+
 __all__ = [
     "EXPERIMENT_KIND_TAG",
     "RunNotInStoreError",
@@ -49,6 +52,7 @@ __all__ = [
     "flatten",
     "init_study",
     "init_tracking_store",
+    "init_stage_run",
     "init_variant_run",
     "log_run_outputs",
     "provenance_tags",
@@ -58,6 +62,7 @@ __all__ = [
     "set_run_status",
     "system_metrics_available",
     "tag_training_experiment",
+    "write_run_id_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -162,12 +167,11 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written ids)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_run_id_file(path: str | Path, run_id: str | None) -> Path:
+    """Write ``run_id`` (or, for None, the marker of a unit whose tracking is off) to the run-id
+    file ``path``, atomically (a concurrent reader never sees half an id); returns the path."""
+    text = (run_id or TRACKING_DISABLED) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_run_id(run_id_file: str | Path) -> str:
@@ -363,13 +367,12 @@ def _get_or_create_experiment(client: Any, tracking_uri: str, name: str) -> str:
         return str(exp.experiment_id)
 
 
-def _existing_run(client: Any, run_id_file: Path) -> Any | None:
-    """The live run named by ``run_id_file``, or None if the file or the run is missing/deleted."""
+def _existing_run(client: Any, run_id_file: Path, known_run_id: str | None = None) -> Any | None:
+    """The live run named by ``run_id_file`` (or, when that file does not exist, by
+    ``known_run_id``), or None if the file or the run is missing/deleted."""
     from mlflow.exceptions import MlflowException
 
-    if not run_id_file.is_file():
-        return None
-    run_id = run_id_file.read_text().strip()
+    run_id = run_id_file.read_text().strip() if run_id_file.is_file() else (known_run_id or "")
     if not run_id:
         return None
     try:
@@ -388,22 +391,26 @@ def _str_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
 
 
-def _create_run_once(tracking_uri: str, run_id_file: Path, create: Callable[[Any], Any]) -> str:
-    """Return the live run named by ``run_id_file``, or make one with ``create(client)``.
+def _create_run_once(tracking_uri: str, run_id_file: Path, create: Callable[[Any], Any],
+                     known_run_id: str | None = None) -> str:
+    """Return the live run named by ``run_id_file`` (or by ``known_run_id`` when the file is
+    missing), or make one with ``create(client)``.
 
-    The shared core of :func:`init_study` and :func:`init_variant_run`: the store is initialised,
-    concurrent callers are serialised by a lock file next to ``run_id_file``, and a new run is
-    ended as FINISHED (it is a container; a stage that logs into it reopens it) before its id is
-    written atomically to ``run_id_file``.
+    The one place where this package creates MLflow runs (:func:`init_study` and
+    :func:`init_variant_run` only say what to create): the store is initialised, concurrent
+    callers are serialised by a lock file next to ``run_id_file``, and a new run is ended as
+    FINISHED (it is a container; a stage that logs into it reopens it) before its id is written
+    atomically to ``run_id_file``.
     """
     init_tracking_store(tracking_uri)
     client = _client(tracking_uri)
     with _file_lock(_lock_for(run_id_file)):
-        run = _existing_run(client, run_id_file)
+        run = _existing_run(client, run_id_file, known_run_id)
         if run is None:
             run = create(client)
             client.set_terminated(run.info.run_id, status="FINISHED")
-            _write_atomic(run_id_file, run.info.run_id + "\n")
+        if not run_id_file.is_file() or run_id_file.read_text().strip() != run.info.run_id:
+            write_run_id_file(run_id_file, run.info.run_id)
         return str(run.info.run_id)
 
 
@@ -442,13 +449,15 @@ def init_variant_run(
     variant: str,
     run_id_file: Path,
     tags: dict[str, Any] | None = None,
+    known_run_id: str | None = None,
 ) -> str:
     """Create (once) the child run of ``variant`` under the study's parent run; return its id.
 
-    Idempotent like :func:`init_study`. The child is named ``variant``, tagged
-    ``mlflow.parentRunId`` (so the UI nests it), ``variant``, the parent's ``study``, ``tags``
-    and :func:`provenance_tags`, and lives in the parent's experiment, which must be
-    ``experiment_name``.
+    Idempotent like :func:`init_study`; when ``run_id_file`` is missing, ``known_run_id`` (the
+    unit's last run, see :func:`simflow.study.setup_unit`) is reused if the store still holds
+    it. The child is named ``variant``, tagged ``mlflow.parentRunId`` (so the UI nests it),
+    ``variant``, the parent's ``study``, ``tags`` and :func:`provenance_tags`, and lives in the
+    parent's experiment, which must be ``experiment_name``.
     """
     # The study's parent run must be in this store: a mismatch is an error, not a new parent.
     parent_id = check_run_in_store(tracking_uri, parent_run_id_file, fix=(
@@ -478,14 +487,47 @@ def init_variant_run(
         log.info("created MLflow variant run %s (%s) under %s", run.info.run_id, variant, parent_id)
         return run
 
-    return _create_run_once(tracking_uri, Path(run_id_file), create)
+    return _create_run_once(tracking_uri, Path(run_id_file), create, known_run_id)
+
+
+def init_stage_run(tracking_uri: str, experiment_name: str, study_name: str, run_name: str,
+                   study_dir: str | Path, run_dir: str | Path) -> Path:
+    """The run-id file of a stage run by hand, outside the workflow (its config names no
+    ``tracking.run_id_file``): ``<run_dir>/mlflow_run_id.txt``, created with its run if missing.
+
+    Such a stage is not part of the study, so it never writes the study's files: it files its
+    run under the study's parent run when ``<study_dir>/mlflow_parent_run_id.txt`` names a run
+    of the store in use (and fails, naming both, when it names a run of another store), and
+    otherwise under a parent run of its own, kept in ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_ID_FILE
+    if path.exists():
+        return path
+    study_parent = Path(study_dir) / PARENT_RUN_ID_FILE
+    try:
+        has_study_run = bool(read_run_id(study_parent))
+    except (FileNotFoundError, ValueError):  # no study yet, or one with tracking disabled
+        has_study_run = False
+    if has_study_run:
+        parent = study_parent
+        check_run_in_store(tracking_uri, parent, fix=(
+            f"This stage is not part of study {study_name!r} (tracking.run_id_file is unset) and "
+            "leaves its files alone: run it against the study's store (tracking.tracking_uri / "
+            "$MLFLOW_TRACKING_URI), or keep it out of the study with --set study=<another "
+            "name> (or --set tracking.enabled=false)"))
+    else:
+        parent = run_dir / PARENT_RUN_ID_FILE
+        init_study(tracking_uri, experiment_name, study_name, parent)
+    init_variant_run(tracking_uri, experiment_name, parent, run_name, path)
+    return path
+
 
 
 # --------------------------------------------------------------------------------------------
 # the study's parent run over the study's lifetime
 # --------------------------------------------------------------------------------------------
 _RUN_STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
-
 
 
 def _open_marked_run(tracking_uri: str, run_id_file: str | Path) -> tuple[str, Any] | None:
@@ -496,6 +538,7 @@ def _open_marked_run(tracking_uri: str, run_id_file: str | Path) -> tuple[str, A
         return None
     init_tracking_store(tracking_uri)
     return read_run_id(path), _client(tracking_uri)
+
 
 def set_run_status(tracking_uri: str, run_id_file: Path, status: str) -> str | None:
     """Set the status of the run named by ``run_id_file``; return its id, or None when the file

@@ -1,6 +1,6 @@
 """Helpers for tests that need a torch-fidelity feature extractor without Inception weights.
 
-``write_random_classifier`` writes an untrained :class:`simflow.fid.SmallClassifier` checkpoint (instant),
+``write_random_classifier`` writes an untrained :class:`simflow.classifier.SmallClassifier` checkpoint (instant),
 enough to exercise the metric code path; ``digits_uint8`` gives sklearn digits in the ADM npz layout.
 """
 
@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from simflow.data import build_dataset
-from simflow.fid import SmallClassifier, images_to_uint8, save_classifier
+from simflow.classifier import SmallClassifier, save_classifier
+from simflow.fid import images_to_uint8
 
 
 def write_random_classifier(path: Path, in_channels: int = 1, image_size: int = 16, width: int = 8,

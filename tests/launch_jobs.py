@@ -29,7 +29,7 @@ def sleep_then(seconds: float, value: object, pid_file: str | None = None) -> ob
 
 
 def distributed_probe(out_dir: str) -> dict[str, str]:
-    """Export the torch.distributed variables the way StageJob does; write them per rank."""
+    """Export the torch.distributed variables the way a submitted Call does; write them per rank."""
     from simflow.launch import export_distributed_env
 
     env = export_distributed_env()

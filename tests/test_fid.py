@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from simflow import fid
+from simflow.classifier import classifier_patch_tokens, load_classifier
 from simflow.data import build_dataset
 from simflow.fid import (
     FeatureExtractorWeightsError,
@@ -18,7 +19,6 @@ from simflow.fid import (
     compute_reference_statistics,
     frechet_distance,
     images_to_uint8,
-    load_classifier,
     load_reference_statistics,
     register_classifier_extractor,
     save_samples_npz,
@@ -284,7 +284,7 @@ def test_cuda_requested_without_gpu(files):
 
 def test_classifier_patch_tokens(trained):
     ckpt, _ = trained
-    enc = fid.classifier_patch_tokens(ckpt)
+    enc = classifier_patch_tokens(ckpt)
     x = build_dataset("digits", None, "test", 16).images[:5].clone().requires_grad_(True)
     tokens = enc(x)
     assert tokens.shape == (5, 16, 32) and enc.num_patches == 16 and enc.embed_dim == 32  # (16/4)^2 tokens of 4*width
@@ -292,7 +292,7 @@ def test_classifier_patch_tokens(trained):
     fmap = load_classifier(ckpt).patch_map(x.detach())
     torch.testing.assert_close(tokens, fmap.flatten(2).transpose(1, 2))
     torch.testing.assert_close(enc(x.detach().expand(-1, 3, -1, -1)), tokens)  # RGB-repeated input is accepted
-    coarse = fid.classifier_patch_tokens(ckpt, grid_size=2)
+    coarse = classifier_patch_tokens(ckpt, grid_size=2)
     assert coarse(x).shape == (5, 4, 32) and coarse.num_patches == 4
     torch.testing.assert_close(coarse(x)[:, 0], fmap[:, :, :2, :2].mean(dim=(2, 3)))
     enc.train()

@@ -1,5 +1,5 @@
 """Tests of simflow.launch: config validation, the in-process and submitit-local backends,
-failure/cancel handling, signals, the distributed env, StageJob, and the sbatch script."""
+failure/cancel handling, signals, the distributed env, Call, and the sbatch script."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import submitit
 
 from local_slurm import skip_without_slurm
 from simflow.launch import (
+    Call,
     LauncherConfig,
     LaunchError,
-    StageJob,
     build_executor,
     export_distributed_env,
     launch,
@@ -252,11 +252,11 @@ def test_no_distributed_env_outside_submitit(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# StageJob
+# Call
 # ---------------------------------------------------------------------------------------------
-def test_stage_job_pickles_checkpoints_and_calls_run_stage(monkeypatch):
-    job = StageJob("train", "config/study.yaml", ["variant=base", "train.steps=10"])
-    assert pickle.loads(pickle.dumps(job)) == job
+def test_call_pickles_checkpoints_and_imports_its_function_only_when_run(monkeypatch):
+    job = Call("simflow_fake_stages:run_stage", "train", "config/study.yaml", ["variant=base", "train.steps=10"])
+    assert pickle.loads(pickle.dumps(job)) == job  # the module is not imported to pickle the call
 
     delayed = job.checkpoint()
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
@@ -264,15 +264,22 @@ def test_stage_job_pickles_checkpoints_and_calls_run_stage(monkeypatch):
     assert delayed.args == () and delayed.kwargs == {}
 
     calls = []
-    fake = types.ModuleType("simflow.stages")
+    fake = types.ModuleType("simflow_fake_stages")
     fake.run_stage = lambda stage, config_path, overrides: calls.append((stage, config_path, overrides)) or "ok"
-    monkeypatch.setitem(sys.modules, "simflow.stages", fake)
+    monkeypatch.setitem(sys.modules, "simflow_fake_stages", fake)
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
     assert job() == "ok"
     assert calls == [("train", "config/study.yaml", ["variant=base", "train.steps=10"])]
 
-    with pytest.raises(TypeError, match="list of 'key=value' strings"):
-        StageJob("train", "c.yaml", "variant=base")
+    with pytest.raises(ValueError, match="'package.module:function'"):
+        Call("simflow.runner.run_stage")
+
+
+def test_launching_a_stage_call_runs_the_stage_in_the_job(job_env):
+    """A Call through submitit-local (the form the runner submits a stage in): the job imports
+    the function by name and returns its result."""
+    cfg = _local_cfg(job_env)
+    assert launch(Call("launch_jobs:add", 1, 2), cfg, "call-add", poll_s=0.2) == 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import yaml
 from simflow import preflight as P
 from simflow import study as S
 from simflow.cli import main
+from simflow.contracts import CONFIG_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
@@ -37,7 +38,7 @@ def smoke_study(results: Path, **changes) -> S.Study:
 
 def rehearse(study: S.Study, unit: str, *extra: str) -> dict:
     """`simflow preflight` of ``unit`` as the workflow calls it (plus ``extra`` --set values)."""
-    config = Path(study.unit_dir(unit)) / S.CONFIG_FILE
+    config = Path(study.unit_dir(unit)) / CONFIG_FILE
     S.write_stage_config(study.units[unit], config)
     sets = S.preflight_launcher_sets(study, unit) + S.preflight_sets(study, unit) + list(extra)
     assert main(["preflight", "-c", str(config)] + [a for s in sets for a in ("--set", s)]) == 0
@@ -213,17 +214,17 @@ def test_gpu_measurements_and_out_of_memory(tmp_path, monkeypatch):
 
 
 def test_a_job_that_dies_is_a_red_row(tmp_path, monkeypatch):
-    from simflow import stages
+    from simflow import runner
     from simflow.launch import LaunchError
     study = smoke_study(tmp_path)
     unit = "simflow/s0"
-    config = Path(study.unit_dir(unit)) / S.CONFIG_FILE
+    config = Path(study.unit_dir(unit)) / CONFIG_FILE
     S.write_stage_config(study.units[unit], config)
 
     def dead(*args, **kwargs):
         raise LaunchError("job 123 ended in state OUT_OF_MEMORY; logs: x.out, x.err")
 
-    monkeypatch.setattr(stages, "run_stage", dead)
+    monkeypatch.setattr(runner, "run_stage", dead)
     assert main(["preflight", "-c", str(config)] + [a for s in S.preflight_sets(study, unit) for a in ("--set", s)]) == 0
     row = json.loads((Path(study.unit_dir(unit)) / P.ROW_FILE).read_text())
     assert row["verdict"] == "fail" and "OUT_OF_MEMORY" in failed(row)["job"]
@@ -256,7 +257,7 @@ def test_the_paper_study_rehearses_each_variant_on_one_gpu_of_the_train_launcher
 
 
 def test_the_preflight_section_is_validated():
-    for bad, message in [({"steps": 0}, "preflight.steps"), ({"stepz": 3}, "unknown key preflight.stepz"),
+    for bad, message in [({"steps": 0}, "preflight.steps"), ({"stepz": 3}, "unknown config key .preflight.stepz.; valid keys of preflight: steps"),
                          ({"cpu_overrides": {"data": {"root": "/x"}}}, "preflight.cpu_overrides.data.root"),
                          ({"cpu_overrides": {"flow": {"channels": "wide"}}}, "flow.channels")]:
         raw = copy.deepcopy(SMOKE)

@@ -36,6 +36,7 @@ from simflow import study as S
 from simflow import tracking as T
 from simflow.cli import main
 from simflow.config import ConfigError, load_config
+from simflow.contracts import CONFIG_FILE, RUN_ID_FILE
 from simflow.distributed import DistEnv
 from simflow.train import LAST_SANE, LATEST, PREVIOUS, NonFiniteLossError, load_checkpoint, train
 
@@ -99,7 +100,7 @@ def tracked_study(tmp_path, monkeypatch, blank_store) -> dict:
     parent = S.init_study_tracking(study.name, study.results_root, parent_file)
     unit = S.variant_unit("simflow", 0)
     unit_dir = Path(study.unit_dir(unit))
-    files = (unit_dir / S.CONFIG_FILE, unit_dir / S.RUN_ID_FILE, parent_file)
+    files = (unit_dir / CONFIG_FILE, unit_dir / RUN_ID_FILE, parent_file)
     S.setup_unit(study.units[unit], *files, run_name=S.unit_run_name(study, unit),
                  tags=S.unit_tags(study, unit))
     return {"study": study, "uri": uri, "parent": parent, "parent_file": parent_file,
@@ -166,7 +167,7 @@ def test_a_study_whose_ids_are_not_in_the_store_in_use_is_one_error_naming_both(
 
 
 def test_a_stage_run_by_hand_files_its_run_under_the_study_or_its_own_parent(tracked_study):
-    from simflow.stages import variant_run_id_file
+    from simflow.runner import variant_run_id_file
     st = tracked_study
     before = _untouched(st["parent_file"])
     cfg = load_config(st["files"][0], [f"run_dir={st['root'] / 'hand'}", "tracking.run_id_file=null"])

@@ -13,6 +13,7 @@ import yaml
 
 from simflow import study as S
 from simflow.config import Config, LauncherSection, deep_merge, describe, load_config, to_dict
+from simflow.contracts import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {name: REPO / "config" / f"{name}.yaml" for name in ("config", "demo", "smoke")}
@@ -126,7 +127,7 @@ def test_demo_study_is_small_and_self_contained():
         if not unit.startswith(("_shared/fid_ref", "_shared/feature_extractor")):  # they do not train
             assert full.train.steps <= 500 and full.sample.num_samples <= 1000
             assert full.model.lpips_weight == 0  # no VGG weights offline
-    assert all(S.launcher_for(study, s)["backend"] == "local" for s in S.STAGES)
+    assert all(S.launcher_for(study, s)["backend"] == "local" for s in STAGES)
 
 
 # ------------------------------------------------------------------------------------------
@@ -205,7 +206,8 @@ def test_repa_with_the_classifier_target_uses_the_trained_classifier():
     (lambda r: r["base"].update(launcher={"backend": "slurm"}), r"base\.launcher must not be set"),
     (lambda r: r["variants"]["simflow"].update(group="other"), r"variants\.simflow\.group: 'other'"),
     (lambda r: r["variants"]["simflow"].update(sigma=-1), r"variants\.simflow\.sigma"),
-    (lambda r: r["variants"]["simflow"].update(extra=1), r"unknown key variants\.simflow\.extra"),
+    (lambda r: r["variants"]["simflow"].update(extra=1),
+     r"unknown config key .variants\.simflow\.extra.; valid keys of variants\.simflow: group"),
     (lambda r: r["variants"].update({"bad/name": {"group": "latent"}}), r"variants\.bad/name"),
     (lambda r: r["variants"].update({"figures": {"group": "latent"}}), r"variants\.figures"),
     (lambda r: r.update(seeds=[0, 0]), r"seeds: expected a non-empty list of distinct"),
@@ -217,13 +219,24 @@ def test_repa_with_the_classifier_target_uses_the_trained_classifier():
     (lambda r: r.update(stage_launcher={"train": {"nodes": "two"}}),
      r"launcher of stage train: launcher\.nodes: expected an integer"),
     (lambda r: r.update(launcher_train_gpu=1), r"unknown flat launcher key 'launcher_train_gpu'"),
-    (lambda r: r.update(tracking={"run_id_file": "x"}), r"unknown key tracking\.run_id_file"),
+    (lambda r: r.update(tracking={"run_id_file": "x"}),
+     r"unknown config key .tracking\.run_id_file.; valid keys of tracking: enabled"),
 ])
 def test_invalid_study_configs_name_the_key(mutate, message):
     raw = _tiny()
     mutate(raw)
     with pytest.raises(S.StudyError, match=message):
         S.load_study(raw)
+
+
+def test_mapping_keys_left_empty_in_the_yaml_are_empty_mappings():
+    # `overrides:` with nothing after it is None in YAML: an empty mapping, or a section's defaults
+    raw = _tiny(launcher=None, stage_launcher=None, preflight={"cpu_overrides": None})
+    raw["variants"]["simflow"]["overrides"] = None
+    raw["tracking"] = None
+    study = S.load_study(raw)
+    assert study.variants["simflow"].overrides == {} and study.launcher == {}
+    assert study.preflight == {"steps": 200, "cpu_overrides": {}} and study.tracking["enabled"] is True
 
 
 def test_unknown_variant_and_seed_are_errors():

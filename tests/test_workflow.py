@@ -160,7 +160,7 @@ FAKE_CLI = textwrap.dedent('''
     import json, sys, zlib
     from pathlib import Path
     import numpy as np, yaml
-    from simflow.study import STAGE_OUTPUTS
+    from simflow.contracts import STAGE_FILES
 
     stage, cfg_path, sets = sys.argv[1], sys.argv[3], sys.argv[4:]
     cfg = yaml.safe_load(open(cfg_path))
@@ -185,7 +185,7 @@ FAKE_CLI = textwrap.dedent('''
                 {"noise_std": s, "psnr": 20.0 - 10 * s, "mse": s} for s in (0.0, 0.5, 1.0)]},
         "metrics/nll.json": {"nll_bpd": 1.0 + x},
     }
-    for name in STAGE_OUTPUTS[stage]:
+    for name in STAGE_FILES[stage].values():
         out = run / name
         out.parent.mkdir(parents=True, exist_ok=True)
         if name in payload:

@@ -5,11 +5,11 @@
 
 rule summary:
     input:
-        fid=per_unit(f"{VDIR}/metrics/fid.json"),
-        reconstruct=per_unit(f"{VDIR}/metrics/reconstruct.json"),
-        nll=per_unit(f"{VDIR}/metrics/nll.json"),
-        latents=per_unit(f"{VDIR}/latents.npz"),
-        train=per_unit(f"{VDIR}/train_summary.json"),
+        fid=per_unit(stage_file("fid", "metrics", VDIR)),
+        reconstruct=per_unit(stage_file("reconstruct", "metrics", VDIR)),
+        nll=per_unit(stage_file("nll", "metrics", VDIR)),
+        latents=per_unit(stage_file("latents", "latents", VDIR)),
+        train=per_unit(stage_file("train", "summary", VDIR)),
         pretrain=pretrain_summaries(),
     output:
         summary=f"{SD}/summary.csv",
@@ -36,8 +36,8 @@ rule figures:
         per_seed=f"{SD}/summary_per_seed.csv",
         noise=f"{SD}/noise_robustness.csv",
         fid_curves=f"{SD}/fid_curves.csv",
-        interpolation=per_unit(f"{VDIR}/interpolation.npz"),
-        samples=per_unit(f"{VDIR}/samples.npz"),
+        interpolation=per_unit(stage_file("reconstruct", "interpolation", VDIR)),
+        samples=per_unit(stage_file("sample", "samples", VDIR)),
     output:
         fig2=report(f"{SD}/figures/fig2_gfid_training.png", category="Figures",
                     labels={"figure": "2", "what": "gFID during training, by step and wall-clock"}),

@@ -9,6 +9,7 @@ import sys
 from snakemake.logging import logger
 
 from simflow import study as sf
+from simflow.contracts import CONFIG_FILE, RUN_ID_FILE, SHARED_UNITS, STAGE_FILES
 
 # The whole study config is validated here, at parse time: an invalid variant fails the run
 # before any job starts, with a message naming the variant and the key.
@@ -27,10 +28,9 @@ SD = STUDY.dir  # results/<study>
 LOGS = f"{SD}/logs"
 VDIR = f"{SD}/{{variant}}/s{{seed}}"  # one variant trained with one seed
 VLOG = f"{LOGS}/{{variant}}/s{{seed}}"
-SHARED = f"{SD}/{sf.SHARED_DIR}"
-CLASSIFIER_DIR = f"{SHARED}/feature_extractor"
-FIDREF_DIR = f"{SHARED}/fid_ref"
-PRETRAIN_DIR = f"{SHARED}/pretrain_vae/s{{seed}}"
+CLASSIFIER_DIR = f"{SD}/{SHARED_UNITS['feature-extractor']}"
+FIDREF_DIR = f"{SD}/{SHARED_UNITS['fid-ref']}"
+PRETRAIN_DIR = f"{SD}/{SHARED_UNITS['pretrain-vae']}/s{{seed}}"
 # One software environment for every rule: the simflow package and its dependencies.
 ENV = "../envs/simflow.yaml"
 
@@ -77,9 +77,20 @@ def threads_of(stage):
     return sf.stage_threads(STUDY, stage)
 
 
+def stage_outputs(stage, folder):
+    """The final files of ``stage`` in ``folder``, by output name (simflow.contracts.STAGE_FILES):
+    a rule's ``output: **stage_outputs(...)``."""
+    return {name: f"{folder}/{file}" for name, file in STAGE_FILES[stage].items()}
+
+
+def stage_file(stage, name, folder):
+    """One final file of ``stage`` in ``folder``, e.g. stage_file("train", "model", VDIR)."""
+    return f"{folder}/{STAGE_FILES[stage][name]}"
+
+
 def unit_files(unit):
     """The workflow-written files of a unit: its resolved config and its MLflow run id."""
-    return {"config": f"{SD}/{unit}/{sf.CONFIG_FILE}", "run_id": f"{SD}/{unit}/{sf.RUN_ID_FILE}"}
+    return {"config": f"{SD}/{unit}/{CONFIG_FILE}", "run_id": f"{SD}/{unit}/{RUN_ID_FILE}"}
 
 
 def variant_cfg(wildcards):
@@ -88,7 +99,7 @@ def variant_cfg(wildcards):
 
 def _classifier_input(cfg, key):
     """{"classifier": path} when config key ``key`` names the classifier the workflow trains."""
-    classifier = f"{CLASSIFIER_DIR}/classifier.pt"
+    classifier = stage_file("feature-extractor", "classifier", CLASSIFIER_DIR)
     return {"classifier": classifier} if sf.get_key(cfg, key) == classifier else {}
 
 
@@ -109,7 +120,7 @@ def train_inputs(wildcards):
 def model_inputs(wildcards):
     """Inputs of sample, nll and latents: the unit's files and its trained model."""
     unit = sf.variant_unit(wildcards.variant, wildcards.seed)
-    return {**unit_files(unit), "model": f"{SD}/{unit}/model.pt"}
+    return {**unit_files(unit), "model": stage_file("train", "model", f"{SD}/{unit}")}
 
 
 def eval_inputs(wildcards):
@@ -123,7 +134,7 @@ def eval_inputs(wildcards):
 
 def fid_inputs(wildcards):
     unit = sf.variant_unit(wildcards.variant, wildcards.seed)
-    return {**eval_inputs(wildcards), "samples": f"{SD}/{unit}/samples.npz"}
+    return {**eval_inputs(wildcards), "samples": stage_file("sample", "samples", f"{SD}/{unit}")}
 
 
 def setup_params(wildcards):
@@ -169,7 +180,7 @@ def decoder_scale_label(cfg):
 def pretrain_summary(cfg):
     """The training summary of the unit's pretrained VAE (frozen modes), or None."""
     vae = sf.get_key(cfg, "model.pretrained_vae")
-    return None if vae is None else f"{vae.rsplit('/', 1)[0]}/train_summary.json"
+    return None if vae is None else stage_file("pretrain-vae", "summary", vae.rsplit("/", 1)[0])
 
 
 def summary_units():
@@ -195,8 +206,8 @@ FIGURES = ["fig2_gfid_training", "fig3a_noise_robustness", "fig3b_interpolations
 
 
 def all_targets():
-    stage_files = [f"{VDIR}/{name}" for stage in ("train", "sample", "fid", "reconstruct", "nll", "latents")
-                   for name in sf.STAGE_OUTPUTS[stage]]
+    stage_files = [path for stage in ("train", "sample", "fid", "reconstruct", "nll", "latents")
+                   for path in stage_outputs(stage, VDIR).values()]
     return ([f for p in stage_files for f in per_unit(p)]
             + [f"{SD}/summary.csv", f"{SD}/summary.md"]
             + [f"{SD}/figures/{name}.png" for name in FIGURES])

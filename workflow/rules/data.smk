@@ -34,8 +34,8 @@ rule setup_unit:
     input:
         parent=ancient(STUDY.parent_run_id_file),
     output:
-        config=f"{SD}/{{unit}}/{sf.CONFIG_FILE}",
-        run_id=f"{SD}/{{unit}}/{sf.RUN_ID_FILE}",
+        config=f"{SD}/{{unit}}/{CONFIG_FILE}",
+        run_id=f"{SD}/{{unit}}/{RUN_ID_FILE}",
     params:
         config=setup_params,
         run_name=run_name,
@@ -51,15 +51,14 @@ rule setup_unit:
 
 rule feature_extractor:
     input:
-        **unit_files(f"{sf.SHARED_DIR}/feature_extractor"),
+        **unit_files(SHARED_UNITS["feature-extractor"]),
     output:
-        classifier=f"{CLASSIFIER_DIR}/classifier.pt",
-        report=f"{CLASSIFIER_DIR}/classifier.json",
+        **stage_outputs("feature-extractor", CLASSIFIER_DIR),
     params:
         cmd=stage_cmd("feature-extractor"),
         launcher=launcher_args("feature-extractor"),
     log:
-        f"{LOGS}/{sf.SHARED_DIR}/feature_extractor.log",
+        f"{LOGS}/{SHARED_UNITS['feature-extractor']}.log",
     threads: threads_of("feature-extractor")
     localrule: True
     conda:
@@ -70,15 +69,15 @@ rule feature_extractor:
 
 rule fid_ref:
     input:
-        **unit_files(f"{sf.SHARED_DIR}/fid_ref"),
-        **_classifier_input(STUDY.units.get(f"{sf.SHARED_DIR}/fid_ref", {}), "eval.classifier_path"),
+        **unit_files(SHARED_UNITS["fid-ref"]),
+        **_classifier_input(STUDY.units.get(SHARED_UNITS["fid-ref"], {}), "eval.classifier_path"),
     output:
-        stats=f"{FIDREF_DIR}/reference_stats.npz",
+        **stage_outputs("fid-ref", FIDREF_DIR),
     params:
         cmd=stage_cmd("fid-ref"),
         launcher=launcher_args("fid-ref"),
     log:
-        f"{LOGS}/{sf.SHARED_DIR}/fid_ref.log",
+        f"{LOGS}/{SHARED_UNITS['fid-ref']}.log",
     threads: threads_of("fid-ref")
     localrule: True
     conda:

@@ -7,7 +7,7 @@ rule fid:
     input:
         unpack(fid_inputs),
     output:
-        metrics=f"{VDIR}/metrics/fid.json",
+        **stage_outputs("fid", VDIR),
     params:
         cmd=stage_cmd("fid"),
         launcher=launcher_args("fid"),
@@ -25,8 +25,7 @@ rule reconstruct:
     input:
         unpack(eval_inputs),
     output:
-        metrics=f"{VDIR}/metrics/reconstruct.json",
-        interpolation=f"{VDIR}/interpolation.npz",
+        **stage_outputs("reconstruct", VDIR),
     params:
         cmd=stage_cmd("reconstruct"),
         launcher=launcher_args("reconstruct"),
@@ -44,7 +43,7 @@ rule nll:
     input:
         unpack(model_inputs),
     output:
-        metrics=f"{VDIR}/metrics/nll.json",
+        **stage_outputs("nll", VDIR),
     params:
         cmd=stage_cmd("nll"),
         launcher=launcher_args("nll"),
@@ -62,7 +61,7 @@ rule latents:
     input:
         unpack(model_inputs),
     output:
-        latents=f"{VDIR}/latents.npz",
+        **stage_outputs("latents", VDIR),
     params:
         cmd=stage_cmd("latents"),
         launcher=launcher_args("latents"),

@@ -8,15 +8,15 @@
 # rehearsals with `--forcerun preflight_unit`. The target rule `preflight` is in the Snakefile.
 
 PREFLIGHT_UNITS = list(sf.preflight_units(STUDY))
-PREFLIGHT_ROWS = [f"{SD}/{unit}/{sf.STAGE_OUTPUTS['preflight'][0]}" for unit in PREFLIGHT_UNITS]
+PREFLIGHT_ROWS = [stage_file("preflight", "row", f"{SD}/{unit}") for unit in PREFLIGHT_UNITS]
 
 
 rule preflight_unit:
     input:
-        config=f"{SD}/{{unit}}/{sf.CONFIG_FILE}",
-        run_id=f"{SD}/{{unit}}/{sf.RUN_ID_FILE}",
+        config=f"{SD}/{{unit}}/{CONFIG_FILE}",
+        run_id=f"{SD}/{{unit}}/{RUN_ID_FILE}",
     output:
-        row=f"{SD}/{{unit}}/{sf.STAGE_OUTPUTS['preflight'][0]}",
+        **stage_outputs("preflight", f"{SD}/{{unit}}"),
     params:
         cmd=stage_cmd("preflight"),
         launcher=preflight_launcher_args,

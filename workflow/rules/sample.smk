@@ -6,8 +6,7 @@ rule sample:
     input:
         unpack(model_inputs),
     output:
-        samples=f"{VDIR}/samples.npz",
-        grid=f"{VDIR}/samples.png",
+        **stage_outputs("sample", VDIR),
     params:
         cmd=stage_cmd("sample"),
         launcher=launcher_args("sample"),

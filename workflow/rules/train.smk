@@ -5,16 +5,15 @@
 
 rule pretrain_vae:
     input:
-        config=f"{PRETRAIN_DIR}/{sf.CONFIG_FILE}",
-        run_id=f"{PRETRAIN_DIR}/{sf.RUN_ID_FILE}",
+        config=f"{PRETRAIN_DIR}/{CONFIG_FILE}",
+        run_id=f"{PRETRAIN_DIR}/{RUN_ID_FILE}",
     output:
-        vae=f"{PRETRAIN_DIR}/vae.pt",
-        summary=f"{PRETRAIN_DIR}/train_summary.json",
+        **stage_outputs("pretrain-vae", PRETRAIN_DIR),
     params:
         cmd=stage_cmd("pretrain-vae"),
         launcher=launcher_args("pretrain-vae"),
     log:
-        f"{LOGS}/{sf.SHARED_DIR}/pretrain_vae/s{{seed}}.log",
+        f"{LOGS}/{SHARED_UNITS['pretrain-vae']}/s{{seed}}.log",
     threads: threads_of("pretrain-vae")
     localrule: True
     conda:
@@ -27,8 +26,7 @@ rule train:
     input:
         unpack(train_inputs),
     output:
-        model=f"{VDIR}/model.pt",
-        summary=f"{VDIR}/train_summary.json",
+        **stage_outputs("train", VDIR),
     params:
         cmd=stage_cmd("train"),
         launcher=launcher_args("train"),

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from simflow.analysis.report import parent_run_outputs
+from simflow.io import write_text
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 with open(sm.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -26,10 +27,7 @@ with open(sm.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.re
     record = {"run_id": run_id,
               "artifacts": {k: [str(p) for p in v] for k, v in outputs["artifacts"].items()},
               "metrics": outputs["metrics"], "tags": outputs["tags"]}
-    out = Path(sm.output.record)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out)
+    write_text(sm.output.record, json.dumps(record, indent=2) + "\n")
     print(f"parent run {run_id or '(tracking disabled)'}: {sum(map(len, record['artifacts'].values()))} "
           f"artifacts, {len(record['metrics'])} metrics")
 

@@ -7,13 +7,10 @@ from pathlib import Path
 import pandas as pd
 
 from simflow.analysis.report import summary_html
+from simflow.io import write_text
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 with open(sm.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
     page = summary_html(Path(sm.input.markdown).read_text(), pd.read_csv(sm.input.summary),
                         title=f"Study {sm.params.study}: summary")
-    out = Path(sm.output.html)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(f"wrote {write_text(sm.output.html, page)}")

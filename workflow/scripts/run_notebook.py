@@ -37,17 +37,15 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _with_repo_on_pythonpath() -> None:
+    """The checkout on the kernel's PYTHONPATH, and on this script's own sys.path (it writes its
+    files with simflow.io)."""
     if not (_REPO_ROOT / "simflow" / "__init__.py").is_file():
         return
+    if str(_REPO_ROOT) not in sys.path:
+        sys.path.append(str(_REPO_ROOT))
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(_REPO_ROOT) not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT), *parts])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def export_html(executed: Path, html: Path) -> Path:
@@ -55,11 +53,11 @@ def export_html(executed: Path, html: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
+    from simflow.io import write_text
+
     nb = nbformat.read(executed, as_version=4)
     body, _ = HTMLExporter().from_notebook_node(nb)
-    html.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(html, body)
-    return html
+    return write_text(html, body)
 
 
 def run_notebook(
@@ -99,31 +97,32 @@ def run_notebook(
         raise FileNotFoundError(f"notebook {notebook} does not exist")
     if output.suffix != ".ipynb":
         raise ValueError(f"output must be an .ipynb file, got {output}")
-    output.parent.mkdir(parents=True, exist_ok=True)
     _with_repo_on_pythonpath()
-    tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp.ipynb")
+    from simflow.io import atomic_write
+
     failed = output.with_name(f"{output.stem}.failed.ipynb")
-    try:
-        papermill.execute_notebook(
-            str(notebook),
-            str(tmp),
-            parameters=dict(parameters or {}),
-            kernel_name=kernel_name,
-            cwd=str(cwd if cwd is not None else Path.cwd()),
-            progress_bar=False,
-            log_output=log_output,
-        )
-    except PapermillExecutionError as err:
-        if tmp.exists():
-            os.replace(tmp, failed)
-        raise RuntimeError(
-            f"{notebook} failed in cell {err.exec_count} ({err.ename}: {err.evalue}); the partly "
-            f"executed notebook is {failed}"
-        ) from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # e.g. the kernel died: no half-written file left behind
-        raise
-    os.replace(tmp, output)
+
+    def execute(tmp: Path) -> None:
+        try:
+            papermill.execute_notebook(
+                str(notebook),
+                str(tmp),
+                parameters=dict(parameters or {}),
+                kernel_name=kernel_name,
+                cwd=str(cwd if cwd is not None else Path.cwd()),
+                progress_bar=False,
+                log_output=log_output,
+            )
+        except PapermillExecutionError as err:
+            if tmp.exists():  # kept for inspection (so atomic_write finds no temp file to remove)
+                os.replace(tmp, failed)
+            raise RuntimeError(
+                f"{notebook} failed in cell {err.exec_count} ({err.ename}: {err.evalue}); the partly "
+                f"executed notebook is {failed}"
+            ) from err
+
+    # a kernel that dies leaves no half-written notebook behind: atomic_write removes the temp file
+    atomic_write(output, execute)
     failed.unlink(missing_ok=True)
     if html is not None:
         export_html(output, Path(html))

@@ -1,0 +1,123 @@
+"""A unit's folder and its MLflow run: the files the workflow writes before a unit's stages run.
+
+``<unit>/config.yaml`` (the resolved stage config, launcher left out), ``<unit>/mlflow_run_id.txt``
+(its MLflow child run, under the study's parent run in ``<study>/mlflow_parent_run_id.txt``), and
+``<unit>/.setup.json`` (the fingerprint of the config the folder was last set up with).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simflow.config import to_dict
+from simflow.io import write_json, write_text
+from simflow.study.units import resolved_config
+
+__all__ = ["config_fingerprint", "init_study_tracking", "set_study_run_status", "setup_unit",
+           "write_stage_config"]
+
+#: The file in a unit folder that remembers the fingerprint of its last config and run.
+SETUP_STATE = ".setup.json"
+
+
+def config_fingerprint(cfg: Mapping[str, Any]) -> str:
+    """SHA-256 of the full resolved config (key order and default-filling do not matter)."""
+    full = to_dict(resolved_config(cfg))
+    full.pop("preflight", None)  # set per rehearsal by the workflow, never part of a unit
+    return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()
+
+
+def write_stage_config(cfg: Mapping[str, Any], path: str | Path) -> Path:
+    """Write the full resolved stage config of ``cfg`` (defaults filled in, launcher left out)
+    atomically to ``path``; returns the path."""
+    full = to_dict(resolved_config(cfg))
+    full.pop("launcher", None)
+    full.pop("preflight", None)
+    header = (f"# Resolved stage config of {full['study']}/{full['variant']} (written by the "
+              "workflow; edit config/*.yaml instead).\n# The launcher is passed per stage with "
+              "`--set launcher.<key>=...`; without it a stage runs in-process.\n")
+    return write_text(path, header + yaml.safe_dump(full, sort_keys=False))
+
+
+def _tracking_uri(tracking_uri: str | None, results_root: str) -> str:
+    from simflow.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(tracking_uri, results_root)
+
+
+def init_study_tracking(study_name: str, results_root: str, out: str | Path, *,
+                        experiment: str | None = None, tracking_uri: str | None = None,
+                        enabled: bool = True) -> str:
+    """Create the MLflow store, the experiment (default: the study name) and the study's parent
+    run; write its id to ``out`` and return it. With ``enabled=False`` only a marker is written."""
+    from simflow import tracking
+
+    if not enabled:
+        tracking.write_run_id_file(out, None)
+        return ""
+    return tracking.init_study(_tracking_uri(tracking_uri, results_root), experiment or study_name,
+                               study_name, Path(out), tags={"results": f"{results_root}/{study_name}"})
+
+
+def set_study_run_status(status: str, results_root: str, run_id_file: str | Path, *,
+                         tracking_uri: str | None = None) -> str | None:
+    """Set the status of the study's parent run (named by ``run_id_file``): the workflow marks
+    it RUNNING when an invocation starts work and FINISHED or FAILED when it ends. Returns the
+    run id, or None when there is no run yet or tracking is disabled."""
+    from simflow import tracking
+
+    return tracking.set_run_status(_tracking_uri(tracking_uri, results_root), Path(run_id_file), status)
+
+
+def setup_unit(cfg: Mapping[str, Any], config_path: str | Path, run_id_path: str | Path,
+               parent_run_id_path: str | Path, *, run_name: str,
+               tags: Mapping[str, Any] | None = None) -> str | None:
+    """Prepare a unit folder for its stages: write the resolved config, and create (or reuse)
+    the unit's MLflow child run, writing its id to ``run_id_path``.
+
+    A unit folder remembers the fingerprint of its last config and run (``.setup.json``). The
+    same config again (e.g. the outputs were deleted) reuses the MLflow run and the resumable
+    checkpoints; a *changed* config gets a new run, and an existing ``checkpoints/`` folder is
+    moved to ``checkpoints.superseded-<old fingerprint>`` so that training does not resume from
+    weights of another configuration. Returns the run id (None when tracking is disabled).
+    """
+    from simflow import tracking
+
+    full = resolved_config(cfg)
+    run_dir = Path(full.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = config_fingerprint(cfg)
+    state_path = run_dir / SETUP_STATE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    old = state.get("fingerprint")
+    if old is not None and old != fingerprint:
+        ckpt = run_dir / "checkpoints"
+        if ckpt.exists():
+            target = run_dir / f"checkpoints.superseded-{old[:12]}"
+            if target.exists():
+                shutil.rmtree(target)
+            ckpt.rename(target)
+            print(f"config changed: moved {ckpt} to {target} (no resume from another config)",
+                  file=sys.stderr)
+    write_stage_config(cfg, config_path)
+
+    run_id: str | None = None
+    if full.tracking.enabled:
+        run_id = tracking.init_variant_run(
+            _tracking_uri(full.tracking.tracking_uri, full.results_root), full.tracking.experiment,
+            Path(parent_run_id_path), run_name, Path(run_id_path),
+            tags={**(tags or {}), "config_sha256": fingerprint},
+            # the same config as last time: its run, unless the store no longer holds it
+            known_run_id=state.get("run_id") if old == fingerprint else None)
+    else:
+        tracking.write_run_id_file(run_id_path, None)
+    write_json(state_path, {"fingerprint": fingerprint, "run_id": run_id})
+    return run_id
