@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import platform
 import statistics
 import sys
@@ -214,7 +213,14 @@ def load_flow_weights(flow: TransformerFlow, path: str, key: str) -> None:
     """Load trained flow weights: a ``simflow train`` checkpoint (``key`` = ``ema`` or ``model``; the
     flow's entries are those prefixed ``flow.``) or a plain flow state dict. The model options must
     match the checkpoint's flow (a mismatch raises, naming the differing entries)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not Path(path).is_file():
+        raise ValueError(f"--checkpoint {path}: no such file (a train stage writes "
+                         "<run_dir>/checkpoints/latest.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - truncated, or not a torch file: say which file
+        raise ValueError(f"--checkpoint {path}: not a readable torch checkpoint ({type(err).__name__}: "
+                         f"{err})") from None
     state = ckpt
     if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
         state = ckpt[key]
@@ -638,18 +644,13 @@ def bench_attention(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.N
 
 
 def bench_fid(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Feature-extraction throughput through torch-fidelity (skipped, with a reason, when the
-    pieces are unavailable)."""
-    try:
-        from simflow import fid as simfid
-    except Exception as err:  # the module may be absent or broken in a partial checkout
-        return {"skipped": f"simflow.fid cannot be imported: {err}"}
-    needed = ("SmallClassifier", "register_classifier_extractor", "save_classifier", "extract_features")
-    missing = [n for n in needed if not hasattr(simfid, n)]
-    if missing:
-        return {"skipped": f"simflow.fid lacks {', '.join(missing)}"}
+    """Feature-extraction throughput through torch-fidelity: the demo classifier's extractor, and
+    Inception when its weights are available locally (skipped, with the reason, otherwise)."""
     import numpy as np
     from torch_fidelity.utils import create_feature_extractor
+
+    from simflow import fid as simfid
+    from simflow.classifier import SmallClassifier, save_classifier
 
     cuda = device.type == "cuda"
     n = args.fid_images
@@ -657,8 +658,8 @@ def bench_fid(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {"images": n, "batch": args.fid_batch}
     with tempfile.TemporaryDirectory() as tmp:
         images = rng.integers(0, 256, size=(n, 32, 32, 1), dtype=np.uint8)
-        ckpt = simfid.save_classifier(simfid.SmallClassifier(in_channels=1, image_size=32),
-                                      Path(tmp) / "bench_classifier.pt")
+        ckpt = save_classifier(SmallClassifier(in_channels=1, image_size=32),
+                               Path(tmp) / "bench_classifier.pt")
         name = simfid.register_classifier_extractor(ckpt, name="simflow-bench-classifier")
         extractors = [("classifier", name, None, images)]
         weights = Path(args.inception_weights) if args.inception_weights else simfid.inception_weights_cache_path()

@@ -572,3 +572,15 @@ def test_killed_or_terminated_training_reruns_only_the_unfinished_steps(
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / LATEST} at step 8" in rerun.stdout
     assert_same_weights(reference_weights, final_weights(tmp_path / "run"))
     assert temp_files(tmp_path / "run") == []
+
+
+def test_bench_checkpoint_that_is_missing_or_not_torch_is_one_line(tmp_path, capsys):
+    """`simflow bench --checkpoint`: a wrong path or a file that is not a checkpoint is one error line
+    naming the file (rc 2), not a traceback from torch.load."""
+    missing = tmp_path / "nope.pt"
+    assert main(["bench", "--parts", "train", "--checkpoint", str(missing)]) == 2
+    assert f"--checkpoint {missing}: no such file" in error_line(capsys)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint")
+    assert main(["bench", "--parts", "train", "--checkpoint", str(garbage)]) == 2
+    assert f"--checkpoint {garbage}: not a readable torch checkpoint" in error_line(capsys)
