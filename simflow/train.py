@@ -633,6 +633,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
     probe_time = 0.0  # seconds of gFID probes in this run, excluded from training time
     progress = make_progress(t_cfg.steps, start_step, env)
     terms_acc: dict[str, float] = {}
+    loss_check: torch.Tensor | None = None  # the last step's loss (None: a resumed run that was already done)
     while step < t_cfg.steps:
         if t_cfg.max_steps_this_run is not None and steps_this_run >= t_cfg.max_steps_this_run:
             break
@@ -715,7 +716,9 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
             model.train()
     progress.close()
     finished = step >= t_cfg.steps
-    if not saved_at or saved_at[-1] != step:  # not twice: previous.pt must be an older state
+    # Not twice (previous.pt must be an older state), and not when nothing ran: a requeued job of a
+    # finished run (or one resumed with max_steps_this_run=0) leaves its checkpoints as they are.
+    if step > start_step and (not saved_at or saved_at[-1] != step):
         save_checkpoint(step)  # also after max_steps_this_run, so a restart resumes exactly here
     elapsed = time.perf_counter() - t_start - probe_time
     collapsed = is_collapsed(last_rate.get("rate_per_dim"), t_cfg.collapse_threshold) if last_rate else None
@@ -726,7 +729,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
                "collapse_alarm_step": collapse.alarm_step, "fid_curve": fid_curve,
                "img_per_s": images_seen / max(elapsed, 1e-9), "world_size": world,
                "global_batch_size": t_cfg.global_batch_size, "accumulation": accumulation,
-               "final_loss": None if not terms_step else float(loss_check),  # mean over ranks
+               "final_loss": None if loss_check is None else float(loss_check),  # mean over ranks
                "num_params": {n: sum(p.numel() for p in ps) for n, ps in groups.items()},
                "data_info": {"channels": dataset.channels, "num_classes": dataset.num_classes}}
     return TrainResult(model, ema.state, summary)

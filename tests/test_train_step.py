@@ -124,3 +124,18 @@ def test_ema_weights_are_swapped_in_and_back_out_in_place():
     assert model.training
     assert all(torch.equal(model.state_dict()[k], v) for k, v in own.items())
     assert all(a is b for a, b in zip(params, model.parameters(), strict=True))  # the optimiser's tensors
+
+
+def test_training_resumed_after_its_last_step_returns_without_rewriting_checkpoints(tmp_path):
+    """A requeued job of a finished run (submitit's checkpoint() after the last step) resumes at
+    train.steps: it must return the trained model and leave latest.pt / previous.pt as they are."""
+    cfg = load_config(overrides=TINY + [f"run_dir={tmp_path}", "train.steps=2", "train.global_batch_size=8",
+                                        "train.warmup_steps=0", "train.checkpoint_every=1",
+                                        "tracking.enabled=false"])
+    first = train(cfg, DistEnv())
+    ckpts = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").glob("*.pt")}
+    again = train(cfg, DistEnv())
+    assert again.summary["steps"] == 2 and again.summary["finished"] and again.summary["final_loss"] is None
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").glob("*.pt")} == ckpts
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), again.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
