@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Subset
 
 from simflow.config import Config, ConfigError, save_config, to_dict
+from simflow.contracts import STAGE_FILES
 from simflow.data import build_dataset, subset_indices
 from simflow.distributed import DistEnv, barrier
 from simflow.flow import bits_per_dim
@@ -32,6 +33,12 @@ from simflow.tracking import StageRun, flatten
 # ------------------------------------------------------------------------------------------
 # Small utilities
 # ------------------------------------------------------------------------------------------
+def stage_file(cfg: Config, stage: str, output: str) -> Path:
+    """The final file ``output`` of ``stage`` in this unit's folder (:data:`simflow.contracts.STAGE_FILES`,
+    which the workflow's rules declare as their outputs)."""
+    return Path(cfg.run_dir) / STAGE_FILES[stage][output]
+
+
 class RunLogger:
     """Adapter from the training loop's logger protocol to an MLflow :class:`StageRun`."""
 
@@ -92,7 +99,7 @@ def eval_images(cfg: Config, n: int, split: str = "test", seed: int = 0) -> tupl
 
 def load_trained(cfg: Config, device: torch.device) -> SimFlowModel:
     """The trained model of this variant (EMA weights when ``sample.use_ema``)."""
-    path = Path(cfg.run_dir) / "model.pt"
+    path = stage_file(cfg, "train", "model")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run `simflow train` for this variant first")
     from simflow.train import CheckpointError, load_checkpoint
@@ -126,16 +133,16 @@ def batched(n: int, size: int):
 # ------------------------------------------------------------------------------------------
 def stage_feature_extractor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     from simflow.fid import train_feature_extractor
-    run_dir = Path(cfg.run_dir)
     if not env.is_main:
         return {}
     train_set = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size)
     test_set = build_dataset(cfg.data.name, cfg.data.root, "test", cfg.data.image_size)
-    result = train_feature_extractor(train_set, run_dir / "classifier.pt", steps=cfg.eval.classifier_steps,
-                                     batch_size=64, seed=cfg.train.seed, eval_dataset=test_set,
+    result = train_feature_extractor(train_set, stage_file(cfg, "feature-extractor", "classifier"),
+                                     steps=cfg.eval.classifier_steps, batch_size=64, seed=cfg.train.seed,
+                                     eval_dataset=test_set,
                                      width=16, device=env.device, num_workers=cfg.data.num_workers)
     run.log_metrics({"feature_extractor/accuracy": result["accuracy"]})
-    write_json(run_dir / "classifier.json", result)
+    write_json(stage_file(cfg, "feature-extractor", "report"), result)
     return result
 
 
@@ -146,7 +153,7 @@ def stage_fid_ref(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     register_extractor(cfg)
     dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size)
     subset = Subset(dataset, subset_indices(len(dataset), cfg.eval.num_reference, 0).tolist())
-    out = compute_reference_statistics(subset, Path(cfg.run_dir) / "reference_stats.npz",
+    out = compute_reference_statistics(subset, stage_file(cfg, "fid-ref", "stats"),
                                        cfg.eval.feature_extractor, cfg.eval.feature_extractor_weights_path,
                                        cuda=env.device.type == "cuda")
     return {"reference_stats": str(out), "num_images": len(subset)}
@@ -178,15 +185,16 @@ def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -
     dataset_info = summary["data_info"]  # what load_trained needs to rebuild the model
     if vae_only:
         vae_state = {k[len("vae."):]: v for k, v in result.ema_state.items() if k.startswith("vae.")}
-        atomic_save({"vae": vae_state, "config": to_dict(cfg), "data_info": dataset_info}, run_dir / "vae.pt")
+        atomic_save({"vae": vae_state, "config": to_dict(cfg), "data_info": dataset_info},
+                    stage_file(cfg, "pretrain-vae", "vae"))
     else:
         atomic_save({"ema": result.ema_state, "model": result.model.state_dict(), "config": to_dict(cfg),
-                     "data_info": dataset_info, "summary": summary}, run_dir / "model.pt")
+                     "data_info": dataset_info, "summary": summary}, stage_file(cfg, "train", "model"))
         from simflow.train import sample_grid
         RunLogger(run, run_dir).log_image(sample_grid(result.model, result.ema_state), "samples/final.png")
     run.log_metrics({"train/train_time_s": summary["train_time_s"], "train/img_per_s_mean": summary["img_per_s"]},
                     summary["steps"])
-    write_json(run_dir / "train_summary.json", summary)
+    write_json(stage_file(cfg, "pretrain-vae" if vae_only else "train", "summary"), summary)
     return summary
 
 
@@ -282,9 +290,9 @@ def stage_sample(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     all_labels = np.concatenate([p["labels"] for p in parts])
     for r in range(env.world_size):
         (run_dir / f"samples.rank{r}.npz").unlink()
-    save_samples_npz(run_dir / "samples.npz", all_images, all_labels)
+    save_samples_npz(stage_file(cfg, "sample", "samples"), all_images, all_labels)
     grid = make_grid(all_images[:64], ncol=8)
-    RunLogger(run, run_dir).log_image(grid, "samples.png")
+    RunLogger(run, run_dir).log_image(grid, STAGE_FILES["sample"]["grid"])
     return {"num_samples": int(len(all_images))}
 
 
@@ -300,12 +308,12 @@ def stage_fid(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     if cfg.eval.kid or cfg.eval.prc:
         dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size)
         reference_images = Subset(dataset, subset_indices(len(dataset), cfg.eval.num_reference, 0).tolist())
-    metrics = compute_metrics(Path(cfg.run_dir) / "samples.npz", cfg.eval.reference_stats, reference_images,
+    metrics = compute_metrics(stage_file(cfg, "sample", "samples"), cfg.eval.reference_stats, reference_images,
                               cfg.eval.feature_extractor, cfg.eval.feature_extractor_weights_path,
                               isc=cfg.eval.isc, kid=cfg.eval.kid, prc=cfg.eval.prc,
                               cuda=env.device.type == "cuda")
     run.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-    write_json(Path(cfg.run_dir) / "metrics" / "fid.json", metrics)
+    write_json(stage_file(cfg, "fid", "metrics"), metrics)
     return metrics
 
 
@@ -316,9 +324,10 @@ def stage_reconstruct(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     if not env.is_main:
         return {}
     model = load_trained(cfg, env.device)
-    out_json = run_dir / "metrics" / "reconstruct.json"
+    out_json = stage_file(cfg, "reconstruct", "metrics")
     if model.vae is None:
-        save_npz(run_dir / "interpolation.npz", arr_0=np.zeros((0, 1, 1, 1), np.uint8), not_applicable=True)
+        save_npz(stage_file(cfg, "reconstruct", "interpolation"), arr_0=np.zeros((0, 1, 1, 1), np.uint8),
+                 not_applicable=True)
         result = {"rfid": None, "psnr": None, "noise_sweep": [], "not_applicable": "pixel-space model (no VAE)"}
         write_json(out_json, result)
         return result
@@ -362,7 +371,8 @@ def stage_reconstruct(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     b = int(torch.nonzero(labels != labels[a])[0]) if (labels != labels[a]).any() else min(1, len(labels) - 1)
     ts = torch.linspace(0, 1, 8, device=mean_t.device)
     path = torch.stack([(1 - t) * mean_t[a] + t * mean_t[b] for t in ts])
-    save_npz(run_dir / "interpolation.npz", arr_0=images_to_uint8(vae.decode(path).clamp(-1, 1)).cpu().numpy())
+    save_npz(stage_file(cfg, "reconstruct", "interpolation"),
+             arr_0=images_to_uint8(vae.decode(path).clamp(-1, 1)).cpu().numpy())
     run.log_metrics({"eval/rfid": result["rfid"] if result["rfid"] is not None else float("nan"),
                      "eval/recon_psnr": result["psnr"]})
     for k, row in enumerate(sweep):
@@ -404,7 +414,7 @@ def stage_nll(cfg: Config, env: DistEnv, run: StageRun) -> dict:
                                "uniform dequantisation" if model.vae is None else "posterior samples"),
               "num_images": len(images)}
     run.log_metrics({"eval/nll_bpd": result["nll_bpd"]})
-    write_json(Path(cfg.run_dir) / "metrics" / "nll.json", result)
+    write_json(stage_file(cfg, "nll", "metrics"), result)
     return result
 
 
@@ -413,7 +423,7 @@ def stage_latents(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     if not env.is_main:
         return {}
     model = load_trained(cfg, env.device)
-    out = Path(cfg.run_dir) / "latents.npz"
+    out = stage_file(cfg, "latents", "latents")
     if model.vae is None:
         save_npz(out, not_applicable=True)
         return {"not_applicable": True}

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from simflow.config import Config, to_dict
+from simflow.contracts import FROZEN_MODES
 from simflow.data import build_dataset
 from simflow.distributed import DistEnv, all_reduce_mean_, mean_over_ranks
 from simflow.io import atomic_write
@@ -522,7 +523,7 @@ def apply_gradients(optimizers: dict[str, torch.optim.Optimizer], cfg: Config,
 
 
 def load_pretrained_vae(model: SimFlowModel, path: str | None) -> None:
-    if model.mode not in ("frozen_vae", "frozen_encoder"):
+    if model.mode not in FROZEN_MODES:
         return
     if not path:
         raise ValueError(f"model.mode={model.mode} needs model.pretrained_vae: the vae.pt written "
@@ -588,7 +589,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
         if env.is_main:
             print(f"resumed from {ckpt_path} at step {start_step}", flush=True)
     else:
-        if model.mode in ("frozen_vae", "frozen_encoder"):
+        if model.mode in FROZEN_MODES:
             # the latent std from a fixed random subset, not one batch: a scale the flow keeps
             gen = torch.Generator().manual_seed(t_cfg.seed)
             subset = torch.randperm(len(dataset), generator=gen)[:LATENT_SCALE_IMAGES]
