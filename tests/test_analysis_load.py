@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers_study import write_summary_tables
 
-from simflow.analysis import aggregate_seeds, evaluate_claims, latent_statistics, results_markdown
-from simflow.analysis import load, report
+from simflow.analysis import latent_statistics, load, report
 
 STUDY = "fake"
 # variant: (group, sigma, posterior, gFID of seed 0, latent?)
@@ -57,19 +57,8 @@ def make_results(root: Path, per_seed_table: bool = True, noise_csv: bool = True
                          "sigma": math.nan if sigma is None else sigma, "posterior": posterior,
                          "fid": fid + seed, "rfid": 5.0 + seed if latent else math.nan,
                          "nll_bpd": 1.5, **stats, "train_time_s": 60.0, "img_per_s": 100.0})
-    per_seed = pd.DataFrame(rows)
-    if per_seed_table:
-        per_seed.to_csv(study_dir / "summary_per_seed.csv", index=False)
-    agg = aggregate_seeds(per_seed.drop(columns="seed"))
-    agg = agg.rename(columns={c: c[: -len("_mean")] for c in agg.columns if c.endswith("_mean")})
-    agg.to_csv(study_dir / "summary.csv", index=False)
-    pd.DataFrame(latent_rows).to_csv(study_dir / "latent_stats.csv", index=False)
-    noise = pd.DataFrame(noise_rows)
-    if noise_csv:
-        noise.to_csv(study_dir / "noise_robustness.csv", index=False)
-    claims = evaluate_claims(per_seed, noise)
-    (study_dir / "claims.json").write_text(json.dumps(claims))
-    (study_dir / "summary.md").write_text(f"# Study `{STUDY}`\n\n" + results_markdown(per_seed, claims))
+    write_summary_tables(study_dir, rows, latent_rows, noise_rows, heading=f"# Study `{STUDY}`\n\n",
+                         per_seed_table=per_seed_table, noise_csv=noise_csv)
     return root
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
-import pandas as pd
 import pytest
+from helpers_study import write_summary_tables
 
-from simflow.analysis import aggregate_seeds, evaluate_claims, latent_statistics, results_markdown
+from simflow.analysis import latent_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = {name: REPO / "analysis" / f"{name}.ipynb" for name in ("latent_space", "variants")}
@@ -126,17 +126,7 @@ def make_study(root: Path, with_mlflow: bool = True) -> Path:
                          "fid": fid + seed, "rfid": 5.0 if latent else math.nan, "nll_bpd": 1.5,
                          **stats, "train_time_s": 60.0, "img_per_s": 100.0})
     # The summary rule's tables (workflow/rules/analysis.smk).
-    per_seed = pd.DataFrame(rows)
-    per_seed.to_csv(study_dir / "summary_per_seed.csv", index=False)
-    agg = aggregate_seeds(per_seed.drop(columns="seed"))
-    agg = agg.rename(columns={c: c[: -len("_mean")] for c in agg.columns if c.endswith("_mean")})
-    agg.to_csv(study_dir / "summary.csv", index=False)
-    pd.DataFrame(latent_rows).to_csv(study_dir / "latent_stats.csv", index=False)
-    noise = pd.DataFrame(noise_rows)
-    noise.to_csv(study_dir / "noise_robustness.csv", index=False)
-    claims = evaluate_claims(per_seed, noise)
-    (study_dir / "claims.json").write_text(json.dumps(claims))
-    (study_dir / "summary.md").write_text(results_markdown(per_seed, claims))
+    write_summary_tables(study_dir, rows, latent_rows, noise_rows)
     if with_mlflow:
         _make_mlflow(results, study_dir)
     return results
