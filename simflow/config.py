@@ -148,7 +148,13 @@ class ModelConfig:
         "sample", "Frozen modes: flow on posterior samples (STARFlow) or posterior means.")
     latent_scale: float | None = option(None, "Frozen modes: latents are multiplied by this; None "
                                         "= 1/std of the pretrained VAE's latents, measured once.", gt=0)
-    repa_weight: float = option(0.0, "REPA alignment weight (REPA-E: 0.5 model / 1.5 VAE); 0 = off.", ge=0)
+    repa_weight: float = option(0.0, "REPA alignment weight of the flow, relative to the weight of "
+                                "the flow's NLL (REPA-E: 0.5 beside its generative loss of weight 1); "
+                                "0 = off.", ge=0)
+    repa_vae_weight: float = option(1.5, "End-to-end mode with REPA on: alignment weight of the VAE, "
+                                    "relative to its reconstruction weight l1_weight (REPA-E's "
+                                    "vae_align_proj_coeff 1.5; SimFlow's value NOT PUBLISHED, INFERRED "
+                                    "from REPA-E); 0 = the VAE gets only the flow's share.", ge=0)
     repa_layer: int = option(3, "Flow transformer layer aligned by REPA, counted from the data "
                              "side from 0 (paper run name: repaAlign3; exact meaning NOT RETRIEVED).",
                              ge=0)
@@ -185,7 +191,10 @@ class TrainConfig:
     weight_decay: float = option(1e-4, "AdamW weight decay on ≥2-D weights (TarFlow: 1e-4).", ge=0)
     warmup_steps: int = option(100, "Linear warm-up steps.", ge=0)
     min_lr_ratio: float = option(0.01, "Cosine decay floor as a fraction of the peak lr.", ge=0, le=1)
-    grad_clip: float = option(1.0, "Gradient-norm clip per optimiser (REPA-E: 1); 0 = off.", ge=0)
+    grad_clip: float = option(1.0, "Gradient-norm clip per optimiser (REPA-E: 1), in units of the "
+                              "optimiser's anchor term: the flow's NLL weight, the VAE's l1_weight "
+                              "(SimFlowModel.gradient_units), so it means the same in every mode; "
+                              "0 = off.", ge=0)
     ema_decay: float = option(0.999, "EMA decay of flow and VAE (REPA-E: 0.9999); 0 = off.", ge=0, lt=1)
     precision: Literal["auto", "fp32", "bf16"] = option("auto", "`auto`: bf16 autocast on CUDA, fp32 on CPU.")
     compile: bool = option(False, "torch.compile every flow block's forward for training "
@@ -197,8 +206,15 @@ class TrainConfig:
     collapse_threshold: float = option(0.05, "Rate (nats per latent dim above the posterior-entropy "
                                        "floor) below which the encoder counts as collapsed; measured: "
                                        "0.02 collapsed, ≥ 0.3 healthy in the demo (README).", ge=0)
-    collapse_patience: int = option(3, "Consecutive log steps after warm-up below collapse_threshold "
-                                    "that raise the collapse alarm (a warning and an MLflow tag).", ge=1)
+    collapse_min_active_fraction: float = option(
+        0.5, "The collapse alarm also fires when fewer than this fraction of the latent dims are "
+        "active (their μ varies across images by more than 0.1 σ; simflow.rate): a partial collapse, "
+        "most dims at the prior and a few busy ones, which the mean rate hides. Healthy demo and "
+        "claims-study variants: 1.0.", ge=0, le=1)
+    collapse_patience: int = option(3, "Consecutive log steps after warm-up with a collapse criterion "
+                                    "met (rate below collapse_threshold, or active dims below "
+                                    "collapse_min_active_fraction) that raise the collapse alarm (a "
+                                    "warning and an MLflow tag).", ge=1)
     fid_every: int = option(0, "Steps between gFID probes on train.fid_samples EMA samples (Figure 2 "
                             "of the paper: gFID during training); 0 = off. Needs eval.reference_stats.", ge=0)
     fid_samples: int = option(200, "Samples per gFID probe (a small-sample FID: biased high, "

@@ -427,11 +427,14 @@ class TransformerFlow(nn.Module):
 
     # ---- density ------------------------------------------------------------------------------
     def to_noise(self, x: Tensor, y: Tensor | None = None, hidden_layer: int | None = None,
-                 query_scale: Tensor | None = None) -> FlowOutput:
+                 query_scale: Tensor | None = None, drop_labels: bool = True) -> FlowOutput:
         """The data → noise pass with everything it produces (:class:`FlowOutput`). ``hidden_layer``
         (global layer index counted from the data side) selects a transformer hidden state to
-        return, e.g. for REPA alignment. Labels are dropped at rate ``label_drop`` in training."""
-        if y is not None and self.class_embed is not None and self.training and self.label_drop > 0:
+        return, e.g. for REPA alignment. Labels are dropped at rate ``label_drop`` in training
+        unless ``drop_labels`` is False (the caller dropped them already, to share them with
+        :meth:`hidden_state`)."""
+        if (drop_labels and y is not None and self.class_embed is not None and self.training
+                and self.label_drop > 0):
             y = self.drop_labels(y)
         add_cond, ada_cond = self.conditions(self.class_embedding(y, x.shape[0], x.device))
         tokens = patchify(x, self.patch_size)
@@ -448,6 +451,22 @@ class TransformerFlow(nn.Module):
             first += len(block.layers)
         z = unpatchify(tokens, self.in_channels, self.img_size, self.img_size, self.patch_size)
         return FlowOutput(z, logdet, hidden, sq_norms)
+
+    def hidden_state(self, x: Tensor, y: Tensor | None, layer: int) -> Tensor:
+        """The transformer hidden state after global layer ``layer`` (B, T, width), in raster
+        order, as :meth:`to_noise` returns it, without running the layers after it (REPA's
+        align-only pass). Labels are used as given (no dropout)."""
+        add_cond, ada_cond = self.conditions(self.class_embedding(y, x.shape[0], x.device))
+        tokens, first = patchify(x, self.patch_size), 0
+        for block in self.blocks:
+            if layer < first + len(block.layers):
+                h = block.inputs(block.order(tokens), add_cond)
+                for block_layer in block.layers[:layer - first + 1]:
+                    h = block_layer(h, ada_cond)
+                return block.order(h)
+            tokens, _, _ = block(tokens, add_cond, ada_cond)
+            first += len(block.layers)
+        raise ValueError(f"layer {layer} does not exist: the flow has {first} transformer layers")
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x (B, C, H, W) → (z of x's shape, logdet (B,) = log|det ∂z/∂x| in nats)."""

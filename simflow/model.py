@@ -20,18 +20,26 @@ The balance of rate and distortion (``model.decoder_scale``; the paper's value i
 PUBLISHED). The pixel terms are per-pixel means; the flow NLL is in nats per latent dimension.
 ``L1_mean + w·NLL_per_dim`` is, up to a factor, the ELBO of a **Laplace decoder with scale b**
 (in pixel units on the [−1, 1] scale) when ``w = b·D_lat/D_pix``: −log p(i|x) = Σ|i − x̂|/b + const.
-``decoder_scale: b`` sets b directly; ``calibrated`` (the default) sets b each step to the batch's
-mean absolute reconstruction error, the maximum-likelihood Laplace scale (a calibrated decoder,
-Rybkin et al., "σ-VAE", arXiv 2006.13202), so the rate is weighed as the ELBO of the best-fitting
-decoder would weigh it. ``decoder_scale: null`` uses the raw ``nll_weight`` instead, reduced per
+``decoder_scale: b`` sets b directly; ``calibrated`` (the default) sets b each step to the mean
+absolute reconstruction error, the maximum-likelihood Laplace scale (a calibrated decoder, Rybkin
+et al., "σ-VAE", arXiv 2006.13202), so the rate is weighed as the ELBO of the best-fitting decoder
+would weigh it: measured on the previous step's whole global batch, so that every rank and
+micro-batch uses the same b (``simflow.train.DecoderScale``), and floored at the data's
+quantisation step (:data:`QUANTISATION_STEP`). ``decoder_scale: null`` uses the raw ``nll_weight`` instead, reduced per
 ``nll_reduction``. A weight of 1 on the per-dim NLL is b = D_pix/D_lat (4 in the demo, 12 for
 ImageNet-256 at f16d64): a β-VAE with β ≈ 40 that collapses the encoder (README, "Choosing the
 rate weight"). The weighting matters only where the NLL's gradient meets the pixel losses'
 (``end_to_end``); in the other modes the flow NLL has weight 1 unless ``nll_weight`` is given.
+
+Terms weighed against the NLL move with w (REPA-E's balance, arXiv 2504.10483): the flow's REPA
+alignment has ``repa_weight`` × w, the VAE's ``repa_vae_weight`` × ``l1_weight``, and gradients are
+clipped in those units (:meth:`SimFlowModel.gradient_units`), so that the same config means the
+same balance in every mode and at every w (tests/test_objective_balance.py measures it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -179,12 +187,13 @@ class SimFlowModel(nn.Module):
         return x + std * torch.randn_like(x) if std > 0 else x
 
     # ---- the objective -----------------------------------------------------------------------
-    def rate_weight(self, recon_mae: Tensor | None, image_dims: int) -> Tensor | float:
-        """Weight of the flow's NLL in nats per latent dim (see the module docstring).
+    def rate_weight(self, decoder_scale: Tensor | float | None, image_dims: int) -> Tensor | float:
+        """Weight w of the flow's NLL in nats per latent dim (see the module docstring).
 
-        ``recon_mae``: the batch's mean absolute reconstruction error (detached), needed for
-        ``decoder_scale: calibrated``; ``image_dims``: C·H·W of one image. Raw ``nll_weight`` values are converted to this per-dim
-        form when ``nll_reduction`` is ``per_sample``.
+        ``decoder_scale``: the current estimate of the calibrated scale b (pixel units on the
+        [−1, 1] scale), needed for ``decoder_scale: calibrated`` and floored there at
+        :data:`QUANTISATION_STEP`; ``image_dims``: C·H·W of one image. Raw ``nll_weight`` values
+        are converted to this per-dim form when ``nll_reduction`` is ``per_sample``.
         """
         cfg = self.cfg
         if cfg.decoder_scale is None:
@@ -192,8 +201,24 @@ class SimFlowModel(nn.Module):
             return cfg.nll_weight * (self.flow.num_dims if per_sample else 1.0)
         if self.mode != "end_to_end":
             return 1.0
-        b = recon_mae if cfg.decoder_scale == "calibrated" else cfg.decoder_scale
+        if cfg.decoder_scale == "calibrated":
+            if decoder_scale is None:
+                raise ValueError("model.decoder_scale=calibrated needs the current estimate of b")
+            b = torch.clamp(torch.as_tensor(decoder_scale, dtype=torch.float32), min=QUANTISATION_STEP)
+        else:
+            b = cfg.decoder_scale
         return cfg.l1_weight * b * self.flow.num_dims / image_dims
+
+    def gradient_units(self, decoder_scale: Tensor | float | None, image_dims: int) -> dict[str, float]:
+        """Per optimiser, the weight of the term its gradient is measured against: the flow's
+        NLL weight w (its REPA term is a fixed fraction of it), the VAE's reconstruction weight
+        (``l1_weight``, the anchor of REPA-E's VAE loss), 1 for the discriminator.
+        ``train.grad_clip`` is applied in these units, so a clip of 1 bounds the gradient of the
+        flow's own objective in every mode, whatever w is (arguments as :meth:`rate_weight`)."""
+        units = {"flow": float(self.rate_weight(decoder_scale, image_dims)), "disc": 1.0}
+        if self.vae is not None:
+            units["vae"] = self.cfg.l1_weight if self.cfg.l1_weight > 0 else 1.0
+        return units
 
     def _flow_posterior(self, images: Tensor) -> tuple[Tensor, DiagonalGaussian | None, Tensor | None]:
         """(flow input x, the Gaussian x is drawn from or None for pixels, reconstruction or None)."""
@@ -211,8 +236,13 @@ class SimFlowModel(nn.Module):
         recon = self.vae.decode(x / self.latent_scale) if self.mode == "frozen_encoder" else None
         return x, posterior, recon
 
-    def training_losses(self, images: Tensor, labels: Tensor | None, step: int) -> LossOutput:
-        """All loss terms of one batch; see the module docstring for what each mode trains."""
+    def training_losses(self, images: Tensor, labels: Tensor | None, step: int,
+                        decoder_scale: Tensor | float | None = None) -> LossOutput:
+        """All loss terms of one batch; see the module docstring for what each mode trains.
+
+        ``decoder_scale``: the calibrated scale b of this step, the same on every rank and
+        micro-batch (the training loop's :class:`simflow.train.DecoderScale`); None uses this
+        batch's own mean absolute reconstruction error (calls outside the training loop)."""
         cfg = self.cfg
         terms: dict[str, Tensor] = {}
         x, posterior, recon = self._flow_posterior(images)
@@ -237,10 +267,15 @@ class SimFlowModel(nn.Module):
                 total = total + w_adv * adv
             terms["psnr"] = psnr(recon.detach(), images)
 
-        out, nll = None, None
+        out, nll, weight = None, None, 1.0
         repa_on = cfg.repa_weight > 0 and self.repa_projector is not None and not self.vae_only
+        # REPA-E aligns the VAE's latents too, with its own coefficient (an align-only pass)
+        vae_repa = repa_on and self.mode == "end_to_end" and cfg.repa_vae_weight > 0
+        if vae_repa and self.flow.class_embed is not None and self.training and self.flow.label_drop > 0:
+            labels = self.flow.drop_labels(labels)  # once, shared by both passes
         if not self.vae_only:
-            out = self.flow.to_noise(x, labels, hidden_layer=cfg.repa_layer if repa_on else None)
+            out = self.flow.to_noise(x, labels, hidden_layer=cfg.repa_layer if repa_on else None,
+                                     drop_labels=not vae_repa)
             nll = self.flow.nll_from(out.z, out.logdet)  # (B,) nats
             d = self.flow.num_dims
             terms["nll_per_dim"] = nll.detach().mean() / d
@@ -249,7 +284,9 @@ class SimFlowModel(nn.Module):
             prior_term = nll
             if self.mode == "end_to_end" and cfg.include_entropy:
                 prior_term = nll - posterior.entropy()  # −log p_θ(x) + log q(x|i): the ELBO's prior KL
-            weight = self.rate_weight(terms.get("recon_mae"), images[0].numel())
+            if decoder_scale is None and cfg.decoder_scale == "calibrated":
+                decoder_scale = terms.get("recon_mae")
+            weight = self.rate_weight(decoder_scale, images[0].numel())
             terms["nll_weight"] = torch.as_tensor(weight, dtype=torch.float32).detach()
             total = total + weight * prior_term.mean() / d
 
@@ -261,13 +298,21 @@ class SimFlowModel(nn.Module):
                 terms["kl"] = kl.detach()
                 total = total + cfg.kl_weight * kl
         if repa_on:
-            target = self.repa_target(images)
-            grid = int(math.isqrt(out.hidden.shape[1]))
-            target = resample_tokens(target, grid)
-            projected = self.repa_projector(out.hidden)
-            repa = repa_alignment_loss(projected, target)
+            # REPA-E's balance: the flow's alignment at repa_weight (0.5) × the weight of its
+            # generative loss (here w, the NLL's), the VAE's at repa_vae_weight (1.5) × the weight
+            # of its reconstruction loss, whatever w is. The flow's pass also sends its
+            # alignment gradient into x; the align-only pass with the flow's and projector's
+            # parameters held fixed tops the VAE's share up to its own coefficient.
+            target = resample_tokens(self.repa_target(images), int(math.isqrt(out.hidden.shape[1])))
+            repa = repa_alignment_loss(self.repa_projector(out.hidden), target)
             terms["repa"] = repa.detach()
-            total = total + cfg.repa_weight * repa
+            flow_coeff = cfg.repa_weight * weight
+            total = total + flow_coeff * repa
+            if vae_repa:
+                with frozen_parameters(self.flow, self.repa_projector):
+                    hidden = self.flow.hidden_state(x, labels, cfg.repa_layer)
+                    repa_vae = repa_alignment_loss(self.repa_projector(hidden), target)
+                total = total + (cfg.repa_vae_weight * cfg.l1_weight - flow_coeff) * repa_vae
         terms["total"] = total.detach()
         return LossOutput(total, terms, None if recon is None else recon.detach())
 
@@ -293,6 +338,27 @@ class SimFlowModel(nn.Module):
         if denoise and self.cfg.latent_noise_std > 0:
             x = self.flow.denoise(x, self.cfg.latent_noise_std, labels, denoise_step_scale)
         return self.decode_latents(x).clamp(-1, 1)
+
+
+#: The quantisation step of 8-bit images on the [−1, 1] scale: the floor of the calibrated
+#: decoder scale b (a Laplace decoder sharper than the data's own resolution is not a density
+#: model of that data, and without a floor the rate weight anneals to zero as reconstructions
+#: sharpen).
+QUANTISATION_STEP = 2.0 / 255.0
+
+
+@contextlib.contextmanager
+def frozen_parameters(*modules: nn.Module):
+    """Within the block, the parameters of ``modules`` take no gradient (the graph built there
+    treats them as constants); gradients still flow through the modules to their inputs."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def psnr(recon: Tensor, target: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ from torch import Tensor
 #: Var_i(μ_d) / E_i[σ_d²] above which a latent dimension counts as active.
 ACTIVE_THRESHOLD = 0.01
 
-__all__ = ["ACTIVE_THRESHOLD", "rate_statistics", "is_collapsed"]
+__all__ = ["ACTIVE_THRESHOLD", "CollapseMonitor", "collapse_reasons", "rate_statistics", "is_collapsed"]
 
 
 @torch.no_grad()
@@ -67,3 +67,47 @@ def rate_statistics(mean: Tensor, std: Tensor, nll: Tensor | None, entropy: Tens
 def is_collapsed(rate_per_dim: float | None, threshold: float) -> bool:
     """Whether a measured rate (nats/dim) sits at the floor: below ``threshold``."""
     return rate_per_dim is not None and math.isfinite(rate_per_dim) and rate_per_dim < threshold
+
+
+def collapse_reasons(stats: dict[str, float], threshold: float, min_active_fraction: float) -> list[str]:
+    """The collapse criteria that one log window's statistics meet (empty: healthy): the mean
+    rate below ``threshold`` nats/dim, or fewer than ``min_active_fraction`` of the dims active
+    (a partial collapse that a few busy dims hide from the mean rate)."""
+    reasons = []
+    rate = stats.get("rate_per_dim")
+    if is_collapsed(rate, threshold):
+        reasons.append(f"rate {rate:.4f} nats/dim < {threshold}")
+    active = stats.get("active_fraction")
+    if active is not None and math.isfinite(active) and active < min_active_fraction:
+        reasons.append(f"{active:.0%} of the latent dims active < {min_active_fraction:.0%}")
+    return reasons
+
+
+class CollapseMonitor:
+    """The collapse alarm: a collapse criterion (:func:`collapse_reasons`) is met for
+    ``patience`` consecutive log steps after warm-up. Fires once; ``alarm_step`` and
+    ``alarm_reason`` record when and why (the training summary's collapse verdict)."""
+
+    def __init__(self, threshold: float, min_active_fraction: float, patience: int, warmup_steps: int,
+                 state: dict | None = None):
+        self.threshold, self.min_active = threshold, min_active_fraction
+        self.patience, self.warmup = patience, warmup_steps
+        state = state or {}
+        self.below: int = state.get("below", 0)
+        self.alarm_step: int | None = state.get("alarm_step")
+        self.alarm_reason: str | None = state.get("alarm_reason")
+
+    def state(self) -> dict:
+        """What a checkpoint keeps, so that a resumed run continues the count."""
+        return {"below": self.below, "alarm_step": self.alarm_step, "alarm_reason": self.alarm_reason}
+
+    def update(self, step: int, stats: dict[str, float]) -> bool:
+        """Record one log window's rate statistics; True when the alarm fires at this step."""
+        if "rate_per_dim" not in stats and "active_fraction" not in stats or step <= self.warmup:
+            return False
+        reasons = collapse_reasons(stats, self.threshold, self.min_active)
+        self.below = self.below + 1 if reasons else 0
+        if self.below >= self.patience and self.alarm_step is None:
+            self.alarm_step, self.alarm_reason = step, "; ".join(reasons)
+            return True
+        return False

@@ -33,8 +33,8 @@ from simflow.contracts import FROZEN_MODES
 from simflow.data import build_dataset
 from simflow.distributed import DistEnv, all_reduce_mean_, mean_over_ranks
 from simflow.io import atomic_write
-from simflow.model import SimFlowModel, build_model
-from simflow.rate import is_collapsed
+from simflow.model import QUANTISATION_STEP, SimFlowModel, build_model
+from simflow.rate import CollapseMonitor, collapse_reasons
 
 
 class NonFiniteLossError(RuntimeError):
@@ -278,27 +278,43 @@ FidProbe = Callable[[SimFlowModel, dict], float]
 
 #: The rate-monitor metrics kept in the training summary (last log window), see simflow.rate.
 RATE_KEYS = ("rate_per_dim", "rate_bits_per_image", "entropy_per_dim", "nll_per_dim", "mu_spread",
-             "mu_spread_rel", "active_fraction", "posterior_std", "recon_mae", "nll_weight", "psnr")
+             "mu_spread_rel", "active_fraction", "posterior_std", "recon_mae", "decoder_scale", "nll_weight",
+             "psnr")
 
 
-class CollapseMonitor:
-    """The collapse alarm: the rate stays below ``threshold`` nats/dim for ``patience``
-    consecutive log steps after warm-up. Fires once (a warning line and an MLflow tag)."""
+class DecoderScale:
+    """The calibrated decoder scale b of ``model.decoder_scale: calibrated`` (end-to-end mode).
 
-    def __init__(self, threshold: float, patience: int, warmup_steps: int):
-        self.threshold, self.patience, self.warmup = threshold, patience, warmup_steps
-        self.below = 0
-        self.alarm_step: int | None = None
+    b of step t is the mean absolute reconstruction error of step t−1 over its whole global batch
+    (every rank and micro-batch), floored at :data:`simflow.model.QUANTISATION_STEP`: every rank
+    and micro-batch of a step weighs the rate alike, so 1 or 16 GPUs (and any accumulation)
+    optimise the same objective. A fresh run starts from the error of step 0's posterior-mean
+    reconstructions (one gradient-free pass, no random numbers drawn). ``value`` is None for
+    every other setting of ``model.decoder_scale``.
+    """
 
-    def update(self, step: int, rate_per_dim: float | None) -> bool:
-        """Record one log step's rate; True when the alarm fires at this step."""
-        if rate_per_dim is None or step <= self.warmup:
-            return False
-        self.below = self.below + 1 if is_collapsed(rate_per_dim, self.threshold) else 0
-        if self.below >= self.patience and self.alarm_step is None:
-            self.alarm_step = step
-            return True
-        return False
+    def __init__(self, model: SimFlowModel, vae_only: bool, value: float | None = None):
+        self.enabled = (model.mode == "end_to_end" and model.cfg.decoder_scale == "calibrated"
+                        and not vae_only)
+        self.value = value if self.enabled else None
+
+    @torch.no_grad()
+    def start(self, model: SimFlowModel, images: torch.Tensor, micro: int, env: DistEnv) -> None:
+        """Set the first estimate from this rank's share of step 0's batch, if none is set."""
+        if not self.enabled or self.value is not None:
+            return
+        errors = [(model.vae.decode(model.vae.encode(chunk).mode()) - chunk).abs().float().mean()
+                  for chunk in images.split(micro)]
+        self.observe(torch.stack(errors).mean(), env)
+
+    def observe(self, recon_mae: torch.Tensor, env: DistEnv) -> None:
+        """Take this step's mean absolute error on this rank (a 0-d tensor, the mean over its
+        equal-sized micro-batches) as the next step's b, averaged over the ranks."""
+        if not self.enabled:
+            return
+        error = recon_mae.detach().float().reshape(1).clone()
+        all_reduce_mean_([error], env)
+        self.value = max(float(error), QUANTISATION_STEP)
 
 
 @dataclass
@@ -485,10 +501,12 @@ class CheckpointKeeper:
 
 
 def accumulate_gradients(model: SimFlowModel, images: torch.Tensor, labels: torch.Tensor, step: int,
-                         cfg: Config, micro: int) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+                         cfg: Config, micro: int, decoder_scale: float | None = None
+                         ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Forward (under :func:`autocast`) and backward of this rank's batch in micro-batches of
-    ``micro``, gradients accumulated as the mean over them. Returns the loss terms (means over
-    the micro-batches) and the detached reconstructions (for the discriminator step)."""
+    ``micro``, gradients accumulated as the mean over them. ``decoder_scale``: this step's
+    calibrated b (:class:`DecoderScale`), the same for every micro-batch. Returns the loss terms
+    (means over the micro-batches) and the detached reconstructions (for the discriminator step)."""
     device = images.device
     accumulation = len(images) // micro
     recon_chunks = []
@@ -496,7 +514,7 @@ def accumulate_gradients(model: SimFlowModel, images: torch.Tensor, labels: torc
     for chunk in range(accumulation):
         sl = slice(chunk * micro, (chunk + 1) * micro)
         with autocast(cfg, device):
-            out = model.training_losses(images[sl], labels[sl], step)
+            out = model.training_losses(images[sl], labels[sl], step, decoder_scale)
         (out.total / accumulation).backward()
         for k, v in out.terms.items():
             terms[k] = terms.get(k, 0.0) + v.float() / accumulation
@@ -505,18 +523,21 @@ def accumulate_gradients(model: SimFlowModel, images: torch.Tensor, labels: torc
     return terms, recon_chunks
 
 
-def apply_gradients(optimizers: dict[str, torch.optim.Optimizer], cfg: Config,
-                    env: DistEnv) -> dict[str, torch.Tensor]:
-    """Average the gradients over ranks, clip them (``train.grad_clip``) and step every optimiser
-    but the discriminator's (stepped after its own loss). Returns the gradient norm per optimiser."""
+def apply_gradients(optimizers: dict[str, torch.optim.Optimizer], cfg: Config, env: DistEnv,
+                    units: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """Average the gradients over ranks, clip them and step every optimiser but the
+    discriminator's (stepped after its own loss). The clip is ``train.grad_clip`` times the
+    optimiser's gradient unit (:meth:`SimFlowModel.gradient_units`; 1 where ``units`` does not
+    name it). Returns the gradient norm per optimiser, in those units."""
     norms = {}
     for name, opt in optimizers.items():
         if name == "disc":
             continue
         params = [p for g in opt.param_groups for p in g["params"]]
         all_reduce_mean_([p.grad for p in params if p.grad is not None], env)
-        norms[name] = (torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip) if cfg.train.grad_clip > 0
-                       else grad_norm(params))
+        unit = (units or {}).get(name, 1.0)
+        norms[name] = (torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip * unit)
+                       if cfg.train.grad_clip > 0 else grad_norm(params)) / unit
         opt.step()
         opt.zero_grad(set_to_none=True)
     return norms
@@ -597,9 +618,10 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
         ema = EMA(model, t_cfg.ema_decay)
         seed_everything(t_cfg.seed * world + env.rank)  # per-rank streams for noise and dropout
         monitor_state = {}
-    collapse = CollapseMonitor(t_cfg.collapse_threshold, t_cfg.collapse_patience, t_cfg.warmup_steps)
-    collapse.below = monitor_state.get("below", 0)
-    collapse.alarm_step = monitor_state.get("alarm_step")
+    collapse = CollapseMonitor(t_cfg.collapse_threshold, t_cfg.collapse_min_active_fraction,
+                               t_cfg.collapse_patience, t_cfg.warmup_steps, monitor_state)
+    decoder_scale = DecoderScale(model, vae_only, monitor_state.get("decoder_scale"))
+    image_dims = dataset.channels * cfg.data.image_size ** 2
     fid_curve: list[dict] = list(monitor_state.get("fid_curve", []))
     last_rate: dict[str, float] = dict(monitor_state.get("last_rate", {}))
     train_clock = monitor_state.get("train_time_s", 0.0)  # training time of earlier runs (no probes)
@@ -612,7 +634,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
         rngs = gather_rng(env)
         record = keeper.close_window(step)
         if env.is_main:
-            monitor = {"below": collapse.below, "alarm_step": collapse.alarm_step, "fid_curve": fid_curve,
+            monitor = {**collapse.state(), "decoder_scale": decoder_scale.value, "fid_curve": fid_curve,
                        "last_rate": last_rate, "train_time_s": train_clock + time.perf_counter() - t_start - probe_time}
             state = {"model": model.state_dict(), "ema": ema.state,
                      "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
@@ -645,13 +667,19 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
         images, labels = next(loader)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
-        terms_step, recon_chunks = accumulate_gradients(model, images, labels, step, cfg, micro)
+        decoder_scale.start(model, images, micro, env)
+        b = decoder_scale.value
+        terms_step, recon_chunks = accumulate_gradients(model, images, labels, step, cfg, micro, b)
+        if b is not None:
+            terms_step["decoder_scale"] = torch.tensor(b)
         loss_check = terms_step["total"].detach().clone().reshape(1)
         all_reduce_mean_([loss_check], env)
         if not torch.isfinite(loss_check).all():
             raise NonFiniteLossError(non_finite_message(float(loss_check), step, cfg, keeper))
         keeper.observe(float(loss_check))
-        norms = apply_gradients(optimizers, cfg, env)
+        norms = apply_gradients(optimizers, cfg, env, model.gradient_units(b, image_dims))
+        if "recon_mae" in terms_step:
+            decoder_scale.observe(terms_step["recon_mae"], env)
 
         if "disc" in optimizers and recon_chunks:
             recon = torch.cat(recon_chunks)
@@ -686,14 +714,15 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
             metrics["train/img_per_s"] = n * t_cfg.global_batch_size / max(now - t_window, 1e-9)
             terms_acc, t_window = {}, now
             last_rate = {k: metrics[f"train/{k}"] for k in RATE_KEYS if f"train/{k}" in metrics}
-            if collapse.update(step, last_rate.get("rate_per_dim")) and env.is_main:
-                print(f"WARNING: collapse alarm at step {step} of {cfg.variant}: the rate has stayed "
-                      f"below train.collapse_threshold={t_cfg.collapse_threshold} nats/dim for "
-                      f"{t_cfg.collapse_patience} log steps (now {last_rate['rate_per_dim']:.4f}); the "
-                      "encoder carries almost nothing about the image. Lower the rate weight "
+            if collapse.update(step, last_rate) and env.is_main:
+                print(f"WARNING: collapse alarm at step {step} of {cfg.variant}: for "
+                      f"{t_cfg.collapse_patience} log steps {collapse.alarm_reason} "
+                      f"(train.collapse_threshold={t_cfg.collapse_threshold}, "
+                      f"train.collapse_min_active_fraction={t_cfg.collapse_min_active_fraction}); the "
+                      "encoder carries little about the image. Lower the rate weight "
                       "(model.decoder_scale) or check the posterior.", flush=True)
                 if logger:
-                    logger.set_tag("simflow.collapse_alarm", f"step {step}")
+                    logger.set_tag("simflow.collapse_alarm", f"step {step}: {collapse.alarm_reason}")
             if env.is_main:
                 progress.set_postfix(loss=f"{metrics['train/total']:.4f}", img_s=f"{metrics['train/img_per_s']:.0f}")
                 if not progress.enabled:
@@ -722,12 +751,16 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
     if step > start_step and (not saved_at or saved_at[-1] != step):
         save_checkpoint(step)  # also after max_steps_this_run, so a restart resumes exactly here
     elapsed = time.perf_counter() - t_start - probe_time
-    collapsed = is_collapsed(last_rate.get("rate_per_dim"), t_cfg.collapse_threshold) if last_rate else None
-    if logger and env.is_main and "rate_per_dim" in last_rate:
+    # Collapsed: the alarm fired at some step, or the last log window meets a criterion (a run
+    # too short for train.collapse_patience windows after warm-up is judged on its end).
+    final_reasons = collapse_reasons(last_rate, t_cfg.collapse_threshold, t_cfg.collapse_min_active_fraction)
+    collapsed = (collapse.alarm_step is not None or bool(final_reasons)) if "rate_per_dim" in last_rate else None
+    if logger and env.is_main and collapsed is not None:
         logger.set_tag("simflow.collapsed", str(collapsed).lower())
     summary = {"steps": step, "finished": finished, "train_time_s": train_clock + elapsed,
-               "rate": last_rate, "collapsed": collapsed if "rate_per_dim" in last_rate else None,
-               "collapse_alarm_step": collapse.alarm_step, "fid_curve": fid_curve,
+               "rate": last_rate, "collapsed": collapsed, "collapse_alarm_step": collapse.alarm_step,
+               "collapse_alarm_reason": collapse.alarm_reason,
+               "collapse_final_reasons": final_reasons, "fid_curve": fid_curve,
                "img_per_s": images_seen / max(elapsed, 1e-9), "world_size": world,
                "global_batch_size": t_cfg.global_batch_size, "accumulation": accumulation,
                "final_loss": None if loss_check is None else float(loss_check),  # mean over ranks

@@ -191,6 +191,52 @@ def test_gradient_accumulation_on_two_processes_matches_one_process(one_proc, tw
 
 
 # ------------------------------------------------------------------------------------------
+# the calibrated decoder scale: one value per step, whatever the layout
+# ------------------------------------------------------------------------------------------
+def e2e_config(root: Path) -> Path:
+    """End-to-end SimFlow with the calibrated scale, near-deterministic: a posterior std of 1e-6
+    (the ranks' posterior draws differ, by design, but move the reconstructions by ~1e-6)."""
+    return dist_config(root, model={"mode": "end_to_end", "latent_noise_std": 0.0},
+                       vae={"channel_mult": [1, 2], "base_channels": 8, "latent_channels": 4,
+                            "fixed_std": 1e-6},
+                       train={"log_every": 1, "keep_every": 0})
+
+
+@pytest.fixture(scope="module")
+def e2e_one_proc(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("e2e_one_proc")
+    torchrun(1, "train", e2e_config(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def e2e_two_proc_accum(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("e2e_two_proc_accum")
+    torchrun(2, "train", e2e_config(root), "train.micro_batch_size=4")
+    return root
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_use_the_same_calibrated_scale_at_every_step(e2e_one_proc, e2e_two_proc_accum):
+    """b is the previous step's error over the whole global batch: the same on every rank and
+    micro-batch (2 ranks × 2 micro-batches of 4 here, 1 × 16 there), so the two runs optimise
+    the same objective and reach the same weights. A per-micro-batch b (the error of 4 images)
+    would weigh each micro-batch's NLL differently."""
+    one = metric_history(e2e_one_proc, only_variant_run(e2e_one_proc).info.run_id, "train/decoder_scale")
+    two = metric_history(e2e_two_proc_accum, only_variant_run(e2e_two_proc_accum).info.run_id,
+                         "train/decoder_scale")
+    assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=1e-5)
+    assert len({round(v, 6) for _, v in one}) > 1  # b follows the reconstructions
+    # The flow's weights agree to ~3e-7 (a per-micro-batch b: 6e-4, measured). The VAE's are not
+    # compared: Adam turns the float-level differences of its near-zero L1 gradients (summation
+    # order, the ranks' own posterior draws) into lr-sized steps, ~5e-4 with either b.
+    flow = [{k: v for k, v in load_ckpt(r / "run" / "model.pt")["model"].items() if k.startswith("flow.")}
+            for r in (e2e_one_proc, e2e_two_proc_accum)]
+    assert_close_weights(*flow)
+
+
+# ------------------------------------------------------------------------------------------
 # rank 0 alone writes
 # ------------------------------------------------------------------------------------------
 @pytest.mark.slow

@@ -9,8 +9,10 @@ import torch
 from simflow.analysis.summary import evaluate_claims, results_markdown
 from simflow.config import ConfigError, load_config
 from simflow.model import build_model
-from simflow.rate import is_collapsed, rate_statistics
-from simflow.train import CollapseMonitor
+from simflow.distributed import DistEnv
+from simflow.rate import CollapseMonitor, is_collapsed, rate_statistics
+from simflow.train import train
+from simflow.vae import VAE, DiagonalGaussian
 
 TINY = ["data.name=digits", "data.image_size=8", "vae.channel_mult=[1,2]", "vae.base_channels=8",
         "vae.latent_channels=4", "flow.channels=32", "flow.layers_per_block=[1,1]", "flow.head_dim=16"]
@@ -99,15 +101,71 @@ def test_frozen_modes_report_the_rate_of_the_noise_augmented_latent():
     assert "rate_per_dim" in out.terms and float(out.terms["nll_weight"]) == 1.0
 
 
+def monitor(warmup_steps=10):
+    return CollapseMonitor(0.05, 0.5, 3, warmup_steps=warmup_steps)
+
+
 def test_alarm_fires_on_a_collapsed_run_and_not_on_a_healthy_one():
-    collapsed, healthy = CollapseMonitor(0.05, 3, warmup_steps=10), CollapseMonitor(0.05, 3, warmup_steps=10)
-    fired_c = [collapsed.update(step, 0.02) for step in range(0, 80, 10)]
-    fired_h = [healthy.update(step, 0.5) for step in range(0, 80, 10)]
+    collapsed, healthy = monitor(), monitor()
+    fired_c = [collapsed.update(step, {"rate_per_dim": 0.02}) for step in range(0, 80, 10)]
+    fired_h = [healthy.update(step, {"rate_per_dim": 0.5, "active_fraction": 1.0}) for step in range(0, 80, 10)]
     assert fired_c.count(True) == 1 and collapsed.alarm_step == 40  # steps 20, 30, 40 after warm-up
+    assert collapsed.alarm_reason == "rate 0.0200 nats/dim < 0.05"
     assert not any(fired_h) and healthy.alarm_step is None
     # a dip that recovers does not fire
-    dip = CollapseMonitor(0.05, 3, warmup_steps=0)
-    assert not any(dip.update(s, r) for s, r in zip(range(1, 6), [0.01, 0.01, 0.5, 0.01, 0.01], strict=True))
+    dip = monitor(warmup_steps=0)
+    assert not any(dip.update(s, {"rate_per_dim": r})
+                   for s, r in zip(range(1, 6), [0.01, 0.01, 0.5, 0.01, 0.01], strict=True))
+    # a resumed run continues the count from the checkpoint's state
+    resumed = CollapseMonitor(0.05, 0.5, 3, 0, dip.state())
+    assert resumed.update(6, {"rate_per_dim": 0.01}) and resumed.alarm_step == 6
+
+
+def partially_collapsed_posterior(n=512, busy_channels=1, sigma=0.5):
+    """4 latent channels of which only ``busy_channels`` carry the image (μ spread 4σ); the
+    others sit at the prior (μ ≡ 0). The NLL is set so that the busy channel's rate makes the
+    mean rate 0.2 nats/dim: healthy by the mean-rate criterion alone."""
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.zeros(n, 4, 2, 2)
+    mean[:, :busy_channels] = 4 * sigma * torch.randn(n, busy_channels, 2, 2, generator=gen)
+    std = torch.full_like(mean, sigma)
+    dims = mean[0].numel()
+    entropy = fixed_entropy(n, dims, sigma)
+    return rate_statistics(mean, std, entropy + 0.2 * dims, entropy)
+
+
+def test_partial_collapse_trips_the_alarm_that_the_mean_rate_misses():
+    stats = {k: float(v) for k, v in partially_collapsed_posterior().items()}
+    assert stats["rate_per_dim"] == pytest.approx(0.2) and stats["active_fraction"] == 0.25
+    assert not is_collapsed(stats["rate_per_dim"], 0.05)  # the old, mean-rate-only alarm
+    alarm = monitor(warmup_steps=0)
+    assert [alarm.update(s, stats) for s in (1, 2, 3)] == [False, False, True]
+    assert alarm.alarm_reason == "25% of the latent dims active < 50%"
+    healthy = {k: float(v) for k, v in partially_collapsed_posterior(busy_channels=4).items()}
+    assert healthy["active_fraction"] == 1.0
+    calm = monitor(warmup_steps=0)
+    assert not any(calm.update(s, healthy) for s in (1, 2, 3, 4))
+
+
+def test_training_an_encoder_with_most_channels_at_the_prior_raises_the_alarm(tmp_path, monkeypatch):
+    """Through the training loop: an encoder whose channels 1–3 are forced to the prior (μ = 0)
+    is flagged in the summary, with the active-dims reason."""
+    original = VAE.encode
+
+    def three_channels_at_the_prior(self, images):
+        posterior = original(self, images)
+        mask = torch.ones_like(posterior.mean)
+        mask[:, 1:] = 0
+        return DiagonalGaussian(posterior.mean * mask, posterior.std)
+
+    monkeypatch.setattr(VAE, "encode", three_channels_at_the_prior)
+    cfg = load_config(overrides=TINY + [f"run_dir={tmp_path}", "train.steps=12", "train.global_batch_size=16",
+                                        "train.warmup_steps=2", "train.log_every=2", "train.collapse_patience=2",
+                                        "train.checkpoint_every=0", "tracking.enabled=false"])
+    summary = train(cfg, DistEnv()).summary
+    assert summary["collapse_alarm_step"] == 6 and summary["collapsed"] is True
+    assert "of the latent dims active < 50%" in summary["collapse_alarm_reason"]
+    assert summary["rate"]["active_fraction"] <= 0.25
 
 
 def summary_rows(collapsed_variant: str | None) -> pd.DataFrame:
