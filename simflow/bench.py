@@ -8,16 +8,8 @@ What is measured (all on synthetic inputs; weights are random, see ``--weights``
   weight decay on ≥ 2-D weights, fused on CUDA) and gradient clipping, under bf16 autocast on CUDA
   (``--compile-train``: ``TransformerFlow.compile_blocks``, what ``train.compile`` runs). Reported as img/s, and
   as achieved TFLOP/s and MFU against the device's dense bf16 peak (``--peak-tflops`` overrides the
-  built-in table). FLOPs per step are counted analytically (:func:`train_flops`):
-
-      FLOPs = 6·N_tok·B·T  +  6·N_cond·B  +  6·L·w·B·T²
-
-  with N_tok the weights of every linear map applied per token (qkv, attention output, MLP,
-  proj_in, proj_out), N_cond those applied once per sample (AdaLN modulation), L the number of
-  transformer layers, w the width, B the batch and T the tokens per image. The last term is causal
-  attention (QKᵀ and AV over the lower triangle: 2·w·T²/2 multiply-adds each per layer forward; ×3
-  for forward + backward). This counts only the work a causal model needs (FlashAttention's
-  convention), so it is a lower bound on what a kernel computing full tiles executes.
+  built-in table). FLOPs per step are counted analytically (:func:`simflow.flops.train_flops`,
+  FlashAttention's causal convention: a lower bound).
 * **sampling**: images/s of :func:`simflow.sampling.sample` (what the ``sample`` stage runs) in
   several modes (``--modes``):
   ``uncached`` (full causal pass per token, the plain reference), ``cached`` (the default
@@ -58,6 +50,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from simflow.flops import bf16_peak_tflops, train_flops
 from simflow.flow import TransformerFlow, patchify, unpatchify
 from simflow.sampling import SAMPLING_MODES, GuidanceStrategy, KVCache, build_guidance, sample
 
@@ -88,15 +81,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                       layers_per_block=[8] * 8, head_dim=64, num_classes=1000, batch=64,
                       sample_batch=16),
 }
-
-# Dense bf16 tensor-core peaks in TFLOP/s (vendor datasheets, without sparsity). The first
-# matching substring of torch.cuda.get_device_name() wins, so specific names come first.
-BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H20", 148.0),
-    ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
-    ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.2),
-    ("RTX 3090", 71.0), ("A6000", 154.8),
-]
 
 BASE_MODES = (*SAMPLING_MODES, "baseline")
 
@@ -232,34 +216,6 @@ def load_flow_weights(flow: TransformerFlow, path: str, key: str) -> None:
         raise ValueError(f"--checkpoint {path}: its flow does not match the benchmarked model; pass the "
                          f"checkpoint's --in-channels/--img-size/--patch/--channels/--layers/--head-dim/"
                          f"--num-classes. {err}") from None
-
-
-def train_flops(flow: TransformerFlow, batch: int) -> dict[str, float]:
-    """Analytic FLOPs of one training step (forward + backward), see the module docstring."""
-    per_token = per_sample = 0
-    for name, module in flow.named_modules():
-        if isinstance(module, nn.Linear):
-            if ".modulation." in name:
-                per_sample += module.weight.numel()
-            else:
-                per_token += module.weight.numel()
-    t, w = flow.num_tokens, flow.width
-    layers = sum(flow.layers_per_block)
-    dense = 6 * per_token * batch * t + 6 * per_sample * batch
-    attention = 6 * layers * w * batch * t * t
-    return {"per_token_params": per_token, "per_sample_params": per_sample,
-            "dense_flops": float(dense), "attention_flops": float(attention),
-            "total_flops": float(dense + attention)}
-
-
-def bf16_peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in BF16_PEAK_TFLOPS:
-        if key in name:
-            return peak
-    return None
 
 
 def synchronize(device: torch.device) -> None:

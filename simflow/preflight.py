@@ -23,7 +23,7 @@ the loss of the first and last log window, the rate and the collapse verdict (th
 ``train.collapse_threshold`` / ``collapse_patience``, or a final rate below the threshold),
 the step of a non-finite loss, peak memory (``torch.cuda.max_memory_allocated``, on CPU the
 process's peak RSS), img/s in the steady state (log windows after the first), MFU of the flow on
-a GPU (:func:`simflow.bench.train_flops`: flow FLOPs only, so a lower bound), the checkpoint's
+a GPU (:func:`simflow.flops.train_flops`: flow FLOPs only, so a lower bound), the checkpoint's
 size against the free disk, and the projected wall-clock and device-hours of the full run.
 
 It also checks, on the node, what the real stages will read: the dataset's ``train`` split
@@ -534,7 +534,7 @@ def _measure(row, findings, cfg, rcfg, env, collector, result, real, vae_only, o
         thr["img_per_s_per_device"] = img_s / env.world_size
         thr["s_per_step"] = rcfg.train.global_batch_size / img_s
         if not on_cpu and not vae_only:
-            from simflow.bench import bf16_peak_tflops, train_flops
+            from simflow.flops import bf16_peak_tflops, train_flops
             flops = train_flops(result.model.flow, rcfg.train.global_batch_size)["total_flops"]
             achieved = flops / thr["s_per_step"] / 1e12
             peak = bf16_peak_tflops(env.device)

@@ -172,7 +172,7 @@ def test_gpu_measurements_and_out_of_memory(tmp_path, monkeypatch):
 
     import torch
 
-    from simflow import bench
+    from simflow import flops
     from simflow.config import load_config
     from simflow.model import build_model
     study = smoke_study(tmp_path)
@@ -190,7 +190,7 @@ def test_gpu_measurements_and_out_of_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * gib))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 72 * gib)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: 74 * gib)
-    monkeypatch.setattr(bench, "bf16_peak_tflops", lambda d: 1000.0)
+    monkeypatch.setattr(flops, "bf16_peak_tflops", lambda d: 1000.0)
     collector = P._Collector()
     for step, img_s in ((2, 50.0), (4, 200.0), (6, 200.0)):
         collector.log_metrics({"train/total": 3.0 / step, "train/img_per_s": img_s}, step)
@@ -202,8 +202,8 @@ def test_gpu_measurements_and_out_of_memory(tmp_path, monkeypatch):
     assert "memory" in warn and warn["memory"]["key"] == "train.micro_batch_size"  # 72 + 1 GiB > 90 % of 80
     thr = row["throughput"]
     assert thr["img_per_s"] == 200.0 and thr["s_per_step"] == pytest.approx(16 / 200)  # the first window is start-up
-    flops = bench.train_flops(model.flow, 16)["total_flops"]
-    assert thr["mfu"] == pytest.approx(flops / (16 / 200) / 1e12 / 1000.0)
+    flow_flops = flops.train_flops(model.flow, 16)["total_flops"]
+    assert thr["mfu"] == pytest.approx(flow_flops / (16 / 200) / 1e12 / 1000.0)
     proj = row["projection"]
     assert proj["wall_s"] == pytest.approx(1000 * 16 / 200) and proj["device_hours"] == pytest.approx(16 * 80 / 3600)
     # out of memory at the configured micro-batch: red, naming the micro-batch that halves it
