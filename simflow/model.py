@@ -215,7 +215,9 @@ class SimFlowModel(nn.Module):
         (``l1_weight``, the anchor of REPA-E's VAE loss), 1 for the discriminator.
         ``train.grad_clip`` is applied in these units, so a clip of 1 bounds the gradient of the
         flow's own objective in every mode, whatever w is (arguments as :meth:`rate_weight`)."""
-        units = {"flow": float(self.rate_weight(decoder_scale, image_dims)), "disc": 1.0}
+        units = {"disc": 1.0}
+        if not self.vae_only:  # VAE pre-training has no flow term
+            units["flow"] = float(self.rate_weight(decoder_scale, image_dims))
         if self.vae is not None:
             units["vae"] = self.cfg.l1_weight if self.cfg.l1_weight > 0 else 1.0
         return units
