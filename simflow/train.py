@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from simflow.config import Config, to_dict
 from simflow.contracts import FROZEN_MODES
@@ -625,6 +626,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
     fid_curve: list[dict] = list(monitor_state.get("fid_curve", []))
     last_rate: dict[str, float] = dict(monitor_state.get("last_rate", {}))
     train_clock = monitor_state.get("train_time_s", 0.0)  # training time of earlier runs (no probes)
+    step_flops: float | None = monitor_state.get("step_flops")  # counted FLOPs of one training step
     del ckpt  # the keeper holds what it needs; the tensors are in the model now
 
     saved_at: list[int] = []  # the steps checkpointed by this process
@@ -634,7 +636,8 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
         rngs = gather_rng(env)
         record = keeper.close_window(step)
         if env.is_main:
-            monitor = {**collapse.state(), "decoder_scale": decoder_scale.value, "fid_curve": fid_curve,
+            monitor = {**collapse.state(), "decoder_scale": decoder_scale.value, "step_flops": step_flops,
+                       "fid_curve": fid_curve,
                        "last_rate": last_rate, "train_time_s": train_clock + time.perf_counter() - t_start - probe_time}
             state = {"model": model.state_dict(), "ema": ema.state,
                      "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
@@ -669,7 +672,13 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
 
         decoder_scale.start(model, images, micro, env)
         b = decoder_scale.value
-        terms_step, recon_chunks = accumulate_gradients(model, images, labels, step, cfg, micro, b)
+        # The first step of a run is counted (FlopCounterMode: matmuls, convolutions, attention),
+        # for the compute-matched comparison; a compiled step cannot be traced that way.
+        counting = step_flops is None and not t_cfg.compile
+        with FlopCounterMode(display=False) if counting else contextlib.nullcontext() as counter:
+            terms_step, recon_chunks = accumulate_gradients(model, images, labels, step, cfg, micro, b)
+        if counting:
+            step_flops = float(counter.get_total_flops() * world)  # every rank's share alike
         if b is not None:
             terms_step["decoder_scale"] = torch.tensor(b)
         loss_check = terms_step["total"].detach().clone().reshape(1)
@@ -762,6 +771,8 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
                "collapse_alarm_reason": collapse.alarm_reason,
                "collapse_final_reasons": final_reasons, "fid_curve": fid_curve,
                "img_per_s": images_seen / max(elapsed, 1e-9), "world_size": world,
+               # forward + backward of the generator step (the discriminator's is not counted)
+               "step_flops": step_flops, "train_flops": None if step_flops is None else step_flops * step,
                "global_batch_size": t_cfg.global_batch_size, "accumulation": accumulation,
                "final_loss": None if loss_check is None else float(loss_check),  # mean over ranks
                "num_params": {n: sum(p.numel() for p in ps) for n, ps in groups.items()},

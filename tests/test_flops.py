@@ -64,3 +64,16 @@ def test_train_flops_match_the_documented_formula():
     flops = train_flops(model, batch)
     assert flops["per_token_params"] == per_token and flops["per_sample_params"] == per_sample
     assert flops["total_flops"] == 6 * per_token * batch * t + 6 * per_sample * batch + 6 * layers * w * batch * t * t
+
+
+def test_training_counts_its_first_step_as_simflow_flops_does(tmp_path):
+    """The train stage's summary carries the counted FLOPs of its own step (the real batch, the
+    real model), the same number as the pipeline count at batch 2 scaled to the batch."""
+    from simflow.distributed import DistEnv
+    from simflow.train import train
+    cfg = load_config(overrides=TINY + [f"run_dir={tmp_path}", "train.steps=3", "train.global_batch_size=8",
+                                        "train.warmup_steps=0", "train.checkpoint_every=0",
+                                        "tracking.enabled=false"])
+    summary = train(cfg, DistEnv()).summary
+    assert summary["step_flops"] == step_flops(cfg)
+    assert summary["train_flops"] == 3 * summary["step_flops"]
