@@ -87,8 +87,8 @@ def test_non_finite_loss_stops_with_step_and_keeps_the_last_good_checkpoint(tmp_
     from simflow import model as model_module
     original = model_module.SimFlowModel.training_losses
 
-    def poisoned(self, images, labels, step):
-        out = original(self, images, labels, step)
+    def poisoned(self, images, labels, step, *args):
+        out = original(self, images, labels, step, *args)
         if step == 6:
             out.total = out.total * float("nan")
             out.terms["total"] = out.total.detach()

@@ -64,8 +64,13 @@ def test_paper_and_demo_study_have_the_same_variants():
         v for v, spec in demo.variants.items() if spec.group != "rate_sweep"]
     claims = S.load_study(deep_merge(yaml.safe_load(CONFIGS["demo"].read_text()),
                                      yaml.safe_load((CONFIGS["demo"].parent / "claims.yaml").read_text())))
-    assert list(claims.variants) == ["frozen_vae", "e2e_learnable", "simflow", "simflow_repa", "simflow_equal_updates"]
-    assert S.resolved_config(claims.units["simflow_equal_updates/s2"]).train.steps == 3000
+    assert list(claims.variants) == ["frozen_vae", "e2e_learnable", "simflow", "simflow_repa",
+                                     "simflow_equal_updates", "simflow_compute_matched"]
+    assert claims.seeds == [0, 1, 2, 3, 4]
+    # equal updates: the frozen pipeline's VAE pre-training + flow steps
+    assert S.resolved_config(claims.units["simflow_equal_updates/s4"]).train.steps == (
+        S.resolved_config(claims.units["_shared/pretrain_vae/s4"]).train.steps
+        + S.resolved_config(claims.units["frozen_vae/s4"]).train.steps)
     assert {S.resolved_config(u).model.decoder_scale for u in paper.units.values()
             if S.resolved_config(u).model.mode == "end_to_end"} == {"calibrated"}
     expected = {"frozen_vae", "frozen_vae_noise", "frozen_encoder_noise", "e2e_learnable",
