@@ -83,9 +83,12 @@ class VAEConfig:
         "fixed", "`fixed`: std ≡ fixed_std (SimFlow); `learnable`: predicted log-variance; "
         "`layernorm`: LayerNorm on the mean + predicted log-variance (the paper's LN, INFERRED).")
     fixed_std: float = option(0.5, "σ̄ of the fixed posterior (paper: 0.5, i.e. variance 0.25).", gt=0)
-    logvar_init: float = option(-6.9, "Initial log-variance of the learnable / layernorm posteriors "
-                                "(the bias of its output): −6.9 is a variance of 1e-3, the small-variance "
-                                "regime of standard VAEs (\"often < 0.01\", SimFlow arXiv 2512.04084, §1).")
+    logvar_init: float = option(0.0, "Initial log-variance of the learnable / layernorm posteriors "
+                                "(the bias of its output). 0, the source recipe's: LDM / REPA-E's "
+                                "AutoencoderKL predicts it with the encoder's last convolution and no "
+                                "offset (σ ≈ 1 at step 0), so whatever variance it ends at is learned. "
+                                "A start at −6.9 (σ 0.03) imposes the small-variance regime: at 300 steps "
+                                "σ stays near its start from any start (config/logvar_sweep.yaml, README).")
     dropout: float = option(0.0, "Dropout inside ResNet blocks.", ge=0, lt=1)
 
 

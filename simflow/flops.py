@@ -35,8 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from simflow.config import Config
 from simflow.flow import TransformerFlow
 
-__all__ = ["BF16_PEAK_TFLOPS", "bf16_peak_tflops", "compute_matched_steps", "pipeline_flops",
-           "step_flops", "train_flops"]
+__all__ = ["BF16_PEAK_TFLOPS", "bf16_peak_tflops", "compute_matched_steps", "counted_step_flops",
+           "pipeline_flops", "step_flops", "train_flops"]
 
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor datasheets, without sparsity). The first
 # matching substring of torch.cuda.get_device_name() wins, so specific names come first.
@@ -81,6 +81,23 @@ def bf16_peak_tflops(device: torch.device) -> float | None:
     return None
 
 
+def counted_step_flops(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, step: int,
+                       decoder_scale: float | None) -> float:
+    """FLOPs of one forward + backward of ``model.training_losses`` on this batch, counted on the
+    side: a pass of its own, whose gradients are discarded and whose random draws come from a
+    forked RNG, so the training stream and the parameters' gradients stay as they were. (Under
+    ``FlopCounterMode`` some kernels dispatch differently, so the counted pass is never the real
+    step: its numbers would not be bit-identical to an uncounted run's.)"""
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    devices = [images.device.index or 0] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+        model.training_losses(images, labels, step, decoder_scale).total.backward()
+    for p, g in zip(params, grads):
+        p.grad = g
+    return float(counter.get_total_flops())
+
+
 def step_flops(cfg: Config, vae_only: bool = False) -> float:
     """Counted FLOPs of one training step of ``cfg``'s model at ``train.global_batch_size``
     (``vae_only``: the ``pretrain-vae`` stage's step, no flow term). Random weights and inputs
@@ -96,9 +113,8 @@ def step_flops(cfg: Config, vae_only: bool = False) -> float:
         model = build_model(cfg, channels, num_classes, vae_only=vae_only).train()
         images = torch.rand(COUNT_BATCH, channels, size, size) * 2 - 1
         labels = torch.arange(COUNT_BATCH) % max(num_classes, 1)
-        with FlopCounterMode(display=False) as counter:
-            model.training_losses(images, labels, 0, decoder_scale=0.1).total.backward()
-    return counter.get_total_flops() * cfg.train.global_batch_size / COUNT_BATCH
+        flops = counted_step_flops(model, images, labels, 0, decoder_scale=0.1)
+    return flops * cfg.train.global_batch_size / COUNT_BATCH
 
 
 def pipeline_flops(study, variant: str, seed: int | None = None) -> dict[str, float]:

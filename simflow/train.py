@@ -27,12 +27,12 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from simflow.config import Config, to_dict
 from simflow.contracts import FROZEN_MODES
 from simflow.data import build_dataset
 from simflow.distributed import DistEnv, all_reduce_mean_, mean_over_ranks
+from simflow.flops import counted_step_flops
 from simflow.io import atomic_write
 from simflow.model import QUANTISATION_STEP, SimFlowModel, build_model
 from simflow.rate import CollapseMonitor, collapse_reasons
@@ -672,13 +672,10 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
 
         decoder_scale.start(model, images, micro, env)
         b = decoder_scale.value
-        # The first step of a run is counted (FlopCounterMode: matmuls, convolutions, attention),
-        # for the compute-matched comparison; a compiled step cannot be traced that way.
-        counting = step_flops is None and not t_cfg.compile
-        with FlopCounterMode(display=False) if counting else contextlib.nullcontext() as counter:
-            terms_step, recon_chunks = accumulate_gradients(model, images, labels, step, cfg, micro, b)
-        if counting:
-            step_flops = float(counter.get_total_flops() * world)  # every rank's share alike
+        if step_flops is None:  # a fresh run: one training step's FLOPs, counted on the side
+            with autocast(cfg, device):
+                step_flops = counted_step_flops(model, images[:micro], labels[:micro], step, b) * accumulation * world
+        terms_step, recon_chunks = accumulate_gradients(model, images, labels, step, cfg, micro, b)
         if b is not None:
             terms_step["decoder_scale"] = torch.tensor(b)
         loss_check = terms_step["total"].detach().clone().reshape(1)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from simflow.config import deep_merge, load_config
@@ -77,3 +78,21 @@ def test_training_counts_its_first_step_as_simflow_flops_does(tmp_path):
     summary = train(cfg, DistEnv()).summary
     assert summary["step_flops"] == step_flops(cfg)
     assert summary["train_flops"] == 3 * summary["step_flops"]
+
+
+def test_counting_the_first_step_leaves_the_training_bit_identical(tmp_path, monkeypatch):
+    """The count is a pass of its own (FlopCounterMode dispatches some kernels differently): a run
+    that counts and one that does not reach exactly the same weights."""
+    import simflow.train as training
+    from simflow.distributed import DistEnv
+
+    def weights(folder: str) -> dict:
+        cfg = load_config(overrides=TINY + [f"run_dir={tmp_path / folder}", "train.steps=2",
+                                            "train.global_batch_size=8", "train.warmup_steps=0",
+                                            "train.checkpoint_every=0", "tracking.enabled=false"])
+        return training.train(cfg, DistEnv()).model.state_dict()
+
+    counted = weights("counted")
+    monkeypatch.setattr(training, "counted_step_flops", lambda *args: 0.0)
+    uncounted = weights("uncounted")
+    assert all(torch.equal(counted[k], uncounted[k]) for k in counted)
