@@ -14,8 +14,10 @@ are options here, with the documented default named in their help text.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -333,6 +335,51 @@ class LauncherSection:
     extra_sbatch: dict = option({}, "Other sbatch parameters, e.g. {mail-type: END}.")
     setup: list[str] = option([], "Shell lines run before the job (module load, conda activate).")
     log_dir: str = option("logs/submitit", "Folder of submitit's job logs (%j = job id).")
+
+    def __post_init__(self) -> None:
+        """The checks across keys (each key's type and range are its option's)."""
+        if self.timeout_min * 60 <= self.signal_delay_s + 30:
+            need = math.floor((self.signal_delay_s + 30) / 60) + 1
+            raise ConfigError(
+                f"launcher.timeout_min={self.timeout_min} is too short for signal_delay_s="
+                f"{self.signal_delay_s}: the checkpoint signal is sent signal_delay_s before the time "
+                f"limit, so the job would be signalled (and requeued) almost at once. Use "
+                f"timeout_min >= {need}, or lower signal_delay_s below {self.timeout_min * 60 - 30}.")
+        for key in self.extra_sbatch:
+            owner = _OWNED_SBATCH.get(str(key).lstrip("-").replace("-", "_"))
+            if owner is not None:
+                raise ConfigError(f"launcher.extra_sbatch sets {key!r}, which the launcher sets itself; "
+                                  f"use {owner} instead")
+        if self.backend == "submitit-local" and self.nodes != 1:
+            raise ConfigError(f"launcher.backend submitit-local runs on this machine only: set nodes=1 "
+                              f"(got {self.nodes})")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "LauncherSection":
+        """The section from a plain mapping (``config["launcher"]``), validated: every key, type and
+        range, then the checks across keys. An empty ``extra_sbatch:`` / ``setup:`` (None in YAML)
+        is the default."""
+        data = {k: v for k, v in dict(data or {}).items()
+                if not (k in ("extra_sbatch", "setup") and v is None)}
+        return from_dict(cls, data, "launcher")
+
+    def effective_tasks_per_node(self) -> int:
+        """Tasks started per node: the explicit value, else one per GPU, else 1 (CPU)."""
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return max(1, self.gpus_per_node)
+
+
+#: sbatch options that the launcher sets itself: in ``extra_sbatch`` they would emit a second,
+#: conflicting #SBATCH line (submitit writes both); the key that sets each instead.
+_OWNED_SBATCH = {
+    "partition": "launcher.partition", "account": "launcher.account", "qos": "launcher.qos",
+    "constraint": "launcher.constraint", "nodes": "launcher.nodes",
+    "ntasks_per_node": "launcher.tasks_per_node", "cpus_per_task": "launcher.cpus_per_task",
+    "mem": "launcher.mem_gb", "gpus_per_node": "launcher.gpus_per_node",
+    "time": "launcher.timeout_min", "signal": "launcher.signal_delay_s",
+    "job_name": "the job name given to launch()", "output": "launcher.log_dir", "error": "launcher.log_dir",
+}
 
 
 @dataclass

@@ -26,17 +26,14 @@ Imported on the submit host, this module loads submitit but neither torch nor ML
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
-import math
 import os
 import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +62,6 @@ _DEAD_STATES = frozenset(
      "REVOKED", "INTERRUPTED"}
 )
 
-# sbatch options that LauncherConfig sets itself; in extra_sbatch they would emit a second,
-# conflicting #SBATCH line (submitit writes both).
-_OWNED_SBATCH = {
-    "partition": "launcher.partition", "account": "launcher.account", "qos": "launcher.qos",
-    "constraint": "launcher.constraint", "nodes": "launcher.nodes",
-    "ntasks_per_node": "launcher.tasks_per_node", "cpus_per_task": "launcher.cpus_per_task",
-    "mem": "launcher.mem_gb", "gpus_per_node": "launcher.gpus_per_node",
-    "time": "launcher.timeout_min", "signal": "launcher.signal_delay_s",
-    "job_name": "the job name given to launch()", "output": "launcher.log_dir", "error": "launcher.log_dir",
-}
-
 _STDERR_TAIL_LINES = 30
 _REMOTE_ERROR_MAX_CHARS = 6000
 
@@ -92,101 +78,18 @@ def _say(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------------
-@dataclass
-class LauncherConfig(LauncherSection):
-    """Where and with which resources a stage runs (plain data, e.g. ``config["launcher"]``).
-
-    Units: ``timeout_min`` minutes of wall time per attempt; ``signal_delay_s`` seconds before the
-    time limit at which the job gets the checkpoint signal (USR2); ``mem_gb`` GiB per node (None:
-    the partition's default). ``gpus_per_node`` GPUs per node; one task per GPU is started
-    (``tasks_per_node = gpus_per_node``, or 1 without GPUs) unless ``tasks_per_node`` is given.
-    ``max_num_timeout``: how many times a time-out may requeue a checkpointable job.
-    ``extra_sbatch``: further ``#SBATCH`` options (``{"mail-type": "END"}``); ``setup``: shell
-    lines run in the sbatch script before the job (``module load ...``); both SLURM only.
-    ``log_dir``: submitit's folder; a job's logs are ``<log_dir>/<job_name>/<job id>/``.
-
-    The fields (and their help texts) are :class:`simflow.config.LauncherSection`'s, the
-    ``launcher:`` section of a config; this class adds the checks and the SLURM arithmetic.
-    """
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(
-                f"launcher backend {self.backend!r} is not one of {', '.join(BACKENDS)} "
-                "(local: in this process; submitit-local: a subprocess; slurm: a SLURM job)"
-            )
-        for name in ("partition", "account", "qos", "constraint"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise TypeError(f"launcher.{name} must be a string or null, got {value!r}")
-        _check_int("nodes", self.nodes, 1)
-        _check_int("gpus_per_node", self.gpus_per_node, 0)
-        _check_int("cpus_per_task", self.cpus_per_task, 1)
-        _check_int("timeout_min", self.timeout_min, 1)
-        _check_int("signal_delay_s", self.signal_delay_s, 0)
-        _check_int("max_num_timeout", self.max_num_timeout, 0)
-        if self.tasks_per_node is not None:
-            _check_int("tasks_per_node", self.tasks_per_node, 1)
-        if self.mem_gb is not None and (
-            isinstance(self.mem_gb, bool) or not isinstance(self.mem_gb, (int, float)) or not self.mem_gb > 0
-        ):
-            raise ValueError(f"launcher.mem_gb must be a positive number of GiB or null, got {self.mem_gb!r}")
-        if self.timeout_min * 60 <= self.signal_delay_s + 30:
-            need = math.floor((self.signal_delay_s + 30) / 60) + 1
-            raise ValueError(
-                f"launcher.timeout_min={self.timeout_min} is too short for signal_delay_s="
-                f"{self.signal_delay_s}: the checkpoint signal is sent signal_delay_s before the time "
-                f"limit, so the job would be signalled (and requeued) almost at once. Use "
-                f"timeout_min >= {need}, or lower signal_delay_s below {self.timeout_min * 60 - 30}."
-            )
-        if not isinstance(self.extra_sbatch, Mapping):
-            raise TypeError(f"launcher.extra_sbatch must be a mapping of sbatch options, got {self.extra_sbatch!r}")
-        for key in self.extra_sbatch:
-            owner = _OWNED_SBATCH.get(str(key).lstrip("-").replace("-", "_"))
-            if owner is not None:
-                raise ValueError(
-                    f"launcher.extra_sbatch sets {key!r}, which the launcher sets itself; use {owner} instead"
-                )
-        if isinstance(self.setup, str) or not all(isinstance(s, str) for s in self.setup):
-            raise TypeError(f"launcher.setup must be a list of shell lines, got {self.setup!r}")
-        if not isinstance(self.log_dir, (str, os.PathLike)) or not str(self.log_dir):
-            raise TypeError(f"launcher.log_dir must be a non-empty path, got {self.log_dir!r}")
-        if self.backend == "submitit-local" and self.nodes != 1:
-            raise ValueError(f"backend submitit-local runs on this machine only: set nodes=1 (got {self.nodes})")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> LauncherConfig:
-        """Build from a config mapping; an unknown key is an error that lists the valid keys."""
-        d = dict(d or {})
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"unknown launcher key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}"
-            )
-        # YAML gives None for an empty `extra_sbatch:` / `setup:` and may give tuples
-        if d.get("extra_sbatch") is None:
-            d.pop("extra_sbatch", None)
-        elif isinstance(d["extra_sbatch"], Mapping):
-            d["extra_sbatch"] = dict(d["extra_sbatch"])
-        if d.get("setup") is None:
-            d.pop("setup", None)
-        elif isinstance(d["setup"], tuple):
-            d["setup"] = list(d["setup"])
-        return cls(**d)
-
-    def effective_tasks_per_node(self) -> int:
-        """Tasks started per node: the explicit value, else one per GPU, else 1 (CPU)."""
-        if self.tasks_per_node is not None:
-            return self.tasks_per_node
-        return max(1, self.gpus_per_node)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"launcher.{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"launcher.{name} must be >= {minimum}, got {value}")
+#: Where and with which resources a stage runs: the ``launcher:`` section of a config, one class
+#: with one validation (each key's type and range, then the checks across keys), built from a plain
+#: mapping with ``LauncherConfig.from_dict(config["launcher"])``. Units: ``timeout_min`` minutes of
+#: wall time per attempt; ``signal_delay_s`` seconds before the time limit at which the job gets the
+#: checkpoint signal (USR2); ``mem_gb`` GiB per node (None: the partition's default).
+#: ``gpus_per_node`` GPUs per node; one task per GPU is started (``tasks_per_node =
+#: gpus_per_node``, or 1 without GPUs) unless ``tasks_per_node`` is given. ``max_num_timeout``: how
+#: many times a time-out may requeue a checkpointable job. ``extra_sbatch``: further ``#SBATCH``
+#: options (``{"mail-type": "END"}``); ``setup``: shell lines run in the sbatch script before the
+#: job (``module load ...``); both SLURM only. ``log_dir``: submitit's folder; a job's logs are
+#: ``<log_dir>/<job_name>/<job id>/``.
+LauncherConfig = LauncherSection
 
 
 # --------------------------------------------------------------------------------------------

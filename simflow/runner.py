@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from simflow.config import Config, ConfigError, load_config, save_config, to_dict
+from simflow.config import Config, ConfigError, load_config, save_config
 from simflow.contracts import STAGES, TRAINING_STAGES
 
 __all__ = ["run_here", "run_preflight", "run_stage", "variant_run_id_file"]
@@ -33,13 +33,12 @@ def run_stage(stage: str, config_path: str | None, overrides: list[str] | None =
     if cfg.launcher.backend == "local":
         return run_here(stage, cfg)
     from simflow.distributed import check_launch_backend
-    from simflow.launch import Call, LauncherConfig, launch
+    from simflow.launch import Call, launch
 
     check_launch_backend(cfg.launcher.backend)  # not from each rank of torchrun / srun
-    launcher = LauncherConfig.from_dict(to_dict(cfg.launcher))
     snapshot = save_config(cfg, Path(cfg.run_dir) / "jobs" / f"{stage}.yaml")
     job = Call("simflow.runner:run_stage", stage, str(snapshot), ["launcher.backend=local"])
-    return launch(job, launcher, job_name=f"{cfg.study}.{cfg.variant}.{stage}")
+    return launch(job, cfg.launcher, job_name=f"{cfg.study}.{cfg.variant}.{stage}")
 
 
 def run_here(stage: str, cfg: Config) -> dict:

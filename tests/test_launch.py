@@ -21,6 +21,7 @@ import pytest
 import submitit
 
 from local_slurm import skip_without_slurm
+from simflow.config import ConfigError
 from simflow.launch import (
     Call,
     LauncherConfig,
@@ -56,7 +57,7 @@ def test_from_dict_unknown_key_names_it_and_lists_valid_keys():
     with pytest.raises(ValueError) as e:
         LauncherConfig.from_dict({"backend": "slurm", "partiton": "gpu"})
     msg = str(e.value)
-    assert "'partiton'" in msg and "partition" in msg.split("valid keys:")[1]
+    assert "'launcher.partiton'" in msg and "partition" in msg.split("valid keys of launcher:")[1]
     assert "timeout_min" in msg and "extra_sbatch" in msg
 
 
@@ -75,22 +76,23 @@ def test_from_dict_builds_a_full_config():
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"backend": "debug"}, "backend 'debug' is not one of local, submitit-local, slurm"),
+        ({"backend": "debug"}, r"launcher.backend: 'debug' is not one of \['local', 'submitit-local', 'slurm'\]"),
         ({"timeout_min": 1}, r"timeout_min=1 is too short for signal_delay_s=120.*timeout_min >= 3"),
         ({"timeout_min": 2}, "too short"),
-        ({"timeout_min": "60"}, "timeout_min must be an integer"),
-        ({"gpus_per_node": -1}, "gpus_per_node must be >= 0"),
-        ({"nodes": 0}, "nodes must be >= 1"),
-        ({"mem_gb": 0}, "mem_gb must be a positive number"),
+        ({"timeout_min": "60"}, "launcher.timeout_min"),
+        ({"gpus_per_node": -1}, "launcher.gpus_per_node: -1 is out of range; it must be ≥ 0"),
+        ({"nodes": 0}, "launcher.nodes: 0 is out of range; it must be ≥ 1"),
+        ({"mem_gb": 0}, "launcher.mem_gb: 0.0 is out of range; it must be > 0"),
         ({"extra_sbatch": {"partition": "x"}}, "use launcher.partition instead"),
         ({"extra_sbatch": {"--gpus-per-node": 2}}, "use launcher.gpus_per_node instead"),
-        ({"setup": "module load cuda"}, "setup must be a list"),
+        ({"setup": "module load cuda"}, "launcher.setup"),
         ({"backend": "submitit-local", "nodes": 2}, "set nodes=1"),
     ],
 )
 def test_bad_config_is_one_clear_error(kw, match):
-    with pytest.raises((ValueError, TypeError), match=match):
-        LauncherConfig(**kw)
+    """The one validation: each key's option (type, range), then the checks across keys."""
+    with pytest.raises(ConfigError, match=match):
+        LauncherConfig.from_dict(kw)
 
 
 def test_short_timeout_is_fine_with_a_short_signal_delay():
