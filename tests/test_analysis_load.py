@@ -14,6 +14,7 @@ import pytest
 from helpers_study import write_summary_tables
 
 from simflow.analysis import latent_statistics, load, report
+from simflow.analysis.summary import VERDICTS
 
 STUDY = "fake"
 # variant: (group, sigma, posterior, gFID of seed 0, latent?)
@@ -23,6 +24,7 @@ VARIANTS = {
     "tarflow_pixel": ("pixel", None, "none", 50.0, False),
 }
 SEEDS = (0, 1)
+FLOOR = {"fid": 4.5, "kid_mean": 0.0003, "kid_std": 0.0002, "num_images": 12, "split": "test"}
 
 
 def _json(path: Path, data: dict) -> None:
@@ -55,10 +57,10 @@ def make_results(root: Path, per_seed_table: bool = True, noise_csv: bool = True
             noise_rows += [{"variant": variant, "seed": seed, "posterior": posterior, **p} for p in sweep]
             rows.append({"variant": variant, "seed": seed, "group": group,
                          "sigma": math.nan if sigma is None else sigma, "posterior": posterior,
-                         "fid": fid + seed, "rfid": 5.0 + seed if latent else math.nan,
+                         "kid": (fid + seed) / 1000, "fid": fid + seed, "rfid": 5.0 + seed if latent else math.nan,
                          "nll_bpd": 1.5, **stats, "train_time_s": 60.0, "img_per_s": 100.0})
     write_summary_tables(study_dir, rows, latent_rows, noise_rows, heading=f"# Study `{STUDY}`\n\n",
-                         per_seed_table=per_seed_table, noise_csv=noise_csv)
+                         per_seed_table=per_seed_table, noise_csv=noise_csv, floor=FLOOR)
     return root
 
 
@@ -231,7 +233,8 @@ def test_parent_run_outputs(results):
     assert "rfid/tarflow_pixel" not in out["metrics"] and "rfid/simflow" in out["metrics"]
     claims = json.loads((study_dir / "claims.json").read_text())
     assert {f"claim.{c['id']}" for c in claims} <= set(out["tags"])
-    assert set(out["tags"].values()) <= {"reproduced", "not reproduced", "inconclusive", "3", "2"}
+    assert set(out["tags"].values()) <= set(VERDICTS) | {"3", "2"}
+    assert out["tags"]["claim.gfid_vs_frozen_vae"] == claims[0]["verdict"]
     assert out["tags"]["variants"] == "3" and out["tags"]["seeds"] == "2"
     assert out["description"].startswith("# Study `fake`")
 

@@ -68,7 +68,7 @@ __all__ = [
 NOISE_COLUMNS = ["variant", "seed", "posterior", "noise_std", "noise_rel", "latent_std", "psnr", "mse"]
 
 #: Columns of the summary table (:func:`summary_table`), in order, when present.
-SUMMARY_COLUMNS = ("group", "sigma", "posterior", "decoder_scale", "collapsed", "fid", "rfid",
+SUMMARY_COLUMNS = ("group", "sigma", "posterior", "decoder_scale", "collapsed", "kid", "fid", "rfid",
                    "rate_per_dim", "active_fraction", "posterior_std", "nll_bpd", *LATENT_STAT_COLUMNS,
                    "total_updates", "total_train_time_s", "img_per_s")
 
