@@ -159,6 +159,29 @@ def test_images_of_the_first_seed(results):
                                       npz["arr_0"])
 
 
+def test_claims_table_shows_the_intervals(results):
+    claims = json.loads((results / STUDY / "claims.json").read_text())
+    table = load.claims_table(claims)
+    assert list(table.index) == [c["id"] for c in claims]
+    row = table.loc["gfid_vs_frozen_vae"]  # two paired seeds: simflow KID 0.020/0.021 vs 0.030/0.031
+    c = claims[0]
+    assert row["metric"] == "KID" and row["n"] == 2 and row["verdict"] == c["verdict"]
+    assert row["95 % CI"] == f"[{c['ci_low']:.3g}, {c['ci_high']:.3g}]"
+    assert row["Holm CI"].endswith(f"({100 * c['holm_confidence']:.1f} %)")
+    assert row["difference"] == "simflow - frozen_vae (predicted < 0)"
+    assert list(load.claims_table(claims, ids=["smoothness"]).index) == ["smoothness"]
+    assert load.claims_table([]).empty
+
+
+def test_real_floor_from_the_summary(results, tmp_path):
+    res = load.open_results(results, STUDY)
+    assert res.floor == {"fid": 4.5, "kid_mean": 0.0003, "kid_std": 0.0002, "num_images": 12.0}
+    older = make_results(tmp_path / "old")
+    summary = pd.read_csv(older / STUDY / "summary.csv").drop(columns=["fid_floor"])
+    summary.to_csv(older / STUDY / "summary.csv", index=False)
+    assert load.open_results(older, STUDY).floor is None
+
+
 def test_claims_markdown(results):
     claims = json.loads((results / STUDY / "claims.json").read_text())
     text = load.claims_markdown(claims, ids=["smoothness"])
