@@ -68,6 +68,10 @@ __all__ = [
 INCEPTION_EXTRACTOR_NAME = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 CLASSIFIER_EXTRACTOR_NAME = "simflow-classifier"
+#: Most per-image reference features kept for KID (a seeded subset beyond it): KID averages
+#: subsets of at most 1000 features (torch-fidelity's default subset size), so 50 000 reference
+#: features are ample, and the whole ImageNet train set (1.28M x 2048 floats, 10 GB) is not stored.
+KID_REFERENCE_FEATURES = 50_000
 
 
 class FeatureExtractorWeightsError(FileNotFoundError):
@@ -545,7 +549,8 @@ def compute_reference_statistics(
     ``dataset_or_npz``: an npz of uint8 NHWC images, such an array, or a Dataset (simflow's float pairs or
     uint8 tensors). Writes an npz with ``mu`` (D,), ``sigma`` (D, D) (float64), ``features`` (N, D)
     (float32: the per-image features, from which :func:`compute_metrics` computes KID without
-    extracting the reference images again), ``num_images``, ``feature_extractor`` and ``feature_layer``. An existing file made with the same extractor is reused
+    extracting the reference images again; a seeded subset of :data:`KID_REFERENCE_FEATURES` of them
+    for larger reference sets), ``num_images``, ``feature_extractor`` and ``feature_layer``. An existing file made with the same extractor is reused
     unless ``overwrite``; one made with another extractor raises ValueError.
     """
     out_path = Path(out_path)
@@ -564,9 +569,14 @@ def compute_reference_statistics(
     fe = _create_extractor(feature_extractor, [layer], feature_extractor_weights_path, use_cuda, verbose)
     feats = extract_features(dataset_or_npz, fe, batch_size, use_cuda, verbose)[layer]
     mu, sigma = _statistics(feats)
+    kid_feats = feats.float().numpy()
+    if len(kid_feats) > KID_REFERENCE_FEATURES:
+        keep = np.sort(np.random.default_rng(0).choice(len(kid_feats), KID_REFERENCE_FEATURES, replace=False))
+        kid_feats = kid_feats[keep]
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, features=feats.float().numpy(), num_images=np.int64(len(feats)),
+            np.savez(f, mu=mu, sigma=sigma, features=kid_feats, num_images=np.int64(len(feats)),
                      feature_extractor=np.str_(feature_extractor), feature_layer=np.str_(layer))
 
     return atomic_write(out_path, write)

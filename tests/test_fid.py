@@ -318,3 +318,20 @@ def test_classifier_patch_tokens(trained):
     enc.train()
     assert not enc.training and not enc.classifier.training
     assert enc(torch.zeros(2, 1, 32, 32)).shape == (2, 16, 32)  # other sizes are resized to the classifier's
+
+
+def test_stored_reference_features_are_capped_for_kid(trained, files, tmp_path, monkeypatch):
+    """A large reference set keeps a seeded subset of its per-image features (KID averages small
+    subsets), while mu/sigma use every image."""
+    monkeypatch.setattr(fid, "KID_REFERENCE_FEATURES", 100)
+    ref = compute_reference_statistics(files["test"], tmp_path / "capped.npz", feature_extractor=TRAINED, cuda=False)
+    with np.load(ref) as npz:
+        assert npz["features"].shape == (100, 32) and int(npz["num_images"]) == 359
+        feats = npz["features"]
+    direct = direct_features(trained[0], np.load(files["test"])["arr_0"]).astype(np.float32)
+    # the kept rows are real images' features, in their original order
+    rows = [int(np.argmin(np.abs(direct - f).sum(1))) for f in feats]
+    assert rows == sorted(rows) and len(set(rows)) == 100
+    np.testing.assert_allclose(feats, direct[rows], rtol=1e-4, atol=1e-5)
+    mu, _ = load_reference_statistics(ref)
+    np.testing.assert_allclose(mu, direct.mean(0), rtol=1e-4, atol=1e-5)
