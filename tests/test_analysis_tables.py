@@ -9,6 +9,7 @@ import math
 import pandas as pd
 import pytest
 
+from simflow.analysis.summary import evaluate_claims
 from simflow.analysis.tables import FLOOR_COLUMNS, collapse_flag, per_seed_row, variant_summary, write_study_tables
 
 HEALTHY_RATE = {"rate_per_dim": 0.4, "active_fraction": 1.0}
@@ -64,6 +65,15 @@ def test_variant_summary_columns_floor_and_collapse_over_seeds():
     first_std = min(i for i, c in enumerate(table.columns) if c.endswith("_std") and c not in FLOOR_COLUMNS)
     assert all(c.endswith("_std") for c in table.columns[first_std:] if c not in FLOOR_COLUMNS)
     assert variant_summary(per_seed)["fid_floor"].isna().all()  # a study without the floor stage
+
+
+def test_the_alarms_reason_reaches_the_invalid_claim():
+    per_seed = pd.DataFrame([row("simflow", 0, 10.0, 0.01, collapse_alarm_step=300,
+                                 collapse_alarm_reason="active dims 0.12 < 0.5"),
+                             row("frozen_vae", 0, 20.0, 0.03)])
+    assert per_seed.loc[0, "collapse_alarm_reason"] == "active dims 0.12 < 0.5"
+    c = evaluate_claims(per_seed)[0]
+    assert c["verdict"] == "invalid" and "alarm: active dims 0.12 < 0.5" in c["invalid"]
 
 
 def test_write_study_tables_writes_every_file(tmp_path):

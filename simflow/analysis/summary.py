@@ -229,6 +229,11 @@ def collapsed_seeds(df: pd.DataFrame, variant: str) -> str:
         rate = pd.to_numeric(rows["rate_per_dim"], errors="coerce")[np.asarray(flags)]
         if rate.notna().any():
             text += f", rate {rate.mean():.3g} nats/dim"
+    if "collapse_alarm_reason" in rows.columns:
+        reasons = [str(r) for r in rows["collapse_alarm_reason"][np.asarray(flags)]
+                   if isinstance(r, str) and r.strip()]
+        if reasons:
+            text += "; alarm: " + "; ".join(dict.fromkeys(reasons))
     return text
 
 

@@ -88,6 +88,7 @@ def per_seed_row(variant: str, seed: int, group: str, sigma: Any, posterior: str
         "nll_weight": number(rate.get("nll_weight")),
         "collapsed": collapse_flag(train),
         "collapse_alarm_step": number(train.get("collapse_alarm_step")),
+        "collapse_alarm_reason": str(train.get("collapse_alarm_reason") or ""),
         **latent_stats,
         "train_time_s": number(train.get("train_time_s")), "img_per_s": number(train.get("img_per_s")),
         "total_train_time_s": number(train.get("train_time_s")) + offset,
