@@ -61,6 +61,7 @@ def test_variant_summary_columns_floor_and_collapse_over_seeds():
     assert (table["fid_floor"] == 3.5).all() and (table["kid_floor"] == 0.0004).all()
     assert (table["kid_floor_std"] == 0.0003).all() and (table["floor_num_images"] == 500).all()
     assert set(FLOOR_COLUMNS) <= set(table.columns)
+    assert "collapse_alarm_step" not in table.columns  # per seed only
     # Every _std column after the means (the order of summary.csv).
     first_std = min(i for i, c in enumerate(table.columns) if c.endswith("_std") and c not in FLOOR_COLUMNS)
     assert all(c.endswith("_std") for c in table.columns[first_std:] if c not in FLOOR_COLUMNS)

@@ -247,7 +247,8 @@ def floor_sentence(floor: Mapping[str, Any] | None) -> str:
         kid = f", KID {float(floor['kid_mean']):.4f}"
         if _finite(floor.get("kid_std")):
             kid += f" ± {float(floor['kid_std']):.4f} (std over subsets)"
-    return (f"Real-vs-real floor: {int(floor.get('num_images', 0))} real {floor.get('split', 'test')} images "
+    count = f"{int(floor['num_images'])} " if _finite(floor.get("num_images")) else ""
+    return (f"Real-vs-real floor: {count}real {floor.get('split', 'test')} images "
             f"against the reference give FID {float(floor['fid']):.2f}{kid}, at the generated samples' "
             "count: the FID a perfect model would get here (its small-sample bias). KID is unbiased, "
             "so its floor is near 0.")

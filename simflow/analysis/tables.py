@@ -116,7 +116,9 @@ def variant_summary(per_seed: pd.DataFrame, floor: Mapping[str, Any] | None = No
         per_seed["collapsed"] = per_seed["collapsed"].fillna("").astype(str).str.lower()
     agg = aggregate_seeds(per_seed.drop(columns=["seed"], errors="ignore"), by="variant")
     agg = agg.rename(columns={c: c[: -len("_mean")] for c in agg.columns if c.endswith("_mean")})
-    agg = agg.drop(columns=["sigma_std", "collapse_alarm_step_std"], errors="ignore")
+    # sigma is a setting (no spread); the alarm's step is per seed (summary_per_seed.csv), its
+    # mean over seeds means nothing: the collapsed column says how many seeds it fired on.
+    agg = agg.drop(columns=["sigma_std", "collapse_alarm_step", "collapse_alarm_step_std"], errors="ignore")
     if "collapsed" in per_seed.columns:
         labels = per_seed.groupby("variant", sort=False)["collapsed"].agg(_collapse_label)
         agg["collapsed"] = agg["variant"].map(labels)
