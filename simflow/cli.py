@@ -24,6 +24,7 @@ STAGE_HELP = {
                  "(writes <unit>/preflight/preflight.json; a failure is a red row, not an error)",
     "feature-extractor": "train the demo's small classifier used as the FID feature extractor",
     "fid-ref": "compute FID reference statistics once",
+    "fid-floor": "the real-vs-real FID/KID floor: real test images against the reference, at the samples' count",
     "pretrain-vae": "train the learnable-variance VAE used by the frozen variants",
     "train": "train one variant (resumes from its latest checkpoint)",
     "sample": "generate samples (npz in the ADM evaluator's format + PNG grid)",

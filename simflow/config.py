@@ -275,7 +275,8 @@ class EvalConfig:
                                          "VIRTUAL_imagenet256_labeled.npz); None: computed by fid-ref.")
     num_reference: int = option(10000, "Images used for reference statistics (None-like: all).", ge=1)
     isc: bool = option(True, "Inception score.")
-    kid: bool = option(False, "KID (needs reference images).")
+    kid: bool = option(True, "KID, the unbiased small-sample metric the gFID claims are decided on "
+                              "(from the reference file's features, else from reference images).")
     prc: bool = option(False, "Precision/recall (needs reference images).")
     num_recon: int = option(1000, "Images for rFID / PSNR in `reconstruct`.", ge=1)
     noise_levels: list[float] = option([0.0, 0.25, 0.5, 0.75, 1.0], "Latent-noise stds of "

@@ -27,7 +27,7 @@ __all__ = [
 #: The stages of ``simflow <stage>``, in DAG order (``preflight`` rehearses the training stages
 #: before anything else runs).
 STAGES: tuple[str, ...] = (
-    "preflight", "feature-extractor", "fid-ref", "pretrain-vae", "train", "sample", "fid", "reconstruct",
+    "preflight", "feature-extractor", "fid-ref", "fid-floor", "pretrain-vae", "train", "sample", "fid", "reconstruct",
     "nll", "latents",
 )
 #: The final files of each stage, relative to its unit folder, by the name the workflow's rule
@@ -36,6 +36,7 @@ STAGE_FILES: dict[str, dict[str, str]] = {
     "preflight": {"row": "preflight/preflight.json"},
     "feature-extractor": {"classifier": "classifier.pt", "report": "classifier.json"},
     "fid-ref": {"stats": "reference_stats.npz"},
+    "fid-floor": {"metrics": "metrics/real_floor.json"},
     "pretrain-vae": {"vae": "vae.pt", "summary": "train_summary.json"},
     "train": {"model": "model.pt", "summary": "train_summary.json"},
     "sample": {"samples": "samples.npz", "grid": "samples.png"},
@@ -49,10 +50,11 @@ TRAINING_STAGES: tuple[str, ...] = ("feature-extractor", "pretrain-vae", "train"
 
 #: Folder (inside results/<study>/) of the units shared by all variants.
 SHARED_DIR = "_shared"
-#: The shared units (relative to the study folder), by the stage that writes them; the pretrained
+#: The shared units (relative to the study folder), by the stage that writes them (``fid-floor``:
+#: the real-vs-real FID/KID floor of the study); the pretrained
 #: VAE has one per seed inside its folder (``_shared/pretrain_vae/s<seed>``).
 SHARED_UNITS: dict[str, str] = {stage: f"{SHARED_DIR}/{stage.replace('-', '_')}"
-                                for stage in ("feature-extractor", "fid-ref", "pretrain-vae")}
+                                for stage in ("feature-extractor", "fid-ref", "fid-floor", "pretrain-vae")}
 #: A unit folder's resolved stage config, written by the workflow.
 CONFIG_FILE = "config.yaml"
 #: A unit folder's MLflow run id; the study folder's parent run id.

@@ -58,6 +58,7 @@ __all__ = [
     "frechet_distance",
     "images_to_uint8",
     "inception_weights_cache_path",
+    "load_reference_features",
     "load_reference_statistics",
     "register_classifier_extractor",
     "save_samples_npz",
@@ -67,6 +68,10 @@ __all__ = [
 INCEPTION_EXTRACTOR_NAME = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 CLASSIFIER_EXTRACTOR_NAME = "simflow-classifier"
+#: Most per-image reference features kept for KID (a seeded subset beyond it): KID averages
+#: subsets of at most 1000 features (torch-fidelity's default subset size), so 50 000 reference
+#: features are ample, and the whole ImageNet train set (1.28M x 2048 floats, 10 GB) is not stored.
+KID_REFERENCE_FEATURES = 50_000
 
 
 class FeatureExtractorWeightsError(FileNotFoundError):
@@ -542,8 +547,10 @@ def compute_reference_statistics(
     """FID reference statistics of a data set, computed once and cached at ``out_path``.
 
     ``dataset_or_npz``: an npz of uint8 NHWC images, such an array, or a Dataset (simflow's float pairs or
-    uint8 tensors). Writes an npz with ``mu`` (D,), ``sigma`` (D, D) (float64), ``num_images``,
-    ``feature_extractor`` and ``feature_layer``. An existing file made with the same extractor is reused
+    uint8 tensors). Writes an npz with ``mu`` (D,), ``sigma`` (D, D) (float64), ``features`` (N, D)
+    (float32: the per-image features, from which :func:`compute_metrics` computes KID without
+    extracting the reference images again; a seeded subset of :data:`KID_REFERENCE_FEATURES` of them
+    for larger reference sets), ``num_images``, ``feature_extractor`` and ``feature_layer``. An existing file made with the same extractor is reused
     unless ``overwrite``; one made with another extractor raises ValueError.
     """
     out_path = Path(out_path)
@@ -562,9 +569,14 @@ def compute_reference_statistics(
     fe = _create_extractor(feature_extractor, [layer], feature_extractor_weights_path, use_cuda, verbose)
     feats = extract_features(dataset_or_npz, fe, batch_size, use_cuda, verbose)[layer]
     mu, sigma = _statistics(feats)
+    kid_feats = feats.float().numpy()
+    if len(kid_feats) > KID_REFERENCE_FEATURES:
+        keep = np.sort(np.random.default_rng(0).choice(len(kid_feats), KID_REFERENCE_FEATURES, replace=False))
+        kid_feats = kid_feats[keep]
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, num_images=np.int64(len(feats)),
+            np.savez(f, mu=mu, sigma=sigma, features=kid_feats, num_images=np.int64(len(feats)),
                      feature_extractor=np.str_(feature_extractor), feature_layer=np.str_(layer))
 
     return atomic_write(out_path, write)
@@ -589,6 +601,13 @@ def load_reference_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]
     return mu, sigma
 
 
+def load_reference_features(path: str | Path) -> Tensor | None:
+    """The per-image reference features (N, D) of a :func:`compute_reference_statistics` file, or
+    None when it has none (an older file, or a precomputed batch such as ADM's)."""
+    with np.load(Path(path), allow_pickle=False) as npz:
+        return torch.from_numpy(npz["features"].astype(np.float32)) if "features" in npz.files else None
+
+
 def compute_metrics(
     samples_npz: str | Path,
     reference: str | Path,
@@ -611,8 +630,11 @@ def compute_metrics(
 
     FID: torch-fidelity's extractor over the samples -> mu/sigma -> torch-fidelity's
     ``fid_statistics_to_metric`` against the reference statistics file ``reference``. IS uses the
-    samples alone (torch-fidelity: ``isc_splits`` shuffled splits, mean and std). KID and precision/recall
-    need ``reference_images`` (npz path, array or Dataset); without them their keys are absent.
+    samples alone (torch-fidelity: ``isc_splits`` shuffled splits, mean and std). KID (torch-fidelity's
+    unbiased MMD estimate over ``kid_subsets`` subsets of ``min(kid_subset_size, N)`` samples, mean and
+    std) compares the samples' features with the reference file's per-image ``features`` when it has
+    them, else with those of ``reference_images``; precision/recall need ``reference_images`` (npz
+    path, array or Dataset). Without the reference features their keys are absent.
     Precision/recall use the FID feature layer (Inception pool3 as in the ADM evaluator, not VGG16).
 
     Returns ``{"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall",
@@ -636,10 +658,13 @@ def compute_metrics(
         )
     layer = {m: cls.get_default_feature_layer_for_metric(m) for m in ("isc", "fid", "kid")}
     layer["prc"] = layer["fid"]
-    need_ref_images = (kid or prc) and reference_images is not None
-    if (kid or prc) and reference_images is None:
-        warnings.warn("compute_metrics: no reference_images given, so KID and precision/recall are skipped", stacklevel=2)
-    layers = [layer["fid"]] + ([layer["isc"]] if isc else []) + ([layer["kid"]] if need_ref_images else [])
+    # KID from the reference file's features when it has them (the FID layer is KID's in both extractors).
+    ref_kid_feats = load_reference_features(reference) if kid and layer["kid"] == layer["fid"] else None
+    need_ref_images = ((kid and ref_kid_feats is None) or prc) and reference_images is not None
+    if ((kid and ref_kid_feats is None) or prc) and reference_images is None:
+        warnings.warn("compute_metrics: no reference_images given (and no features in the reference file), "
+                      "so KID and precision/recall are skipped", stacklevel=2)
+    layers = [layer["fid"]] + ([layer["isc"]] if isc else []) + ([layer["kid"]] if kid else [])
 
     fe = _create_extractor(feature_extractor, layers, feature_extractor_weights_path, use_cuda, verbose)
     feats = extract_features(samples_npz, fe, batch_size, use_cuda, verbose)
@@ -657,17 +682,24 @@ def compute_metrics(
     if isc:
         m = isc_features_to_metric(feats[layer["isc"]], splits=isc_splits, shuffle=True, rng_seed=rng_seed)
         out["isc_mean"], out["isc_std"] = m[KEY_METRIC_ISC_MEAN], m[KEY_METRIC_ISC_STD]
-    if need_ref_images:
-        ref_feats = extract_features(reference_images, fe, batch_size, use_cuda, verbose)
+    ref_feats = extract_features(reference_images, fe, batch_size, use_cuda, verbose) if need_ref_images else {}
+    if ref_feats:
         out["num_reference_images"] = int(len(ref_feats[layer["fid"]]))
-        if kid:
+    if kid and ref_kid_feats is not None:
+        ref_feats = {**ref_feats, layer["kid"]: ref_kid_feats}
+        out["num_reference_images"] = int(len(ref_kid_feats))
+    if ref_feats:
+        if kid and layer["kid"] in ref_feats:
             f1, f2 = feats[layer["kid"]], ref_feats[layer["kid"]]
+            if f1.shape[1] != f2.shape[1]:
+                raise ValueError(f"KID: the samples' features are {f1.shape[1]}-d but the reference's "
+                                 f"{f2.shape[1]}-d; the reference file was made with another extractor")
             m = kid_features_to_metric(
                 f1, f2, kid_subsets=kid_subsets, kid_subset_size=min(kid_subset_size, len(f1), len(f2)),
                 rng_seed=rng_seed, verbose=False,
             )
             out["kid_mean"], out["kid_std"] = m[KEY_METRIC_KID_MEAN], m[KEY_METRIC_KID_STD]
-        if prc:
+        if prc and layer["prc"] in ref_feats and need_ref_images:
             m = prc_features_to_metric(
                 feats[layer["prc"]], ref_feats[layer["prc"]], prc_neighborhood=prc_neighborhood,
                 save_cpu_ram=True, verbose=False,

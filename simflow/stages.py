@@ -159,6 +159,32 @@ def stage_fid_ref(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     return {"reference_stats": str(out), "num_images": len(subset)}
 
 
+def stage_fid_floor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
+    """The real-vs-real floor: ``sample.num_samples`` real **test** images (as many as a variant's
+    generated samples, a fixed subset) scored like samples against the reference (train-set)
+    statistics: FID's small-sample bias at the study's count, and KID's (near 0: unbiased)."""
+    from simflow.fid import compute_metrics
+    if not env.is_main:
+        return {}
+    if not cfg.eval.reference_stats:
+        raise ValueError("eval.reference_stats is not set: run `simflow fid-ref` and point it at the "
+                         "reference_stats.npz (or at ADM's VIRTUAL_imagenet256_labeled.npz)")
+    register_extractor(cfg)
+    test_set = build_dataset(cfg.data.name, cfg.data.root, "test", cfg.data.image_size)
+    n = cfg.sample.num_samples
+    if n > len(test_set):
+        raise ValueError(f"the real-vs-real floor needs sample.num_samples = {n} test images, but "
+                         f"{cfg.data.name}'s test split has {len(test_set)}; lower sample.num_samples")
+    real = Subset(test_set, subset_indices(len(test_set), n, 0).tolist())
+    metrics = compute_metrics(real, cfg.eval.reference_stats, None, cfg.eval.feature_extractor,
+                              cfg.eval.feature_extractor_weights_path, isc=False, kid=cfg.eval.kid, prc=False,
+                              cuda=env.device.type == "cuda")
+    metrics = {**metrics, "num_images": metrics.pop("num_samples"), "split": "test"}
+    run.log_metrics({f"floor/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    write_json(stage_file(cfg, "fid-floor", "metrics"), metrics)
+    return metrics
+
+
 def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -> dict:
     from simflow.train import atomic_save, train
     run_dir = Path(cfg.run_dir)
@@ -297,7 +323,7 @@ def stage_sample(cfg: Config, env: DistEnv, run: StageRun) -> dict:
 
 
 def stage_fid(cfg: Config, env: DistEnv, run: StageRun) -> dict:
-    from simflow.fid import compute_metrics
+    from simflow.fid import compute_metrics, load_reference_features
     if not env.is_main:
         return {}
     if not cfg.eval.reference_stats:
@@ -305,7 +331,9 @@ def stage_fid(cfg: Config, env: DistEnv, run: StageRun) -> dict:
                          "reference_stats.npz (or at ADM's VIRTUAL_imagenet256_labeled.npz)")
     register_extractor(cfg)
     reference_images = None
-    if cfg.eval.kid or cfg.eval.prc:
+    # KID reads the per-image features that fid-ref stored with its statistics; the images are
+    # extracted again only for precision/recall, or for a reference file without features.
+    if cfg.eval.prc or (cfg.eval.kid and load_reference_features(cfg.eval.reference_stats) is None):
         dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size)
         reference_images = Subset(dataset, subset_indices(len(dataset), cfg.eval.num_reference, 0).tolist())
     metrics = compute_metrics(stage_file(cfg, "sample", "samples"), cfg.eval.reference_stats, reference_images,
@@ -449,6 +477,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Config, DistEnv, StageRun], dict]] = {
     "preflight": stage_preflight,
     "feature-extractor": stage_feature_extractor,
     "fid-ref": stage_fid_ref,
+    "fid-floor": stage_fid_floor,
     "pretrain-vae": stage_pretrain_vae,
     "train": stage_train,
     "sample": stage_sample,

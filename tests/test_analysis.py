@@ -4,6 +4,7 @@ simflow.analysis.figures (figures build, save as PNG + TrueType PDF, tolerate Na
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import matplotlib
@@ -13,9 +14,13 @@ import pytest
 from matplotlib.figure import Figure
 
 from simflow.analysis import figures
+from scipy import stats
+
 from simflow.analysis.summary import (
     DEFAULT_PAPER_MAPPING,
+    ONE_SEED,
     PAPER_RESULTS,
+    VERDICTS,
     aggregate_seeds,
     evaluate_claims,
     results_markdown,
@@ -27,7 +32,9 @@ STATS = ["spectral_entropy", "high_frequency_ratio", "total_variation", "autocor
 def summary_table(
     seeds: int = 1, *, simflow_fid: float = 10.0, smooth: bool = True
 ) -> pd.DataFrame:
-    """A study summary: ``simflow`` better than its baselines unless told otherwise."""
+    """A study summary: ``simflow`` better than its baselines unless told otherwise. Per seed,
+    every variant moves by a shared 0.1·seed (the paired part) plus its own small scatter, so the
+    per-seed differences have a spread and the paired test has something to measure."""
     base = {
         # variant: (group, fid, rfid, sigma, tv, autocorr)
         "simflow": (
@@ -49,21 +56,23 @@ def summary_table(
     rows = []
     for seed in range(seeds):
         jitter = 0.1 * seed  # seeds 0, 1, 2 -> spread 0.1 around the base values
-        for variant, (group, fid, rfid, sigma, tv, ac) in base.items():
+        for i, (variant, (group, fid, rfid, sigma, tv, ac)) in enumerate(base.items()):
             latent = group != "pixel"
+            own = 0.02 * ((3 * i + 5 * seed) % 7 - 3) if seed else 0.0  # in [-0.06, 0.06]
             rows.append(
                 {
                     "variant": variant,
                     "group": group,
                     "seed": seed,
+                    "kid": (fid + jitter + own) / 1000,
                     "fid": fid + jitter,
                     "rfid": rfid,
                     "nll_bpd": 3.0 + jitter,
                     "sigma": sigma,
                     "spectral_entropy": 0.8 if latent else math.nan,
                     "high_frequency_ratio": 0.3 if latent else math.nan,
-                    "total_variation": tv + jitter / 10,
-                    "autocorrelation": ac,
+                    "total_variation": tv + jitter / 10 + own / 10,
+                    "autocorrelation": ac + own / 10,
                     "train_time_s": 100.0,
                     "img_per_s": 50.0,
                 }
@@ -135,105 +144,153 @@ def test_aggregate_seeds_requires_by_column():
 # --- evaluate_claims ---------------------------------------------------------------------------
 
 
+def verdicts(claims: list[dict]) -> dict[str, str]:
+    return {c["id"]: c["verdict"] for c in claims}
+
+
 def test_claims_reproduced_on_favourable_data():
-    claims = evaluate_claims(summary_table(), noise_table())
-    assert [c["reproduced"] for c in claims] == [True] * 5
+    claims = evaluate_claims(summary_table(seeds=3), noise_table(seeds=3))
+    assert set(verdicts(claims).values()) == {"reproduced"}
+    assert all(c["reproduced"] is True and c["holm_family"] == 5 for c in claims)
     c1 = claim(claims, "gfid_vs_frozen_vae")
-    assert "10.00" in c1["evidence"] and "15.00" in c1["evidence"]
+    assert c1["metric"] == "KID" and c1["n"] == 3 and c1["seeds"] == [0, 1, 2]
+    assert c1["mean_diff"] == pytest.approx(-0.005, abs=1e-4)  # KID (fid / 1000): 10.1 vs 15.1
+    assert c1["ci_holm_low"] <= c1["ci_low"] < c1["mean_diff"] < c1["ci_high"] <= c1["ci_holm_high"] < 0
+    assert c1["p"] <= c1["p_holm"] < 0.05
+    assert "95 % CI" in c1["evidence"] and "Holm-corrected over 5 claims" in c1["evidence"]
+    assert "Beside it, FID: simflow 10.10 vs frozen_vae 15.10" in c1["evidence"]
     c3 = claim(claims, "noise_robustness")
     # drop from noise 0 to 1: fixed 2 dB, learnable 10 dB
-    assert "2.00 dB" in c3["evidence"] and "10.00 dB" in c3["evidence"]
+    assert c3["mean_a"] == pytest.approx(2.0) and c3["mean_b"] == pytest.approx(10.0)
+    assert "simflow 2.00 vs e2e_learnable 10.00" in c3["evidence"]
+    smooth = claim(claims, "smoothness")
+    assert [m["metric"] for m in smooth["measures"]] == ["total variation", "autocorrelation"]
+    assert smooth["p"] == max(m["p"] for m in smooth["measures"])  # the intersection-union test
 
 
-def test_claims_not_reproduced_on_unfavourable_data():
-    df = summary_table(simflow_fid=40.0, smooth=False)
-    claims = evaluate_claims(df, noise_table(fixed_drop=12.0, learnable_drop=3.0))
-    status = {c["id"]: c["reproduced"] for c in claims}
-    assert status == {
-        "gfid_vs_frozen_vae": False,
-        "fixed_vs_learnable_gfid": False,
-        "noise_robustness": False,
-        "smoothness": False,
-        "repa_gfid": True,  # REPA (8) still beats a worse SimFlow (40)
+def test_claims_refuted_on_unfavourable_data():
+    df = summary_table(seeds=3, simflow_fid=40.0, smooth=False)
+    claims = evaluate_claims(df, noise_table(fixed_drop=12.0, learnable_drop=3.0, seeds=3))
+    assert verdicts(claims) == {
+        "gfid_vs_frozen_vae": "refuted",
+        "fixed_vs_learnable_gfid": "refuted",
+        "noise_robustness": "refuted",
+        "smoothness": "refuted",
+        "repa_gfid": "reproduced",  # REPA (8) still beats a worse SimFlow (40)
     }
+    assert claim(claims, "gfid_vs_frozen_vae")["reproduced"] is False
+    assert claim(claims, "gfid_vs_frozen_vae")["ci_holm_low"] > 0
+
+
+def test_one_seed_gives_a_point_estimate_never_a_verdict():
+    claims = evaluate_claims(summary_table(seeds=1), noise_table())
+    assert set(verdicts(claims).values()) == {ONE_SEED}
+    for c in claims:
+        assert c["reproduced"] is None and c["n"] == 1 and c["p"] is None and c["p_holm"] is None
+        assert c["ci_low"] is None and c["ci_holm_low"] is None and c["holm_family"] is None
+    c1 = claim(claims, "gfid_vs_frozen_vae")
+    assert c1["mean_diff"] == pytest.approx(-0.005) and "a point estimate, no test" in c1["evidence"]
+
+
+def test_a_small_gap_is_inconclusive():
+    # simflow 14.9 vs frozen 15.0 on FID, but on KID the per-seed scatter (±0.06/1000) is as large
+    # as the gap (0.1/1000): the interval includes zero.
+    c = claim(evaluate_claims(summary_table(seeds=3, simflow_fid=14.9)), "gfid_vs_frozen_vae")
+    assert c["verdict"] == "inconclusive" and c["reproduced"] is None
+    assert c["ci_holm_low"] < 0 < c["ci_holm_high"] and c["p_holm"] >= 0.05
+    assert "The Holm-corrected interval includes zero" in c["evidence"]
+
+
+def pair_table(diffs: dict[str, list[float]]) -> pd.DataFrame:
+    """simflow, frozen_vae and e2e_learnable over len(diffs) seeds: KID of simflow minus the other
+    variant's, per seed, as given under "frozen_vae" / "e2e_learnable"; smoothness clearly holds."""
+    rows = []
+    for seed in range(len(diffs["frozen_vae"])):
+        base = 0.01 * (1 + seed)
+        rows.append({"variant": "simflow", "seed": seed, "kid": base, "fid": 1.0,
+                     "total_variation": 0.5 + 0.001 * seed, "autocorrelation": 0.9 - 0.002 * seed})
+        for other in ("frozen_vae", "e2e_learnable"):
+            rows.append({"variant": other, "seed": seed, "kid": base - diffs[other][seed], "fid": 2.0,
+                         "total_variation": 0.8 - 0.003 * seed, "autocorrelation": 0.4 + 0.001 * seed})
+    return pd.DataFrame(rows)
+
+
+def test_holm_turns_a_raw_significant_claim_inconclusive():
+    d = [-0.010, -0.006, -0.013, -0.004]  # p ≈ 0.02 alone
+    claims = evaluate_claims(pair_table({"frozen_vae": d, "e2e_learnable": d}))
+    p = stats.ttest_1samp(d, 0.0).pvalue
+    gfid, learn = claim(claims, "gfid_vs_frozen_vae"), claim(claims, "fixed_vs_learnable_gfid")
+    smooth = claim(claims, "smoothness")
+    assert gfid["p"] == pytest.approx(p) and p < 0.05
+    # family of 3 (the others are missing): smoothness's tiny p first, then the two ties at 2p
+    assert gfid["holm_family"] == 3 and smooth["p_holm"] == pytest.approx(3 * smooth["p"])
+    assert gfid["p_holm"] == pytest.approx(2 * p) and learn["p_holm"] == pytest.approx(2 * p)
+    assert 2 * p > 0.05 and gfid["verdict"] == learn["verdict"] == "inconclusive"
+    # the raw interval excludes zero, the Holm-corrected one (at 1 - 0.05/2) does not
+    assert gfid["ci_high"] < 0 < gfid["ci_holm_high"] and gfid["holm_confidence"] == pytest.approx(0.975)
+    lo, hi = stats.ttest_1samp(d, 0.0).confidence_interval(0.975)
+    assert (gfid["ci_holm_low"], gfid["ci_holm_high"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert smooth["verdict"] == "reproduced"
+
+
+def test_missing_pairs_are_dropped_and_named():
+    df = summary_table(seeds=4)
+    df = df[~((df["variant"] == "frozen_vae") & (df["seed"] == 3))]
+    c = claim(evaluate_claims(df), "gfid_vs_frozen_vae")
+    assert c["n"] == 3 and c["seeds"] == [0, 1, 2] and c["dropped_seeds"] == {"simflow": [3]}
+    assert "left out, no paired seed: seed 3 of simflow" in c["evidence"]
+    assert claim(evaluate_claims(df), "repa_gfid")["n"] == 4  # unaffected
 
 
 def test_smoothness_claim_inconclusive_when_measures_disagree():
-    df = summary_table()
-    df.loc[df["variant"] == "simflow", "autocorrelation"] = 0.1  # TV says smoother, AC says not
+    df = summary_table(seeds=3)
+    df.loc[df["variant"] == "simflow", "autocorrelation"] = [0.1, 0.11, 0.12]  # TV says smoother, AC not
     c = claim(evaluate_claims(df), "smoothness")
-    assert c["reproduced"] is None and "disagree" in c["evidence"]
+    assert c["verdict"] == "inconclusive" and "disagree" in c["evidence"]
+
+
+def test_gfid_claims_fall_back_to_fid_without_kid_and_say_so():
+    df = summary_table(seeds=3).drop(columns="kid")
+    c = claim(evaluate_claims(df), "gfid_vs_frozen_vae")
+    assert c["metric"] == "FID" and "no KID" in c["evidence"] and "biased" in c["evidence"]
 
 
 def test_claims_missing_variants_and_data():
-    df = summary_table()
+    df = summary_table(seeds=3)
     df = df[~df["variant"].isin(["simflow_repa", "e2e_learnable"])]
     claims = evaluate_claims(df)
-    assert claim(claims, "repa_gfid") == {
-        "id": "repa_gfid",
-        "claim": claim(claims, "repa_gfid")["claim"],
-        "reproduced": None,
-        "evidence": "variant simflow_repa not in this study",
-    }
-    assert (
-        claim(claims, "fixed_vs_learnable_gfid")["evidence"]
-        == "variant e2e_learnable not in this study"
-    )
-    assert claim(claims, "noise_robustness")["reproduced"] is None
-    assert claim(claims, "gfid_vs_frozen_vae")["reproduced"] is True
-    # A diverged run (NaN FID) is inconclusive, not a win for either side.
-    df2 = summary_table()
-    df2.loc[df2["variant"] == "frozen_vae", "fid"] = math.nan
+    c = claim(claims, "repa_gfid")
+    assert c["verdict"] == "inconclusive" and c["n"] is None and c["p_holm"] is None
+    assert c["evidence"] == ("variant simflow_repa not in this study; variant simflow_repa not in this study")
+    assert "variant e2e_learnable not in this study" in claim(claims, "fixed_vs_learnable_gfid")["evidence"]
+    assert claim(claims, "noise_robustness")["verdict"] == "inconclusive"
+    # the two claims that can be tested are the Holm family
+    assert claim(claims, "gfid_vs_frozen_vae")["holm_family"] == 2
+    assert claim(claims, "gfid_vs_frozen_vae")["verdict"] == "reproduced"
+    # A diverged run (NaN FID and KID) is inconclusive, not a win for either side.
+    df2 = summary_table(seeds=3)
+    df2.loc[df2["variant"] == "frozen_vae", ["fid", "kid"]] = math.nan
     c = claim(evaluate_claims(df2), "gfid_vs_frozen_vae")
-    assert c["reproduced"] is None and "NaN" in c["evidence"]
+    assert c["verdict"] == "inconclusive" and "NaN" in c["evidence"]
 
 
-def test_claims_with_seeds_report_spread():
-    claims = evaluate_claims(summary_table(seeds=3), noise_table(seeds=2))
-    c1 = claim(claims, "gfid_vs_frozen_vae")
-    assert c1["reproduced"] is True
-    assert "n=3" in c1["evidence"] and "exceeds the seed spread" in c1["evidence"]
-    # Make the gap smaller than the spread.
-    df = summary_table(seeds=3, simflow_fid=14.9)
-    c = claim(evaluate_claims(df), "gfid_vs_frozen_vae")
-    # simflow 15.0 ± 0.1 vs frozen 15.1 ± 0.1: simflow's mean is lower, but the gap is within
-    # the seed spread, so the claim is neither reproduced nor refuted.
-    assert c["reproduced"] is None and "within the seed spread" in c["evidence"]
-    assert "inconclusive" in c["evidence"]
-    # The same means from one seed each have no spread to compare with: the means decide.
-    one_seed = df[df["seed"] == 1]
-    assert claim(evaluate_claims(one_seed), "gfid_vs_frozen_vae")["reproduced"] is True
-
-
-def test_smoothness_within_seed_spread_is_inconclusive():
-    df = summary_table(seeds=3)
-    # Both measures favour simflow, but its total variation scatters over seeds by more than
-    # the gap to frozen_vae (0.6 vs 0.9 on average).
-    is_simflow = df["variant"] == "simflow"
-    df.loc[is_simflow, "total_variation"] = [0.2, 0.6, 1.0]
-    c = claim(evaluate_claims(df), "smoothness")
-    assert c["reproduced"] is None and "within the seed spread" in c["evidence"]
-    # With a tight spread the same means reproduce the claim.
-    df.loc[is_simflow, "total_variation"] = [0.59, 0.6, 0.61]
-    assert claim(evaluate_claims(df), "smoothness")["reproduced"] is True
-
-
-def test_noise_claim_within_seed_spread_is_inconclusive():
-    noise = noise_table(fixed_drop=4.0, learnable_drop=5.0, seeds=3)
-    # Seed 2 of the fixed-σ̄ VAE loses 4 dB more at the largest noise level: drops 4, 4, 8 dB
-    # (mean 5.33 ± 2.31) against 5 ± 0 dB, a gap within the spread.
-    worse = (noise["variant"] == "simflow") & (noise["seed"] == 2) & (noise["noise_std"] == 1.0)
-    noise.loc[worse, "psnr"] -= 4.0
-    c = claim(evaluate_claims(summary_table(seeds=3), noise), "noise_robustness")
-    assert c["reproduced"] is None and "within the seed spread" in c["evidence"]
+def test_claims_json_is_valid_json_with_the_documented_keys():
+    claims = evaluate_claims(summary_table(seeds=3), noise_table(seeds=3))
+    back = json.loads(json.dumps(claims, allow_nan=False))
+    keys = {"id", "claim", "verdict", "reproduced", "evidence", "variants", "metric", "difference",
+            "predicted", "n", "seeds", "dropped_seeds", "mean_a", "mean_b", "mean_diff", "std_diff", "ci_low",
+            "ci_high", "p", "ci_holm_low", "ci_holm_high", "p_holm", "holm_confidence", "holm_family",
+            "measures"}
+    assert all(set(c) == keys for c in back)
+    assert all(c["verdict"] in VERDICTS for c in back)
 
 
 def test_noise_claim_falls_back_to_posterior_labels():
-    noise = noise_table().replace(
+    noise = noise_table(seeds=3).replace(
         {"variant": {"simflow": "vae_fixed", "e2e_learnable": "vae_learn"}}
     )
-    c = claim(evaluate_claims(summary_table(), noise), "noise_robustness")
-    assert c["reproduced"] is True and "vae_fixed" in c["evidence"] and "vae_learn" in c["evidence"]
+    c = claim(evaluate_claims(summary_table(seeds=3), noise), "noise_robustness")
+    assert c["verdict"] == "reproduced" and "vae_fixed" in c["evidence"] and "vae_learn" in c["evidence"]
 
 
 # --- results_markdown --------------------------------------------------------------------------
@@ -250,9 +307,15 @@ def test_results_markdown_contents():
     assert "no VAE latent" in rows["tarflow_pixel"] and "no VAE latent" not in rows["simflow"]
     assert rows["simflow"].rstrip().endswith("|  |")  # empty note for a latent variant
     assert "40.00" in rows["simflow"]
-    assert "not reproduced" in md  # simflow 40 vs frozen_vae 15
+    assert "point estimate (one seed)" in md  # one seed: no verdict
     assert "inconclusive" in md  # no noise table given
-    assert "## Claims" in md
+    assert "## Claims" in md and "Holm" in md
+    assert "own latent space" in md  # the NLL column says it compares different spaces
+    md3 = results_markdown(summary_table(seeds=3, simflow_fid=40.0),
+                           evaluate_claims(summary_table(seeds=3, simflow_fid=40.0)),
+                           floor={"fid": 3.21, "kid_mean": 0.0004, "kid_std": 0.0002, "num_images": 500})
+    assert "1. **refuted**" in md3 and "95 % CI [" in md3  # simflow 40 vs frozen_vae 15
+    assert "Real-vs-real floor: 500 real test images against the reference give FID 3.21, KID 0.0004" in md3
 
 
 def test_results_markdown_seeds_and_custom_mapping():
@@ -371,14 +434,20 @@ def test_figure_contents():
     assert "tarflow_pixel" not in labels and len(labels) == 7
     assert len(axes[2].patches) == 7
 
-    fig = figures.fig_fid(summary_table())
-    assert len(fig.axes) == 2  # bars + sigma sweep
-    sweep = fig.axes[1]
+    floor = {"fid": 2.5, "kid_mean": 0.001, "kid_std": 0.0005, "num_images": 500}
+    fig = figures.fig_fid(summary_table(), floor=floor)
+    assert len(fig.axes) == 3  # FID bars, KID bars, sigma sweep
+    # the real-vs-real floor: a horizontal line at its value on the FID and the KID panels
+    assert [tuple(line.get_ydata()) for line in fig.axes[0].lines if line.get_linestyle() == ":"] == [(2.5, 2.5)]
+    assert [tuple(line.get_ydata()) for line in fig.axes[1].lines if line.get_linestyle() == ":"] == [(0.001, 0.001)]
+    assert "KID real vs real (500 test images)" in [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert len(figures.fig_fid(summary_table().drop(columns="kid")).axes) == 2  # no KID panel
+    sweep = fig.axes[2]
     xs = sorted(sweep.lines[0].get_xdata())
     assert xs == [0.25, 0.5, 1.0]  # the sigma_sweep group + simflow (0.5), not simflow_repa
     assert list(sweep.lines[0].get_ydata()) == [13.0, 10.0, 11.0]
     fig = figures.fig_fid(summary_table(), sweep_reference=None)
-    assert sorted(fig.axes[1].lines[0].get_xdata()) == [0.25, 1.0]
+    assert sorted(fig.axes[2].lines[0].get_xdata()) == [0.25, 1.0]
     bar_labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert "sigma_0.25" not in bar_labels and "simflow" in bar_labels
 
@@ -403,8 +472,8 @@ def test_figures_tolerate_nan(tmp_path):
     pixel = df[df["group"] == "pixel"]
     fig = figures.fig_latent_stats(pixel)
     assert all("no data" in [t.get_text() for t in ax.texts] for ax in fig.axes)
-    # No finite sigma: a single panel.
-    assert len(figures.fig_fid(pixel).axes) == 1
+    # No finite sigma: the FID and KID panels only.
+    assert len(figures.fig_fid(pixel).axes) == 2
     noise = noise_table()
     noise["psnr"] = math.nan
     fig = figures.fig_noise_robustness(noise)

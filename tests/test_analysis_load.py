@@ -14,6 +14,7 @@ import pytest
 from helpers_study import write_summary_tables
 
 from simflow.analysis import latent_statistics, load, report
+from simflow.analysis.summary import VERDICTS
 
 STUDY = "fake"
 # variant: (group, sigma, posterior, gFID of seed 0, latent?)
@@ -23,6 +24,7 @@ VARIANTS = {
     "tarflow_pixel": ("pixel", None, "none", 50.0, False),
 }
 SEEDS = (0, 1)
+FLOOR = {"fid": 4.5, "kid_mean": 0.0003, "kid_std": 0.0002, "num_images": 12, "split": "test"}
 
 
 def _json(path: Path, data: dict) -> None:
@@ -55,10 +57,10 @@ def make_results(root: Path, per_seed_table: bool = True, noise_csv: bool = True
             noise_rows += [{"variant": variant, "seed": seed, "posterior": posterior, **p} for p in sweep]
             rows.append({"variant": variant, "seed": seed, "group": group,
                          "sigma": math.nan if sigma is None else sigma, "posterior": posterior,
-                         "fid": fid + seed, "rfid": 5.0 + seed if latent else math.nan,
+                         "kid": (fid + seed) / 1000, "fid": fid + seed, "rfid": 5.0 + seed if latent else math.nan,
                          "nll_bpd": 1.5, **stats, "train_time_s": 60.0, "img_per_s": 100.0})
     write_summary_tables(study_dir, rows, latent_rows, noise_rows, heading=f"# Study `{STUDY}`\n\n",
-                         per_seed_table=per_seed_table, noise_csv=noise_csv)
+                         per_seed_table=per_seed_table, noise_csv=noise_csv, floor=FLOOR)
     return root
 
 
@@ -157,6 +159,29 @@ def test_images_of_the_first_seed(results):
                                       npz["arr_0"])
 
 
+def test_claims_table_shows_the_intervals(results):
+    claims = json.loads((results / STUDY / "claims.json").read_text())
+    table = load.claims_table(claims)
+    assert list(table.index) == [c["id"] for c in claims]
+    row = table.loc["gfid_vs_frozen_vae"]  # two paired seeds: simflow KID 0.020/0.021 vs 0.030/0.031
+    c = claims[0]
+    assert row["metric"] == "KID" and row["n"] == 2 and row["verdict"] == c["verdict"]
+    assert row["95 % CI"] == f"[{c['ci_low']:.3g}, {c['ci_high']:.3g}]"
+    assert row["Holm CI"].endswith(f"({100 * c['holm_confidence']:.1f} %)")
+    assert row["difference"] == "simflow - frozen_vae (predicted < 0)"
+    assert list(load.claims_table(claims, ids=["smoothness"]).index) == ["smoothness"]
+    assert load.claims_table([]).empty
+
+
+def test_real_floor_from_the_summary(results, tmp_path):
+    res = load.open_results(results, STUDY)
+    assert res.floor == {"fid": 4.5, "kid_mean": 0.0003, "kid_std": 0.0002, "num_images": 12.0}
+    older = make_results(tmp_path / "old")
+    summary = pd.read_csv(older / STUDY / "summary.csv").drop(columns=["fid_floor"])
+    summary.to_csv(older / STUDY / "summary.csv", index=False)
+    assert load.open_results(older, STUDY).floor is None
+
+
 def test_claims_markdown(results):
     claims = json.loads((results / STUDY / "claims.json").read_text())
     text = load.claims_markdown(claims, ids=["smoothness"])
@@ -231,7 +256,8 @@ def test_parent_run_outputs(results):
     assert "rfid/tarflow_pixel" not in out["metrics"] and "rfid/simflow" in out["metrics"]
     claims = json.loads((study_dir / "claims.json").read_text())
     assert {f"claim.{c['id']}" for c in claims} <= set(out["tags"])
-    assert set(out["tags"].values()) <= {"reproduced", "not reproduced", "inconclusive", "3", "2"}
+    assert set(out["tags"].values()) <= set(VERDICTS) | {"3", "2"}
+    assert out["tags"]["claim.gfid_vs_frozen_vae"] == claims[0]["verdict"]
     assert out["tags"]["variants"] == "3" and out["tags"]["seeds"] == "2"
     assert out["description"].startswith("# Study `fake`")
 

@@ -194,8 +194,28 @@ def test_isc_kid_prc(trained, files):
     assert far["recall"] < 0.5 and far["isc_mean"] < out["isc_mean"]
     with pytest.warns(UserWarning, match="reference_images"):
         bare = compute_metrics(files["test"], files["ref"], kid=True, prc=True, **fast)
-    assert not {"kid_mean", "kid_std", "precision", "recall", "num_reference_images"} & set(bare)
+    # KID from the features fid-ref stored with its statistics: the same as from the train images
+    assert bare["kid_mean"] == pytest.approx(out["kid_mean"], rel=1e-6, abs=1e-9)
+    assert bare["kid_std"] == pytest.approx(out["kid_std"], rel=1e-6, abs=1e-9)
+    assert not {"precision", "recall"} & set(bare)
     assert bare["isc_mean"] == pytest.approx(out["isc_mean"], rel=1e-9)
+
+
+def test_kid_without_stored_reference_features(trained, files, tmp_path):
+    """A reference file written before the features were stored (or ADM's batch): KID needs the
+    reference images, and is skipped with a warning without them."""
+    fast = dict(feature_extractor=TRAINED, cuda=False, isc=False, kid_subsets=10, kid_subset_size=300)
+    with np.load(files["ref"]) as npz:
+        assert npz["features"].shape == (int(npz["num_images"]), 32)
+        old = {k: npz[k] for k in npz.files if k != "features"}
+    np.savez(tmp_path / "old_ref.npz", **old)
+    assert fid.load_reference_features(tmp_path / "old_ref.npz") is None
+    with pytest.warns(UserWarning, match="reference_images"):
+        bare = compute_metrics(files["test"], tmp_path / "old_ref.npz", kid=True, **fast)
+    assert "kid_mean" not in bare
+    again = compute_metrics(files["test"], tmp_path / "old_ref.npz", reference_images=files["train"], kid=True, **fast)
+    stored = compute_metrics(files["test"], files["ref"], kid=True, **fast)
+    assert again["kid_mean"] == pytest.approx(stored["kid_mean"], rel=1e-6, abs=1e-9)
 
 
 def test_reference_statistics_computed_once(trained, files, tmp_path):
@@ -298,3 +318,20 @@ def test_classifier_patch_tokens(trained):
     enc.train()
     assert not enc.training and not enc.classifier.training
     assert enc(torch.zeros(2, 1, 32, 32)).shape == (2, 16, 32)  # other sizes are resized to the classifier's
+
+
+def test_stored_reference_features_are_capped_for_kid(trained, files, tmp_path, monkeypatch):
+    """A large reference set keeps a seeded subset of its per-image features (KID averages small
+    subsets), while mu/sigma use every image."""
+    monkeypatch.setattr(fid, "KID_REFERENCE_FEATURES", 100)
+    ref = compute_reference_statistics(files["test"], tmp_path / "capped.npz", feature_extractor=TRAINED, cuda=False)
+    with np.load(ref) as npz:
+        assert npz["features"].shape == (100, 32) and int(npz["num_images"]) == 359
+        feats = npz["features"]
+    direct = direct_features(trained[0], np.load(files["test"])["arr_0"]).astype(np.float32)
+    # the kept rows are real images' features, in their original order
+    rows = [int(np.argmin(np.abs(direct - f).sum(1))) for f in feats]
+    assert rows == sorted(rows) and len(set(rows)) == 100
+    np.testing.assert_allclose(feats, direct[rows], rtol=1e-4, atol=1e-5)
+    mu, _ = load_reference_statistics(ref)
+    np.testing.assert_allclose(mu, direct.mean(0), rtol=1e-4, atol=1e-5)

@@ -123,10 +123,12 @@ def make_study(root: Path, with_mlflow: bool = True) -> Path:
                            for p in sweep]
             rows.append({"variant": variant, "seed": seed, "group": group,
                          "sigma": math.nan if sigma is None else sigma, "posterior": posterior,
+                         "kid": (fid + seed + 0.3 * rng.standard_normal()) / 1000,
                          "fid": fid + seed, "rfid": 5.0 if latent else math.nan, "nll_bpd": 1.5,
                          **stats, "train_time_s": 60.0, "img_per_s": 100.0})
     # The summary rule's tables (workflow/rules/analysis.smk).
-    write_summary_tables(study_dir, rows, latent_rows, noise_rows)
+    write_summary_tables(study_dir, rows, latent_rows, noise_rows,
+                         floor={"fid": 2.0, "kid_mean": 0.0001, "kid_std": 0.0001, "num_images": 16})
     if with_mlflow:
         _make_mlflow(results, study_dir)
     return results
@@ -282,6 +284,8 @@ def test_rule_executes_both_notebooks_with_mlflow(study_root, tmp_path):
             report = _text(cells["results-vs-paper"])
             assert "## Results" in report and "## Claims" in report
             assert "2.15 (SimFlow" in report  # the published number beside the simflow row
+            assert "Holm" in report and "95 % CI [" in report  # the claims' paired intervals
+            assert "Real-vs-real floor: 16 real test images" in report
         else:
             assert "fixed" in _text(cells["mlflow-params"])
     assert not list(out_dir.glob("*.failed.ipynb"))

@@ -1,5 +1,6 @@
 """Stages through the CLI: resume equivalence, NaN guard, error messages, sampling invariance."""
 
+import json
 import os
 import signal
 import subprocess
@@ -158,3 +159,25 @@ def test_stages_run_end_to_end_on_digits_through_submitit(tmp_path):
     assert run.info.status == "FINISHED"
     assert "eval/nll_bpd" in run.data.metrics and "train/total" in run.data.metrics
     assert any(k.startswith("job_id.sample") for k in run.data.tags)
+
+
+def test_fid_floor_scores_real_test_images_at_the_samples_count(tmp_path, capsys):
+    """feature-extractor -> fid-ref (statistics + per-image features) -> fid-floor: real test
+    images, as many as sample.num_samples, against the reference; FID above 0 (its small-sample
+    bias), KID from the stored features."""
+    run = tmp_path / "run"
+    cfg = tiny_config(tmp_path, sample={"num_samples": 40},
+                      eval={"feature_extractor": "simflow-classifier", "classifier_path": str(run / "classifier.pt"),
+                            "reference_stats": str(run / "reference_stats.npz"), "classifier_steps": 20,
+                            "num_reference": 300})
+    for stage in ("feature-extractor", "fid-ref", "fid-floor"):
+        assert main([stage, "-c", str(cfg)]) == 0, stage
+    with np.load(run / "reference_stats.npz") as npz:
+        assert npz["features"].shape[0] == 300
+    floor = json.loads((run / "metrics" / "real_floor.json").read_text())
+    assert floor["num_images"] == 40 and floor["split"] == "test" and floor["num_reference_images"] == 300
+    assert floor["fid"] > 0 and np.isfinite(floor["kid_mean"]) and floor["kid_std"] >= 0
+    # more real images than the test split holds: one clear error, nothing written
+    (run / "metrics" / "real_floor.json").unlink()
+    assert main(["fid-floor", "-c", str(cfg), "--set", "sample.num_samples=100000"]) != 0
+    assert "test split has" in capsys.readouterr().err and not (run / "metrics" / "real_floor.json").exists()

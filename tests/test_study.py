@@ -129,7 +129,7 @@ def test_demo_study_is_small_and_self_contained():
     for unit, cfg in study.units.items():
         full = S.resolved_config(cfg)
         assert full.data.name == "fashion_mnist" and full.data.image_size == 32
-        if not unit.startswith(("_shared/fid_ref", "_shared/feature_extractor")):  # they do not train
+        if not unit.startswith(("_shared/fid_ref", "_shared/fid_floor", "_shared/feature_extractor")):  # no training
             assert full.train.steps <= 500 and full.sample.num_samples <= 1000
             assert full.model.lpips_weight == 0  # no VGG weights offline
     assert all(S.launcher_for(study, s)["backend"] == "local" for s in STAGES)
@@ -156,7 +156,7 @@ def test_variant_config_merges_base_and_overrides_and_links_shared_outputs():
     assert "pretrained_vae" not in S.variant_config(study, "simflow", 0).get("model", {})
     assert set(study.units) == {"simflow/s0", "simflow/s3", "frozen/s0", "frozen/s3",
                                 "_shared/pretrain_vae/s0", "_shared/pretrain_vae/s3",
-                                "_shared/fid_ref", "_shared/feature_extractor"}
+                                "_shared/fid_ref", "_shared/fid_floor", "_shared/feature_extractor"}
 
 
 def test_base_is_not_mutated_by_variant_configs():
@@ -176,6 +176,13 @@ def test_shared_units_read_only_what_they_need():
     assert fe["eval"] == {"classifier_steps": 7}
     assert ref["eval"]["classifier_path"].endswith("_shared/feature_extractor/classifier.pt")
     assert "reference_stats" not in ref["eval"] and "num_recon" not in ref["eval"]
+    # the real-vs-real floor: as many test images as a variant samples, against fid-ref's statistics
+    study = S.load_study(_tiny(base={"data": {"name": "digits"}, "flow": {"channels": 64}, "sample": {"num_samples": 77},
+                                     "eval": {"feature_extractor": "simflow-classifier", "num_recon": 9}}))
+    floor = S.shared_config(study, "fid_floor")
+    assert "flow" not in floor and floor["sample"] == {"num_samples": 77} and "num_recon" not in floor["eval"]
+    assert floor["eval"]["reference_stats"].endswith("_shared/fid_ref/reference_stats.npz")
+    assert floor["eval"]["classifier_path"].endswith("_shared/feature_extractor/classifier.pt")
     pre = S.shared_config(study, "pretrain_vae", 0)
     assert pre["flow"] == {"channels": 64} and pre["vae"]["posterior"] == "learnable"
 
@@ -186,6 +193,7 @@ def test_external_reference_stats_and_classifier_drop_the_shared_stages():
                                               "feature_extractor": "inception-v3-compat"}}))
     assert not study.needs_fid_ref and not study.needs_feature_extractor
     assert S.variant_config(study, "simflow", 0)["eval"]["reference_stats"] == "adm.npz"
+    assert S.shared_config(study, "fid_floor")["eval"]["reference_stats"] == "adm.npz"  # the floor stays
 
 
 def test_repa_with_the_classifier_target_uses_the_trained_classifier():

@@ -177,9 +177,12 @@ FAKE_CLI = textwrap.dedent('''
                                "rate": {} if pixel else {"rate_per_dim": 0.01 if "sigma0.25" in str(run) else 0.3,
                                                          "active_fraction": 0.9, "nll_weight": 0.02},
                                "collapsed": None if pixel else "sigma0.25" in str(run),
+                               "collapse_alarm_step": 4 if "sigma0.25" in str(run) else None,
                                "fid_curve": [{"step": k, "train_time_s": k / 10, "fid": 50.0 - k}
                                              for k in (4, 8)]},
-        "metrics/fid.json": {"fid": 10.0 + x, "isc_mean": 2.0},
+        "metrics/fid.json": {"fid": 10.0 + x, "isc_mean": 2.0, "kid_mean": (10.0 + x) / 1000, "kid_std": 0.001},
+        "metrics/real_floor.json": {"fid": 3.0, "kid_mean": 0.0002, "kid_std": 0.0001, "num_images": 8,
+                                    "split": "test"},
         "metrics/reconstruct.json": {"rfid": None, "psnr": None, "noise_sweep": []} if pixel else
             {"rfid": 5.0 + x, "psnr": 20.0, "noise_sweep": [
                 {"noise_std": s, "psnr": 20.0 - 10 * s, "mse": s} for s in (0.0, 0.5, 1.0)]},
@@ -238,8 +241,9 @@ def test_finished_run_has_the_summary_and_figures(finished):
 
     res = finished["results"]
     summary = pd.read_csv(res / "summary.csv")
-    assert list(summary.columns[:11]) == ["variant", "group", "sigma", "posterior", "decoder_scale", "n_seeds",
-                                          "collapsed", "fid", "rfid", "rate_per_dim", "nll_bpd"]
+    assert list(summary.columns[:12]) == ["variant", "group", "sigma", "posterior", "decoder_scale", "n_seeds",
+                                          "collapsed", "kid", "fid", "rfid", "rate_per_dim", "nll_bpd"]
+    assert (summary["fid_floor"] == 3.0).all() and (summary["kid_floor"] == 0.0002).all()
     assert set(SUMMARY_COLUMNS) <= set(summary.columns)
     assert {"spectral_entropy", "total_variation", "train_time_s", "img_per_s"} <= set(summary.columns)
     assert list(summary["variant"]) == ["simflow", "simflow_sigma0.25", "frozen_vae_noise", "tarflow_pixel"]
@@ -274,6 +278,7 @@ def test_each_stage_ran_once_per_unit_with_its_launcher_arguments(finished):
         assert sorted(by_stage[stage]) == sorted(variants)
     assert by_stage["pretrain-vae"] == [f"{res}/_shared/pretrain_vae/s0"]
     assert by_stage["fid-ref"] == [f"{res}/_shared/fid_ref"]
+    assert by_stage["fid-floor"] == [f"{res}/_shared/fid_floor"]
     assert by_stage["feature-extractor"] == [f"{res}/_shared/feature_extractor"]
     # the frozen variant's config points at the pretrained VAE
     cfg = yaml.safe_load((res / "frozen_vae_noise" / "s0" / "config.yaml").read_text())
@@ -313,7 +318,7 @@ def test_changing_the_base_reruns_every_variant(finished):
     trained = {wc["variant"] for rule, wc in jobs if rule == "train"}
     assert trained == {"simflow", "simflow_sigma0.25", "frozen_vae_noise", "tarflow_pixel"}
     # the flow is not an input of the classifier or the reference statistics
-    assert not {"feature_extractor", "fid_ref"} & {r for r, _ in jobs}
+    assert not {"feature_extractor", "fid_ref", "fid_floor"} & {r for r, _ in jobs}
 
 
 def test_a_deleted_output_reruns_only_its_job_and_the_analysis(finished):

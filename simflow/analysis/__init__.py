@@ -3,6 +3,10 @@
 * :mod:`simflow.analysis.latent_stats`: the four latent-map statistics of the paper's Figure 4;
 * :mod:`simflow.analysis.summary`: seed aggregation, the paper's published numbers, the claim
   checks and the Markdown report;
+* :mod:`simflow.analysis.stats`: the paired t-test over seeds and Holm's correction that decide
+  the claims;
+* :mod:`simflow.analysis.tables`: the summary rule's tables (summary_per_seed.csv, summary.csv,
+  claims.json, summary.md) from the stages' outputs;
 * :mod:`simflow.analysis.figures`: matplotlib figures. Import it explicitly
   (``from simflow.analysis import figures``); it is not imported here, so that computing
   statistics during training does not load matplotlib.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -440,11 +441,33 @@ def fig_latent_stats(df: pd.DataFrame) -> Figure:
     return fig
 
 
-def fig_fid(df: pd.DataFrame, sweep_reference: str | None = "simflow") -> Figure:
+def _floor_line(ax: Axes, value: Any, std: Any, n: Any, what: str) -> None:
+    """The real-vs-real floor as a horizontal line (± its std as a band where given)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return
+    if not np.isfinite(value):
+        return
+    label = f"real vs real ({int(n)} test images)" if n is not None and np.isfinite(float(n)) else "real vs real"
+    ax.axhline(value, color="0.3", ls=":", lw=1, label=f"{what} {label}")
+    try:
+        std = float(std)
+    except (TypeError, ValueError):
+        return
+    if np.isfinite(std):
+        ax.axhspan(value - std, value + std, color="0.5", alpha=0.15, lw=0)
+
+
+def fig_fid(df: pd.DataFrame, sweep_reference: str | None = "simflow",
+            floor: Mapping[str, Any] | None = None) -> Figure:
     """Paper Figure 5: generation FID per variant, and FID against σ̄ for the σ̄ sweep.
 
     Left panel: gFID (and rFID beside it when present) per variant, mean ± std over seeds,
-    excluding the ``sigma_sweep`` group. Right panel (only when some row has a finite ``sigma``):
+    excluding the ``sigma_sweep`` group, with the real-vs-real FID floor (``floor``, the
+    fid-floor stage's JSON: real test images against the reference at the samples' count) as a
+    dotted line. Middle panel (when the table has ``kid``): gKID per variant, the claims' metric,
+    with the KID floor ± its std over subsets. Right panel (only when some row has a finite ``sigma``):
     gFID (and rFID) against σ̄, one point per variant with a finite ``sigma``. When a
     ``sigma_sweep`` group exists the points are that group plus ``sweep_reference`` (the default
     SimFlow run, whose σ̄ = 0.5 belongs on the same curve) unless its σ̄ is already swept;
@@ -454,9 +477,11 @@ def fig_fid(df: pd.DataFrame, sweep_reference: str | None = "simflow") -> Figure
         df: the summary table (``variant``, ``fid``; optional ``rfid``, ``sigma``, ``group``,
             ``seed``).
         sweep_reference: the variant added to the σ̄ sweep, or None.
+        floor: ``{"fid", "kid_mean", "kid_std", "num_images"}`` of the real-vs-real floor, or None.
     """
     _require_df(df, ["variant", "fid"], "the summary table")
-    df = _numeric(df, ["fid", "rfid", "sigma"])
+    df = _numeric(df, ["fid", "rfid", "sigma"] + (["kid"] if "kid" in df.columns else []))
+    floor = floor or {}
     group = df["group"].astype(str) if "group" in df.columns else pd.Series("", index=df.index)
     is_sweep = group == _SWEEP_GROUP
     main_rows = df[~is_sweep & (group != _RATE_SWEEP_GROUP)]
@@ -477,12 +502,15 @@ def fig_fid(df: pd.DataFrame, sweep_reference: str | None = "simflow") -> Figure
     metrics = [m for m in ("fid", "rfid") if m in df.columns and _finite_mask(df[m]).any()]
     labels = {"fid": "gFID", "rfid": "rFID"}
 
+    has_kid = "kid" in df.columns and _finite_mask(df["kid"]).any()
+
     with matplotlib.rc_context(_STYLE_RC):
-        n_panels = 2 if not sweep_rows.empty else 1
+        n_panels = 1 + int(has_kid) + int(not sweep_rows.empty)
         agg = aggregate_seeds(main_rows, by="variant")
         agg["variant"] = agg["variant"].astype(str)
         order = [v for v, m in zip(agg["variant"], agg["fid_mean"], strict=True) if np.isfinite(m)]
-        fig = _new_figure(max(4.0, 0.5 * len(order) + 1.5) + 3.5 * (n_panels - 1), 3.2)
+        bar_width = max(4.0, 0.5 * len(order) + 1.5)
+        fig = _new_figure(bar_width * (1 + int(has_kid)) + 3.5 * int(not sweep_rows.empty), 3.2)
         axes = fig.subplots(1, n_panels, squeeze=False)[0]
 
         ax = axes[0]
@@ -511,11 +539,29 @@ def fig_fid(df: pd.DataFrame, sweep_reference: str | None = "simflow") -> Figure
                 )
             ax.set_xticks(range(len(order)), order, rotation=45, ha="right")
             ax.set_ylabel("FID")
-            if len(metrics) > 1:
+            _floor_line(ax, floor.get("fid"), None, floor.get("num_images"), "gFID")
+            ax.legend(frameon=False)
+
+        if has_kid:
+            ax = axes[1]
+            ax.set_title("KID per variant (the claims' metric)")
+            by_variant = agg.set_index("variant")
+            kid_order = [v for v in order if np.isfinite(by_variant.loc[v, "kid_mean"])]
+            if not kid_order:
+                _no_data(ax)
+            else:
+                mean = by_variant.loc[kid_order, "kid_mean"].to_numpy(float)
+                std = by_variant.loc[kid_order, "kid_std"].to_numpy(float)
+                multi = by_variant.loc[kid_order, "n_seeds"].to_numpy() > 1
+                ax.bar(np.arange(len(kid_order)), mean, width=0.6, capsize=2, color="C2", label="gKID",
+                       yerr=np.where(multi & np.isfinite(std), std, 0.0))
+                ax.set_xticks(range(len(kid_order)), kid_order, rotation=45, ha="right")
+                ax.set_ylabel("KID")
+                _floor_line(ax, floor.get("kid_mean"), floor.get("kid_std"), floor.get("num_images"), "KID")
                 ax.legend(frameon=False)
 
-        if n_panels == 2:
-            ax = axes[1]
+        if not sweep_rows.empty:
+            ax = axes[-1]
             ax.set_title(r"$\bar{\sigma}$ sweep")
             sagg = aggregate_seeds(sweep_rows, by="variant").sort_values("sigma_mean")
             drawn = False

@@ -32,12 +32,14 @@ import pandas as pd
 
 from simflow.analysis.latent_stats import latent_statistics
 from simflow.analysis.summary import LATENT_STAT_COLUMNS, aggregate_seeds, claim_status
+from simflow.analysis.tables import FLOOR_COLUMNS
 
 __all__ = [
     "NOISE_COLUMNS",
     "StudyResults",
     "channel_statistics",
     "claims_markdown",
+    "claims_table",
     "first_images",
     "first_seeds",
     "latent_scale",
@@ -53,6 +55,7 @@ __all__ = [
     "order_by_gfid",
     "provenance_table",
     "read_table",
+    "real_floor",
     "require_study",
     "run_params_table",
     "sample_grids",
@@ -68,7 +71,7 @@ __all__ = [
 NOISE_COLUMNS = ["variant", "seed", "posterior", "noise_std", "noise_rel", "latent_std", "psnr", "mse"]
 
 #: Columns of the summary table (:func:`summary_table`), in order, when present.
-SUMMARY_COLUMNS = ("group", "sigma", "posterior", "decoder_scale", "collapsed", "fid", "rfid",
+SUMMARY_COLUMNS = ("group", "sigma", "posterior", "decoder_scale", "collapsed", "kid", "fid", "rfid",
                    "rate_per_dim", "active_fraction", "posterior_std", "nll_bpd", *LATENT_STAT_COLUMNS,
                    "total_updates", "total_train_time_s", "img_per_s")
 
@@ -183,6 +186,12 @@ class StudyResults:
     @property
     def claim_names(self) -> dict[str, str]:
         return dict(self.analysis.get("claims") or {})
+
+    @property
+    def floor(self) -> dict[str, Any] | None:
+        """The real-vs-real floor (``fid``, ``kid_mean``, ``kid_std``, ``num_images``) from
+        summary.csv's floor columns, or None for a study without the fid-floor stage."""
+        return real_floor(self.study_dir)
 
     def first_unit(self, variant: str) -> Path:
         """The unit folder of ``variant``'s first seed."""
@@ -312,6 +321,44 @@ def channel_statistics(res: StudyResults, max_latents: int = 256
                 rows += [{"variant": variant, "latents": key, "channel": c, "statistic": name,
                           "value": value} for name, value in stats.items()]
     return pd.DataFrame(rows, columns=["variant", "latents", "channel", "statistic", "value"]), dead
+
+
+def real_floor(study_dir: str | Path) -> dict[str, Any] | None:
+    """The real-vs-real floor of a study (summary.csv's :data:`~simflow.analysis.tables.FLOOR_COLUMNS`,
+    under the fid-floor stage's keys), or None when summary.csv has no finite floor."""
+    table = read_table(study_dir, "summary.csv")
+    if table is None or "fid_floor" not in table.columns or table.empty:
+        return None
+    row = table.iloc[0]
+    floor = {key: float(row[col]) for col, key in FLOOR_COLUMNS.items() if col in table.columns}
+    return floor if math.isfinite(floor.get("fid", math.nan)) else None
+
+
+def claims_table(claims: Sequence[Mapping[str, Any]], ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per claim (index: its id): the verdict, the metric and the paired difference it
+    is decided on, the number of paired seeds, the mean difference with its 95 % t-interval, the
+    Holm-corrected interval (with its level), and the raw and Holm-adjusted p-values; "–" where
+    a number does not exist (one seed, a missing variant)."""
+    def num(x: Any, fmt: str = "{:.3g}") -> str:
+        return fmt.format(x) if isinstance(x, (int, float)) and math.isfinite(x) else "–"
+
+    def interval(lo: Any, hi: Any) -> str:
+        return f"[{num(lo)}, {num(hi)}]" if num(lo) != "–" else "–"
+
+    rows = []
+    for c in claims:
+        if ids is not None and c["id"] not in ids:
+            continue
+        level = c.get("holm_confidence")
+        rows.append({"claim": c["id"], "verdict": claim_status(c), "metric": c.get("metric") or "–",
+                     "difference": f"{c.get('difference') or '–'} (predicted {c.get('predicted') or '–'})",
+                     "n": c.get("n") if c.get("n") is not None else "–",
+                     "mean diff": num(c.get("mean_diff")),
+                     "95 % CI": interval(c.get("ci_low"), c.get("ci_high")),
+                     "Holm CI": interval(c.get("ci_holm_low"), c.get("ci_holm_high"))
+                     + (f" ({100 * level:.1f} %)" if isinstance(level, float) else ""),
+                     "p": num(c.get("p")), "p (Holm)": num(c.get("p_holm"))})
+    return pd.DataFrame(rows).set_index("claim") if rows else pd.DataFrame()
 
 
 def claims_markdown(claims: Sequence[Mapping[str, Any]], ids: Sequence[str] | None = None) -> str:

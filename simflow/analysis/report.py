@@ -29,9 +29,7 @@ __all__ = [
 
 #: summary.csv column -> metric name prefix on the parent run: one value per variant (the seed
 #: mean), e.g. ``gfid/simflow``; MLflow's UI groups metrics by the prefix before "/".
-PARENT_RUN_METRICS: dict[str, str] = {"fid": "gfid", "rfid": "rfid", "nll_bpd": "nll_bpd"}
-
-_CLAIM_STATUS = {True: "reproduced", False: "not reproduced", None: "inconclusive"}
+PARENT_RUN_METRICS: dict[str, str] = {"kid": "gkid", "fid": "gfid", "rfid": "rfid", "nll_bpd": "nll_bpd"}
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en">
@@ -93,8 +91,11 @@ def variant_metrics(summary: Any, columns: Mapping[str, str] = PARENT_RUN_METRIC
 
 
 def claim_tags(claims: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """``{"claim.<id>": "reproduced" | "not reproduced" | "inconclusive"}`` of claims.json."""
-    return {f"claim.{c['id']}": _CLAIM_STATUS.get(c.get("reproduced"), "inconclusive") for c in claims}
+    """``{"claim.<id>": <verdict>}`` of claims.json (:func:`~simflow.analysis.summary.claim_status`:
+    reproduced, refuted, inconclusive, point estimate (one seed) or invalid)."""
+    from simflow.analysis.summary import claim_status
+
+    return {f"claim.{c['id']}": claim_status(c) for c in claims}
 
 
 def run_description(markdown: str, limit: int = 5000) -> str:

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from simflow.analysis.stats import ALPHA, PairedTest, holm, holm_confidence, paired_t, t_interval
 
 __all__ = [
     "PAPER_RESULTS",
@@ -34,6 +37,9 @@ __all__ = [
     "claim_status",
     "collapsed_seeds",
     "PROTOCOL",
+    "CLAIMS_PROTOCOL",
+    "ONE_SEED",
+    "VERDICTS",
 ]
 
 LATENT_STAT_COLUMNS: tuple[str, ...] = (
@@ -67,12 +73,13 @@ DEFAULT_PAPER_MAPPING: dict[str, str] = {
 # read on its own.
 _TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("sigma", "σ̄", "{:g}"),
+    ("kid", "gKID", "{:.4f}"),
     ("fid", "gFID", "{:.2f}"),
     ("rfid", "rFID", "{:.2f}"),
     ("rate_per_dim", "rate (nats/dim)", "{:.3f}"),
     ("active_fraction", "active dims", "{:.2f}"),
     ("posterior_std", "posterior σ", "{:.3f}"),
-    ("nll_bpd", "NLL (bpd)", "{:.3f}"),
+    ("nll_bpd", "NLL (bpd, own latent space)", "{:.3f}"),
     ("spectral_entropy", "spectral entropy", "{:.3f}"),
     ("high_frequency_ratio", "HF ratio", "{:.3f}"),
     ("total_variation", "TV", "{:.3f}"),
@@ -192,7 +199,10 @@ def _paper_cell(variant: str, mapping: Mapping[str, str]) -> str:
 
 
 def claim_status(claim: Mapping[str, Any]) -> str:
-    """reproduced / not reproduced / inconclusive / invalid, of one claim dict."""
+    """The verdict of one claim dict (:data:`VERDICTS`); a claims.json written before verdicts
+    existed reads as reproduced / not reproduced / inconclusive / invalid."""
+    if claim.get("verdict"):
+        return str(claim["verdict"])
     if claim.get("invalid"):
         return "invalid"
     if claim["reproduced"] is None:
@@ -219,13 +229,36 @@ def collapsed_seeds(df: pd.DataFrame, variant: str) -> str:
         rate = pd.to_numeric(rows["rate_per_dim"], errors="coerce")[np.asarray(flags)]
         if rate.notna().any():
             text += f", rate {rate.mean():.3g} nats/dim"
+    if "collapse_alarm_reason" in rows.columns:
+        reasons = [str(r) for r in rows["collapse_alarm_reason"][np.asarray(flags)]
+                   if isinstance(r, str) and r.strip()]
+        if reasons:
+            text += "; alarm: " + "; ".join(dict.fromkeys(reasons))
     return text
+
+
+def floor_sentence(floor: Mapping[str, Any] | None) -> str:
+    """The real-vs-real floor in words ("" without one): what FID and KID give real test images
+    against the reference, at the generated samples' count, i.e. the metrics' small-sample bias."""
+    if not floor or not _finite(floor.get("fid")):
+        return ""
+    kid = ""
+    if _finite(floor.get("kid_mean")):
+        kid = f", KID {float(floor['kid_mean']):.4f}"
+        if _finite(floor.get("kid_std")):
+            kid += f" ± {float(floor['kid_std']):.4f} (std over subsets)"
+    count = f"{int(floor['num_images'])} " if _finite(floor.get("num_images")) else ""
+    return (f"Real-vs-real floor: {count}real {floor.get('split', 'test')} images "
+            f"against the reference give FID {float(floor['fid']):.2f}{kid}, at the generated samples' "
+            "count: the FID a perfect model would get here (its small-sample bias). KID is unbiased, "
+            "so its floor is near 0.")
 
 
 def results_markdown(
     df: pd.DataFrame,
     claims: Sequence[Mapping[str, Any]],
     mapping: Mapping[str, str] | None = None,
+    floor: Mapping[str, Any] | None = None,
 ) -> str:
     """Render the study's results and the claim checks as Markdown.
 
@@ -235,6 +268,7 @@ def results_markdown(
             ``evidence`` (str), e.g. the output of :func:`evaluate_claims`.
         mapping: study variant -> :data:`PAPER_RESULTS` key; defaults to
             :data:`DEFAULT_PAPER_MAPPING`.
+        floor: the fid-floor stage's real-vs-real FID/KID (a sentence under the table), or None.
 
     Returns:
         A Markdown document: a results table (``mean ± std`` when a variant has several seeds,
@@ -259,7 +293,10 @@ def results_markdown(
         "",
         "Published numbers are the papers' full-scale ImageNet results, shown for reference; "
         "a smaller-scale study is not expected to match them. Values are mean ± std over seeds "
-        "where several seeds were run; – marks a missing value.",
+        "where several seeds were run; – marks a missing value. gKID is the generated samples' "
+        "KID (unbiased at small sample counts), gFID their FID. The flow's NLL is in each variant's "
+        "own latent space (pixels for a pixel-space variant): variants with different latents are "
+        "not comparable on it.",
         "",
         PROTOCOL,
         "",
@@ -279,7 +316,9 @@ def results_markdown(
         cells.append(_note(row, collapsed_seeds(df, str(row["variant"]))))
         lines.append("| " + " | ".join(cells) + " |")
 
-    lines += ["", "## Claims", ""]
+    if floor_sentence(floor):
+        lines += ["", floor_sentence(floor)]
+    lines += ["", "## Claims", "", CLAIMS_PROTOCOL, ""]
     if not claims:
         lines.append("No claims were evaluated.")
     for i, claim in enumerate(claims, start=1):
@@ -300,75 +339,154 @@ def results_markdown(
 
 # --- claims --------------------------------------------------------------------------------------
 
+#: A claim's verdict with one seed per variant: a point estimate, never a verdict.
+ONE_SEED = "point estimate (one seed)"
+#: Every verdict a claim can get.
+VERDICTS: tuple[str, ...] = ("reproduced", "refuted", "inconclusive", ONE_SEED, "invalid")
 
-def _metric_stats(df: pd.DataFrame, variant: str, column: str) -> tuple[float, float, int] | str:
-    """(mean, std, n) of ``column`` over the seeds of ``variant``, or a reason string when the
-    comparison cannot be made."""
+#: How the claims are decided (printed above them in summary.md).
+CLAIMS_PROTOCOL = (
+    "Each claim is a paired comparison over seeds (variants with the same seed share data order, "
+    "labels and sampling noise): the mean of the per-seed differences, its 95 % t-interval and "
+    "the two-sided paired t-test's p-value, Holm-corrected across the claims decided here "
+    f"(family-wise error rate {ALPHA:g}). A claim is **reproduced** or **refuted** only when its "
+    "Holm-corrected interval excludes zero (on the claimed or the opposite side), otherwise it is "
+    f"**inconclusive**; with one seed the difference is a **{ONE_SEED}**, never a verdict. gFID "
+    "claims are decided on KID (unbiased at small sample counts), FID beside it."
+)
+
+
+def _per_seed_values(df: pd.DataFrame, variant: str, column: str) -> pd.Series | str:
+    """``column`` of ``variant`` indexed by seed (finite values only), or why it is unavailable."""
     if column not in df.columns:
         return f"column {column!r} not in the summary table"
     rows = df[df["variant"] == variant]
     if rows.empty:
         return f"variant {variant} not in this study"
-    values = pd.to_numeric(rows[column], errors="coerce").dropna().to_numpy(dtype=float)
+    seeds = rows["seed"].to_numpy() if "seed" in rows.columns else np.zeros(len(rows), dtype=int)
+    if len(set(seeds.tolist())) != len(seeds):
+        raise ValueError(f"the summary table has several rows for one seed of variant {variant} "
+                         f"(seeds {sorted(seeds.tolist())}); it must have one row per (variant, seed)")
+    values = pd.Series(pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float), index=seeds)
     values = values[np.isfinite(values)]
-    if values.size == 0:
+    if values.empty:
         return f"{column} is missing (NaN) for {variant}"
-    std = float(values.std(ddof=1)) if values.size > 1 else float("nan")
-    return float(values.mean()), std, int(values.size)
+    return values.sort_index()
 
 
-def _describe(variant: str, stats: tuple[float, float, int], fmt: str) -> str:
-    mean, std, n = stats
-    if n > 1:
-        return f"{variant} {fmt.format(mean)} ± {fmt.format(std)} (n={n})"
-    return f"{variant} {fmt.format(mean)}"
+@dataclass
+class _Measure:
+    """One paired comparison of a claim: ``a - b`` per seed, predicted to have sign ``sign``."""
+
+    label: str
+    a: str
+    b: str
+    sign: int
+    fmt: str
+    a_values: pd.Series
+    b_values: pd.Series
+    dropped: dict[str, list[int]]
+    test: PairedTest
+
+    @property
+    def diffs(self) -> np.ndarray:
+        return (self.a_values - self.b_values).to_numpy(dtype=float)
 
 
-def _seed_check(a: tuple[float, float, int], b: tuple[float, float, int]) -> tuple[bool | None, str]:
-    """Whether the gap between two means clears the seed spread, and the sentence that says so.
-
-    The spread is the sum of the two seed stds, i.e. the gap must clear non-overlapping ±1 std
-    intervals. Returns ``(None, "")`` when neither side has two seeds (no spread to compare with).
-    """
-    if a[2] < 2 and b[2] < 2:
-        return None, ""
-    spread = sum(s for s, n in ((a[1], a[2]), (b[1], b[2])) if n > 1 and _finite(s))
-    gap = abs(a[0] - b[0])
-    if gap > spread:
-        return True, f"; the gap {gap:.3g} exceeds the seed spread (sum of stds {spread:.3g})"
-    return False, (
-        f"; the gap {gap:.3g} is within the seed spread (sum of stds {spread:.3g}), "
-        "so the comparison is inconclusive"
-    )
+def _measure(label: str, a: str, b: str, a_values: pd.Series, b_values: pd.Series, sign: int,
+             fmt: str) -> _Measure | str:
+    """Pair the two variants' per-seed values by seed; seeds present on one side only are dropped."""
+    common = sorted(set(a_values.index) & set(b_values.index))
+    dropped = {v: sorted(int(s) for s in set(vals.index) - set(common))
+               for v, vals in ((a, a_values), (b, b_values))}
+    dropped = {v: s for v, s in dropped.items() if s}
+    if not common:
+        return (f"{label}: no seed has both {a} (seeds {sorted(map(int, a_values.index))}) and {b} "
+                f"(seeds {sorted(map(int, b_values.index))})")
+    av, bv = a_values.loc[common], b_values.loc[common]
+    return _Measure(label, a, b, sign, fmt, av, bv, dropped, paired_t((av - bv).to_numpy(dtype=float)))
 
 
-def _verdict(holds: bool, *clears: bool | None) -> bool | None:
-    """A claim's status: None (inconclusive) when any of its gaps is within the seed spread."""
-    return None if any(c is False for c in clears) else bool(holds)
+def _column_measure(df: pd.DataFrame, label: str, column: str, a: str, b: str, sign: int,
+                    fmt: str) -> _Measure | str:
+    values = [_per_seed_values(df, v, column) for v in (a, b)]
+    for v in values:
+        if isinstance(v, str):
+            return v
+    return _measure(label, a, b, values[0], values[1], sign, fmt)
 
 
-def _compare_lower(
-    df: pd.DataFrame,
-    claim: str,
-    better: str,
-    worse: str,
-    column: str,
-    label: str,
-    fmt: str = "{:.2f}",
-) -> dict[str, Any]:
-    """Claim "``better`` has a lower ``column`` than ``worse``"."""
-    a = _metric_stats(df, better, column)
-    b = _metric_stats(df, worse, column)
-    for s in (a, b):
-        if isinstance(s, str):
-            return {"claim": claim, "reproduced": None, "evidence": s}
-    lower = a[0] < b[0]
-    clears, note = _seed_check(a, b)
-    evidence = (
-        f"{label}: {_describe(better, a, fmt)} vs {_describe(worse, b, fmt)}"
-        f" ({'lower' if lower else 'not lower'} for {better})" + note
-    )
-    return {"claim": claim, "reproduced": _verdict(lower, clears), "evidence": evidence}
+def _none_if_nan(x: Any) -> float | None:
+    return float(x) if _finite(x) else None
+
+
+def _measure_record(m: _Measure, confidence: float | None) -> dict[str, Any]:
+    """A measure's numbers for claims.json: raw 95 % interval and the Holm-adjusted one."""
+    t = m.test
+    holm_ci = (t_interval(m.diffs, confidence) if confidence is not None and t.n > 1 else (None, None))
+    return {
+        "metric": m.label, "difference": f"{m.a} - {m.b}", "predicted": "< 0" if m.sign < 0 else "> 0",
+        "n": t.n, "seeds": [int(s) for s in m.a_values.index], "dropped_seeds": m.dropped,
+        "mean_a": float(m.a_values.mean()), "mean_b": float(m.b_values.mean()),
+        "mean_diff": t.mean_diff, "std_diff": t.std_diff, "ci_low": t.ci_low, "ci_high": t.ci_high,
+        "p": t.p, "ci_holm_low": _none_if_nan(holm_ci[0]), "ci_holm_high": _none_if_nan(holm_ci[1]),
+    }
+
+
+def _measure_text(m: _Measure, rec: Mapping[str, Any], confidence: float | None, family: int) -> str:
+    f = m.fmt.format
+    text = f"{m.label}: {m.a} {f(rec['mean_a'])} vs {m.b} {f(rec['mean_b'])}"
+    if m.test.n == 1:
+        text += f" (one seed, {m.a} − {m.b} = {f(m.test.mean_diff)}: a point estimate, no test)"
+    else:
+        text += (f" (means over {m.test.n} paired seeds); {m.a} − {m.b} = {f(m.test.mean_diff)}, "
+                 f"95 % CI [{f(m.test.ci_low)}, {f(m.test.ci_high)}], p = {m.test.p:.3g}")
+        if confidence is not None:
+            text += (f"; Holm-corrected over {family} claims: {100 * confidence:.1f} % CI "
+                     f"[{f(rec['ci_holm_low'])}, {f(rec['ci_holm_high'])}]")
+    if m.dropped:
+        text += "; left out, no paired seed: " + ", ".join(
+            f"seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))} of {v}" for v, s in m.dropped.items())
+    return text
+
+
+@dataclass
+class _PendingClaim:
+    """A claim before the Holm correction: its measures, or why it cannot be tested."""
+
+    claim: str
+    variants: tuple[str, ...]
+    measures: list[_Measure] = field(default_factory=list)
+    reason: str = ""
+    note: str = ""
+    invalid: str = ""
+
+    @property
+    def p(self) -> float | None:
+        """The claim's p-value: the largest of its measures' (an intersection-union test: the
+        claim needs every measure), None without a test (missing data, one seed, invalid)."""
+        if self.reason or self.invalid or not self.measures or any(m.test.p is None for m in self.measures):
+            return None
+        return max(m.test.p for m in self.measures)
+
+
+def _gfid_claim(df: pd.DataFrame, claim: str, better: str, worse: str) -> _PendingClaim:
+    """Claim "``better`` has a lower gFID than ``worse``", decided on KID with FID beside it
+    (on FID, and said so, where the study has no KID: an older study, or eval.kid off)."""
+    pending = _PendingClaim(claim, (better, worse))
+    kid = _column_measure(df, "KID", "kid", better, worse, -1, "{:.4g}")
+    fid = _column_measure(df, "FID", "fid", better, worse, -1, "{:.2f}")
+    if isinstance(kid, _Measure):
+        pending.measures = [kid]
+        if isinstance(fid, _Measure):
+            pending.note = "beside it, " + _measure_text(fid, _measure_record(fid, None), None, 0)
+    elif isinstance(fid, _Measure):
+        pending.measures = [fid]
+        pending.note = (f"on FID: no KID ({kid}); FID is biased at small sample counts, "
+                        "by an amount that depends on the model")
+    else:
+        pending.reason = f"{kid}; {fid}"
+    return pending
 
 
 def _noise_variant_rows(
@@ -394,76 +512,59 @@ def _noise_variant_rows(
     return f"variant {variant} not in the noise-robustness table"
 
 
-def _psnr_drop(
-    rows: pd.DataFrame, low: float, high: float
-) -> tuple[float, float, int, float, float]:
-    """PSNR drop from noise ``low`` to ``high`` per seed: (mean, std, n, psnr_low, psnr_high)."""
+def _psnr_drops(rows: pd.DataFrame, low: float, high: float) -> pd.Series:
+    """PSNR drop from noise ``low`` to ``high``, indexed by seed (seeds with both levels)."""
     seeds = rows["seed"] if "seed" in rows.columns else pd.Series(0, index=rows.index)
-    drops, lows, highs = [], [], []
-    for _, r in rows.groupby(seeds, sort=True):
+    drops = {}
+    for seed, r in rows.groupby(seeds, sort=True):
         at = r.groupby("noise_std")["psnr"].mean()
         if low in at.index and high in at.index and _finite(at[low]) and _finite(at[high]):
-            lows.append(at[low])
-            highs.append(at[high])
-            drops.append(at[low] - at[high])
-    d = np.asarray(drops, dtype=float)
-    std = float(d.std(ddof=1)) if d.size > 1 else float("nan")
-    return float(d.mean()), std, int(d.size), float(np.mean(lows)), float(np.mean(highs))
+            drops[int(seed)] = float(at[low] - at[high])
+    return pd.Series(drops, dtype=float)
 
 
 def _claim_noise(
     noise_df: pd.DataFrame | None, fixed_variant: str, learnable_variant: str
-) -> dict[str, Any]:
+) -> _PendingClaim:
     claim = (
         "A fixed-σ̄ VAE keeps its reconstruction under latent noise better than a VAE with a "
         "learnable posterior variance (smaller PSNR drop at the largest noise level)."
     )
+    pending = _PendingClaim(claim, (fixed_variant, learnable_variant))
     if noise_df is None:
-        return {
-            "claim": claim,
-            "reproduced": None,
-            "evidence": "noise-robustness data not provided",
-        }
+        pending.reason = "noise-robustness data not provided"
+        return pending
     _require_columns(noise_df, ["variant", "noise_std", "psnr"], "the noise-robustness table")
     found = []
     for variant, prefix in ((fixed_variant, "fixed"), (learnable_variant, "learnable")):
         res = _noise_variant_rows(noise_df, variant, prefix)
         if isinstance(res, str):
-            return {"claim": claim, "reproduced": None, "evidence": res}
+            pending.reason = res
+            return pending
         found.append(res)
     (fixed_name, fixed_rows), (learn_name, learn_rows) = found
+    pending.variants = (fixed_name, learn_name)
     fixed_rows = fixed_rows[np.isfinite(pd.to_numeric(fixed_rows["psnr"], errors="coerce"))]
     learn_rows = learn_rows[np.isfinite(pd.to_numeric(learn_rows["psnr"], errors="coerce"))]
     common = sorted(set(fixed_rows["noise_std"]) & set(learn_rows["noise_std"]))
     if len(common) < 2:
-        return {
-            "claim": claim,
-            "reproduced": None,
-            "evidence": f"{fixed_name} and {learn_name} share fewer than two noise levels "
-            "with a finite PSNR",
-        }
+        pending.reason = (f"{fixed_name} and {learn_name} share fewer than two noise levels "
+                          "with a finite PSNR")
+        return pending
     low, high = float(common[0]), float(common[-1])
-    f = _psnr_drop(fixed_rows, low, high)
-    lr = _psnr_drop(learn_rows, low, high)
-    if f[2] == 0 or lr[2] == 0:
-        return {
-            "claim": claim,
-            "reproduced": None,
-            "evidence": f"no seed of {fixed_name if f[2] == 0 else learn_name} has PSNR at both "
-            f"noise std {low:g} and {high:g}",
-        }
-    smaller_drop = f[0] < lr[0]
-    clears, note = _seed_check(f[:3], lr[:3])
-
-    def desc(name: str, s: tuple[float, float, int, float, float]) -> str:
-        spread = f" ± {s[1]:.2f}" if s[2] > 1 else ""
-        return f"{name} {s[0]:.2f}{spread} dB ({s[3]:.2f} → {s[4]:.2f} dB)"
-
-    evidence = (
-        f"PSNR drop from noise std {low:g} to {high:g}: {desc(fixed_name, f)} vs "
-        f"{desc(learn_name, lr)}" + note + _relative_noise_note(fixed_name, fixed_rows, learn_name, learn_rows)
-    )
-    return {"claim": claim, "reproduced": _verdict(smaller_drop, clears), "evidence": evidence}
+    drops = [_psnr_drops(fixed_rows, low, high), _psnr_drops(learn_rows, low, high)]
+    for name, d in zip((fixed_name, learn_name), drops):
+        if d.empty:
+            pending.reason = f"no seed of {name} has PSNR at both noise std {low:g} and {high:g}"
+            return pending
+    m = _measure(f"PSNR drop (dB) from noise std {low:g} to {high:g}", fixed_name, learn_name,
+                 drops[0], drops[1], -1, "{:.2f}")
+    if isinstance(m, str):
+        pending.reason = m
+        return pending
+    pending.measures = [m]
+    pending.note = _relative_noise_note(fixed_name, fixed_rows, learn_name, learn_rows).lstrip(". ")
+    return pending
 
 
 def _relative_noise_note(fixed_name: str, fixed_rows: pd.DataFrame, learn_name: str,
@@ -486,35 +587,37 @@ def _relative_noise_note(fixed_name: str, fixed_rows: pd.DataFrame, learn_name: 
             f"{fixed_name} loses {drops[0]:.2f} dB, {learn_name} {drops[1]:.2f} dB")
 
 
-def _claim_smoothness(df: pd.DataFrame, e2e: str, frozen: str) -> dict[str, Any]:
+def _claim_smoothness(df: pd.DataFrame, e2e: str, frozen: str) -> _PendingClaim:
     claim = (
         f"End-to-end latents ({e2e}) are smoother than frozen-VAE latents ({frozen}): "
         "lower total variation and higher autocorrelation."
     )
-    tv_e, tv_f = (
-        _metric_stats(df, e2e, "total_variation"),
-        _metric_stats(df, frozen, "total_variation"),
-    )
-    ac_e, ac_f = (
-        _metric_stats(df, e2e, "autocorrelation"),
-        _metric_stats(df, frozen, "autocorrelation"),
-    )
-    for s in (tv_e, tv_f, ac_e, ac_f):
-        if isinstance(s, str):
-            return {"claim": claim, "reproduced": None, "evidence": s}
-    tv_ok = tv_e[0] < tv_f[0]
-    ac_ok = ac_e[0] > ac_f[0]
-    tv_clears, tv_note = _seed_check(tv_e, tv_f)
-    ac_clears, ac_note = _seed_check(ac_e, ac_f)
-    evidence = (
-        f"total variation: {_describe(e2e, tv_e, '{:.3f}')} vs {_describe(frozen, tv_f, '{:.3f}')}"
-        f"{tv_note}; autocorrelation: {_describe(e2e, ac_e, '{:.3f}')} vs "
-        f"{_describe(frozen, ac_f, '{:.3f}')}{ac_note}"
-    )
-    if tv_ok != ac_ok:
-        # The two smoothness measures disagree: neither a confirmation nor a refutation.
-        return {"claim": claim, "reproduced": None, "evidence": evidence + " (the two measures disagree)"}
-    return {"claim": claim, "reproduced": _verdict(tv_ok, tv_clears, ac_clears), "evidence": evidence}
+    pending = _PendingClaim(claim, (e2e, frozen))
+    measures = [_column_measure(df, "total variation", "total_variation", e2e, frozen, -1, "{:.3f}"),
+                _column_measure(df, "autocorrelation", "autocorrelation", e2e, frozen, +1, "{:.3f}")]
+    reasons = [m for m in measures if isinstance(m, str)]
+    if reasons:
+        pending.reason = "; ".join(reasons)
+    else:
+        pending.measures = measures  # type: ignore[assignment]
+        pending.note = "the claim needs both measures: its p-value is the larger of the two"
+    return pending
+
+
+def _decide(pending: _PendingClaim, p_holm: float | None, alpha: float) -> tuple[str, str]:
+    """(verdict, why) of a claim after the Holm correction."""
+    if pending.invalid:
+        return "invalid", ""
+    if pending.reason:
+        return "inconclusive", ""
+    if any(m.test.n == 1 for m in pending.measures):
+        return ONE_SEED, ""
+    signs = {int(np.sign(m.test.mean_diff)) * m.sign for m in pending.measures}
+    if len(signs) > 1:
+        return "inconclusive", "the measures disagree in direction"
+    if p_holm is None or p_holm >= alpha:
+        return "inconclusive", f"the Holm-corrected interval includes zero (p_holm = {p_holm:.3g})"
+    return ("reproduced", "") if signs == {1} else ("refuted", "the difference has the opposite sign")
 
 
 def evaluate_claims(
@@ -526,13 +629,18 @@ def evaluate_claims(
     e2e_learnable: str = "e2e_learnable",
     simflow_repa: str = "simflow_repa",
     simflow_equal_updates: str | None = "simflow_equal_updates",
+    alpha: float = ALPHA,
 ) -> list[dict[str, Any]]:
-    """Check the paper's qualitative claims against the study's numbers.
+    """Check the paper's qualitative claims against the study's per-seed numbers.
 
-    Each check compares the available variants' means (over seeds). When a variant has several
-    seeds, the gap must also exceed the seed spread (the sum of the two stds): a gap within it
-    makes the claim inconclusive (``reproduced=None``), as does a missing variant or value. With
-    one seed per variant there is no spread and the means decide.
+    Each claim is a paired test over seeds (:mod:`simflow.analysis.stats`): per seed, the
+    difference between the two variants' values; its mean, 95 % t-interval and two-sided p-value;
+    the p-values of all claims that have a test adjusted by Holm's procedure. Verdicts
+    (:data:`VERDICTS`): **reproduced** / **refuted** when the Holm-adjusted p is below ``alpha``
+    (the Holm-corrected interval excludes zero) on the claimed / the opposite side, else
+    **inconclusive**; :data:`ONE_SEED` with one paired seed; **inconclusive** when a variant or a
+    value is missing; **invalid** when a compared variant's encoder collapsed (the ``collapsed``
+    column), whatever its numbers say. Seeds present for one variant only are dropped and named.
 
     Claims, in order:
 
@@ -543,78 +651,85 @@ def evaluate_claims(
        (needs ``noise_df``; the variants are looked up by name, falling back to the single
        variant whose ``posterior`` label starts with "fixed" / "learnable").
     4. End-to-end latents (``simflow``) are smoother than frozen-VAE latents: lower total
-       variation and higher autocorrelation (inconclusive when the two disagree).
+       variation and higher autocorrelation (both tested; the claim's p is the larger one, and
+       measures that disagree in direction make it inconclusive).
     5. Adding REPA (``simflow_repa``) improves gFID over ``simflow``.
     6. Only when the study has ``simflow_equal_updates``: claim 1 at equal total updates.
 
-    A claim that compares a variant whose encoder collapsed (the ``collapsed`` column, from the
-    rate monitor) is **invalid**: ``reproduced=None`` and an ``invalid`` reason, whatever its
-    numbers say.
+    gFID claims are decided on the ``kid`` column (KID, unbiased at small sample counts) with FID
+    beside it; on ``fid``, and said so in the evidence, when the table has no KID.
 
     Args:
-        df: the summary table (columns ``variant``, ``fid``, latent statistics...).
+        df: the per-(variant, seed) summary table (columns ``variant``, ``seed`` (optional: one
+            seed), ``kid``, ``fid``, latent statistics, ``collapsed``...).
         noise_df: the noise-robustness table, or None if that stage was not run.
-        simflow, frozen_vae, e2e_learnable, simflow_repa: the study's variant names.
+        simflow, frozen_vae, e2e_learnable, simflow_repa, simflow_equal_updates: the variant names.
+        alpha: the family-wise error rate.
 
     Returns:
-        A list of dicts ``{"id", "claim", "reproduced", "evidence"}`` (+ ``"invalid"``).
+        One dict per claim: ``id, claim, verdict, reproduced`` (True / False / None, from the
+        verdict), ``evidence``, ``variants``, the deciding measure's ``metric, difference,
+        predicted, n, seeds, dropped_seeds, mean_a, mean_b, mean_diff, std_diff, ci_low, ci_high,
+        p, ci_holm_low, ci_holm_high``, then ``p_holm``, ``holm_confidence`` and ``holm_family``
+        (the number of claims corrected over), ``measures`` (each measure's numbers) and
+        ``invalid`` (the reason) where it applies. Numbers that do not exist are None.
     """
     _require_columns(df, ["variant"], "the summary table")
-    compared = {
-        "gfid_vs_frozen_vae": (simflow, frozen_vae),
-        "fixed_vs_learnable_gfid": (simflow, e2e_learnable),
-        "noise_robustness": (simflow, e2e_learnable),
-        "smoothness": (simflow, frozen_vae),
-        "repa_gfid": (simflow_repa, simflow),
-    }
-    claims = {
-        "gfid_vs_frozen_vae": _compare_lower(
-            df,
-            f"SimFlow ({simflow}, fixed σ̄ = 0.5, end-to-end) has a lower gFID than the "
-            f"frozen-VAE variant ({frozen_vae}).",
-            simflow,
-            frozen_vae,
-            "fid",
-            "gFID",
-        ),
-        "fixed_vs_learnable_gfid": _compare_lower(
-            df,
-            f"End-to-end training with a fixed variance ({simflow}) beats end-to-end training "
-            f"with a learnable variance ({e2e_learnable}) on gFID.",
-            simflow,
-            e2e_learnable,
-            "fid",
-            "gFID",
-        ),
+    pending: dict[str, _PendingClaim] = {
+        "gfid_vs_frozen_vae": _gfid_claim(
+            df, f"SimFlow ({simflow}, fixed σ̄ = 0.5, end-to-end) has a lower gFID than the "
+            f"frozen-VAE variant ({frozen_vae}).", simflow, frozen_vae),
+        "fixed_vs_learnable_gfid": _gfid_claim(
+            df, f"End-to-end training with a fixed variance ({simflow}) beats end-to-end training "
+            f"with a learnable variance ({e2e_learnable}) on gFID.", simflow, e2e_learnable),
         "noise_robustness": _claim_noise(noise_df, simflow, e2e_learnable),
         "smoothness": _claim_smoothness(df, simflow, frozen_vae),
-        "repa_gfid": _compare_lower(
-            df,
-            f"Adding REPA alignment ({simflow_repa}) improves gFID over SimFlow ({simflow}).",
-            simflow_repa,
-            simflow,
-            "fid",
-            "gFID",
-        ),
+        "repa_gfid": _gfid_claim(
+            df, f"Adding REPA alignment ({simflow_repa}) improves gFID over SimFlow ({simflow}).",
+            simflow_repa, simflow),
     }
     if simflow_equal_updates and (df["variant"] == simflow_equal_updates).any():
-        compared["gfid_vs_frozen_vae_equal_updates"] = (simflow_equal_updates, frozen_vae)
-        claims["gfid_vs_frozen_vae_equal_updates"] = _compare_lower(
-            df,
-            f"At equal total updates ({simflow_equal_updates}: end-to-end for the frozen pipeline's "
-            f"VAE pre-training + flow steps), SimFlow has a lower gFID than {frozen_vae}.",
-            simflow_equal_updates,
-            frozen_vae,
-            "fid",
-            "gFID",
-        )
-    out = []
-    for claim_id, claim in claims.items():
-        reasons = [f"{v} has a collapsed encoder ({c})" for v in compared[claim_id]
-                   if (c := collapsed_seeds(df, v))]
+        pending["gfid_vs_frozen_vae_equal_updates"] = _gfid_claim(
+            df, f"At equal total updates ({simflow_equal_updates}: end-to-end for the frozen "
+            f"pipeline's VAE pre-training + flow steps), SimFlow has a lower gFID than {frozen_vae}.",
+            simflow_equal_updates, frozen_vae)
+    compared = {"noise_robustness": (simflow, e2e_learnable)}  # by name, whatever the fallback found
+    for claim_id, c in pending.items():
+        reasons = [f"{v} has a collapsed encoder ({k})" for v in compared.get(claim_id, c.variants)
+                   if (k := collapsed_seeds(df, v))]
         if reasons:
-            claim = {**claim, "reproduced": None,
-                     "invalid": "; ".join(reasons) + ": a comparison with a degenerate model says "
-                     "nothing about the method"}
-        out.append({"id": claim_id, **claim})
+            c.invalid = ("; ".join(reasons) + ": a comparison with a degenerate model says nothing "
+                         "about the method")
+
+    family = [cid for cid, c in pending.items() if c.p is not None]
+    p_holm = dict(zip(family, holm([pending[cid].p for cid in family])))
+    confidence = dict(zip(family, holm_confidence([pending[cid].p for cid in family], alpha)))
+    out = []
+    for claim_id, c in pending.items():
+        verdict, why = _decide(c, p_holm.get(claim_id), alpha)
+        conf = confidence.get(claim_id)
+        records = [_measure_record(m, conf) for m in c.measures]
+        texts = [_measure_text(m, r, conf, len(family)) for m, r in zip(c.measures, records)]
+        evidence = "; ".join(texts) if texts else c.reason
+        if c.reason and texts:
+            evidence += f"; {c.reason}"
+        for extra in (c.note, why):
+            if extra:
+                evidence += f". {extra[0].upper()}{extra[1:]}"
+        # The deciding measure (the largest p) carries the claim's top-level numbers.
+        top = max(records, key=lambda r: -1.0 if r["p"] is None else r["p"]) if records else {}
+        entry: dict[str, Any] = {
+            "id": claim_id, "claim": c.claim, "verdict": verdict,
+            "reproduced": {"reproduced": True, "refuted": False}.get(verdict),
+            "evidence": evidence, "variants": list(c.variants),
+            **{k: top.get(k) for k in ("metric", "difference", "predicted", "n", "seeds", "dropped_seeds",
+                                       "mean_a", "mean_b", "mean_diff", "std_diff", "ci_low", "ci_high",
+                                       "p", "ci_holm_low", "ci_holm_high")},
+            "p_holm": p_holm.get(claim_id), "holm_confidence": conf,
+            "holm_family": len(family) if claim_id in p_holm else None,
+            "measures": records,
+        }
+        if c.invalid:
+            entry["invalid"] = c.invalid
+        out.append(entry)
     return out

@@ -5,6 +5,7 @@ Every unit of work has its own folder ``<results_root>/<study>/<unit>/``:
 * ``<variant>/s<seed>``: one variant trained with one seed;
 * ``_shared/feature_extractor``: the demo's classifier (FID feature proxy, REPA target);
 * ``_shared/fid_ref``: the FID reference statistics;
+* ``_shared/fid_floor``: the real-vs-real FID/KID floor (real test images against the reference);
 * ``_shared/pretrain_vae/s<seed>``: the pretrained VAE used by the frozen variants.
 
 A unit's config is explicit (only the keys the study sets, plus the workflow's own: identity,
@@ -146,6 +147,16 @@ def shared_config(study: Study, kind: str, seed: int | None = None) -> dict:
         _link_shared(study, cfg, None)
         cfg["eval"].pop("reference_stats", None)  # fid-ref writes it; it does not read it
         unit = SHARED_UNITS["fid-ref"]
+    elif kind == "fid_floor":
+        # As many real test images as a variant generates (the study's base sample.num_samples).
+        cfg = {"data": copy.deepcopy(base.get("data", {}))}
+        for key in ("eval.feature_extractor", "eval.feature_extractor_weights_path", "eval.classifier_path",
+                    "eval.kid", "eval.reference_stats", "sample.num_samples"):
+            if has_key(base, key):
+                set_key(cfg, key, get_key(base, key))
+        set_key(cfg, "train.seed", 0)
+        _link_shared(study, cfg, None)
+        unit = SHARED_UNITS["fid-floor"]
     elif kind == "pretrain_vae":
         if seed is None:
             raise StudyError("shared_config('pretrain_vae') needs a seed")
@@ -154,7 +165,7 @@ def shared_config(study: Study, kind: str, seed: int | None = None) -> dict:
         set_key(cfg, "sample.seed", seed)
         unit = pretrain_unit(seed)
     else:
-        raise StudyError(f"unknown shared unit {kind!r}: feature_extractor, fid_ref or pretrain_vae")
+        raise StudyError(f"unknown shared unit {kind!r}: feature_extractor, fid_ref, fid_floor or pretrain_vae")
     _identity(study, cfg, kind, unit)
     return _validated(cfg, f"shared unit {unit}")
 
@@ -173,6 +184,7 @@ def build_units(study: Study) -> dict[str, dict]:
             units[pretrain_unit(seed)] = shared_config(study, "pretrain_vae", seed)
     if get_key(study.base, "eval.reference_stats") is None:
         units[SHARED_UNITS["fid-ref"]] = shared_config(study, "fid_ref")
+    units[SHARED_UNITS["fid-floor"]] = shared_config(study, "fid_floor")
     classifier = _shared_paths(study)["classifier"]
     if any(classifier in (get_key(cfg, "eval.classifier_path"), get_key(cfg, "model.repa_target_weights_path"))
            for cfg in units.values()):

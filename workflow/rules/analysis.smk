@@ -11,6 +11,7 @@ rule summary:
         latents=per_unit(stage_file("latents", "latents", VDIR)),
         train=per_unit(stage_file("train", "summary", VDIR)),
         pretrain=pretrain_summaries(),
+        floor=stage_file("fid-floor", "metrics", FIDFLOOR_DIR),
     output:
         summary=f"{SD}/summary.csv",
         fid_curves=f"{SD}/fid_curves.csv",
@@ -36,6 +37,7 @@ rule figures:
         per_seed=f"{SD}/summary_per_seed.csv",
         noise=f"{SD}/noise_robustness.csv",
         fid_curves=f"{SD}/fid_curves.csv",
+        floor=stage_file("fid-floor", "metrics", FIDFLOOR_DIR),
         interpolation=per_unit(stage_file("reconstruct", "interpolation", VDIR)),
         samples=per_unit(stage_file("sample", "samples", VDIR)),
     output:

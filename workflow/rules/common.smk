@@ -30,6 +30,7 @@ VDIR = f"{SD}/{{variant}}/s{{seed}}"  # one variant trained with one seed
 VLOG = f"{LOGS}/{{variant}}/s{{seed}}"
 CLASSIFIER_DIR = f"{SD}/{SHARED_UNITS['feature-extractor']}"
 FIDREF_DIR = f"{SD}/{SHARED_UNITS['fid-ref']}"
+FIDFLOOR_DIR = f"{SD}/{SHARED_UNITS['fid-floor']}"
 PRETRAIN_DIR = f"{SD}/{SHARED_UNITS['pretrain-vae']}/s{{seed}}"
 # One software environment for every rule: the simflow package and its dependencies.
 ENV = "../envs/simflow.yaml"
@@ -129,6 +130,14 @@ def eval_inputs(wildcards):
     before anything starts), and the classifier when it is the FID feature extractor."""
     cfg = variant_cfg(wildcards)
     return {**model_inputs(wildcards), **_classifier_input(cfg, "eval.classifier_path"),
+            "reference_stats": sf.get_key(cfg, "eval.reference_stats")}
+
+
+def fid_floor_inputs(wildcards):
+    """Inputs of the real-vs-real floor: its unit's files, the reference statistics and the
+    classifier when it is the FID feature extractor."""
+    cfg = STUDY.units[SHARED_UNITS["fid-floor"]]
+    return {**unit_files(SHARED_UNITS["fid-floor"]), **_classifier_input(cfg, "eval.classifier_path"),
             "reference_stats": sf.get_key(cfg, "eval.reference_stats")}
 
 

@@ -1,6 +1,6 @@
 # Study set-up and data-side shared stages: the MLflow store and parent run, each unit's resolved
-# config and MLflow child run, the demo's classifier (FID feature proxy / REPA target) and the
-# FID reference statistics. Every GPU stage is a local rule that calls the simflow CLI, which
+# config and MLflow child run, the demo's classifier (FID feature proxy / REPA target), the
+# FID reference statistics and the real-vs-real floor. Every GPU stage is a local rule that calls the simflow CLI, which
 # runs in-process or submits one submitit job (SLURM) and waits for it (launcher backend).
 
 
@@ -79,6 +79,26 @@ rule fid_ref:
     log:
         f"{LOGS}/{SHARED_UNITS['fid-ref']}.log",
     threads: threads_of("fid-ref")
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "{params.cmd} --config {input.config} {params.launcher} > {log} 2>&1"
+
+
+# The real-vs-real floor, once per study: as many real test images as a variant generates,
+# scored like samples against the reference (FID's small-sample bias; KID's, near 0).
+rule fid_floor:
+    input:
+        unpack(fid_floor_inputs),
+    output:
+        **stage_outputs("fid-floor", FIDFLOOR_DIR),
+    params:
+        cmd=stage_cmd("fid-floor"),
+        launcher=launcher_args("fid-floor"),
+    log:
+        f"{LOGS}/{SHARED_UNITS['fid-floor']}.log",
+    threads: threads_of("fid-floor")
     localrule: True
     conda:
         ENV

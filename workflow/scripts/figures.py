@@ -2,6 +2,7 @@
 and a sample grid."""
 
 import contextlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,8 @@ def main(sm) -> None:
     save(figures.fig_interpolations(interpolations) if interpolations
          else not_applicable("no VAE latents in this study: no interpolations"), "fig3b")
     save(figures.fig_latent_stats(per_seed), "fig4")
-    save(figures.fig_fid(per_seed, sweep_reference=sm.params.sweep_reference), "fig5")
+    floor = json.loads(Path(sm.input.floor).read_text())
+    save(figures.fig_fid(per_seed, sweep_reference=sm.params.sweep_reference, floor=floor), "fig5")
     save(figures.fig_sample_grids(samples, nrow=int(np.ceil(np.sqrt(sm.params.grid_images)))), "grid")
 
 
