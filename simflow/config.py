@@ -68,6 +68,11 @@ class DataConfig:
                               "and the feature-extractor classifier's (0: load in the training "
                               "process, the only setting with exactly reproducible random flips "
                               "on resume).", ge=0)
+    on_bad_file: Literal["error", "skip"] = option(
+        "error", "An image file that cannot be read or decoded (imagefolder: a truncated JPEG): "
+        "`error` stops, naming it; `skip` leaves it out (its place in the batch goes to the next "
+        "readable file), logging each skipped path; the count reaches MLflow "
+        "(data/skipped_files) and the training summary (skipped_files).")
 
 
 @dataclass
@@ -208,6 +213,11 @@ class TrainConfig:
                                   "as previous.pt until the new one is verified).", ge=0)
     keep_every: int = option(0, "Also keep step_XXXXXXX.pt every N steps (0 = none).", ge=0)
     resume: str = option("auto", "`auto` (latest checkpoint if any), `never`, or a checkpoint path.")
+    resume_mismatch: Literal["error", "allow"] = option(
+        "error", "A checkpoint written with another model or objective (any key outside "
+        "simflow.checkpoints.RESUMABLE_KEYS: config/README.md, \"Resuming\"): `error` stops, listing "
+        "the keys old -> new; `allow` resumes it anyway with a warning (weights of another shape "
+        "are still an error).")
     max_steps_this_run: int | None = option(None, "Stop (checkpointed) after this many steps in "
                                             "this process; for tests of resume. None = no limit.", ge=0)
 

@@ -319,7 +319,7 @@ def rehearsal_config(cfg, rank_count: int, on_cpu: bool, standin_dir: Path, stan
 def write_standins(rcfg, dataset, standins: dict[str, bool]) -> None:
     """Randomly initialised stand-ins of the workflow-produced weights the training loop loads."""
     import torch
-    from simflow.train import atomic_save
+    from simflow.checkpoints import atomic_save
     if standins.get("pretrained_vae"):
         from simflow.model import build_vae
         torch.manual_seed(0)
@@ -410,7 +410,8 @@ def rehearse(cfg, env, run) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(env.device)
         t0 = time.perf_counter()
-        from simflow.train import NonFiniteLossError, train
+        from simflow.checkpoints import NonFiniteLossError
+        from simflow.train import train
         try:
             result = train(rcfg, env, collector if env.is_main else None, vae_only=vae_only)
             rehearsal["ran"] = True

@@ -102,7 +102,7 @@ def load_trained(cfg: Config, device: torch.device) -> SimFlowModel:
     path = stage_file(cfg, "train", "model")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run `simflow train` for this variant first")
-    from simflow.train import CheckpointError, load_checkpoint
+    from simflow.checkpoints import CheckpointError, load_checkpoint
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as err:
@@ -160,7 +160,8 @@ def stage_fid_ref(cfg: Config, env: DistEnv, run: StageRun) -> dict:
 
 
 def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -> dict:
-    from simflow.train import atomic_save, train
+    from simflow.checkpoints import atomic_save
+    from simflow.train import train
     run_dir = Path(cfg.run_dir)
     if env.is_main:
         # The resolved config (defaults filled in) beside the outputs; not config.yaml, which is
