@@ -31,9 +31,12 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -48,7 +51,9 @@ __all__ = [
     "RunNotInStoreError",
     "TRAINING_EXPERIMENT_KIND",
     "StageRun",
+    "TrackingStoreError",
     "check_run_in_store",
+    "check_tracking_store",
     "flatten",
     "init_study",
     "init_tracking_store",
@@ -298,6 +303,99 @@ def _client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+class TrackingStoreError(ValueError):
+    """The tracking store cannot be used: a server that does not answer, or a file that is not an
+    MLflow store. The message names the URI or file and what to do."""
+
+
+#: The probe of an ``http(s)://`` tracking server (:func:`check_tracking_store`): seconds per try
+#: of ``GET <uri>/health``, tries, and the pause between them: an unreachable server is reported
+#: after at most STORE_PROBE_TRIES * STORE_PROBE_TIMEOUT_S + STORE_PROBE_PAUSE_S seconds (11),
+#: where MLflow's own client retries for minutes.
+STORE_PROBE_TIMEOUT_S = 5.0
+STORE_PROBE_TRIES = 2
+STORE_PROBE_PAUSE_S = 1.0
+#: Tables that every MLflow SQL store has (MLflow's alembic schema).
+_MLFLOW_TABLES = {"alembic_version", "experiments"}
+
+_STORE_FIXES = ("point tracking.tracking_uri (or $MLFLOW_TRACKING_URI) at a working store, or set "
+                "tracking.enabled=false (--set tracking.enabled=false; in a study: tracking: {enabled: false})")
+
+
+def check_tracking_store(tracking_uri: str) -> None:
+    """Check, before any work, that the store at ``tracking_uri`` can be used; reads only.
+
+    * ``http(s)://``: ``GET <uri>/health`` must answer within :data:`STORE_PROBE_TIMEOUT_S`
+      seconds, in :data:`STORE_PROBE_TRIES` tries (a 401/403 counts as an answer: the server
+      is there, the credentials are MLflow's business);
+    * ``sqlite:///<file>``: a file that exists must be a SQLite database holding MLflow's tables
+      (``alembic_version``, ``experiments``), checked through a read-only connection, so a file
+      that is not an MLflow store is never modified, migrated or replaced. A missing file, an
+      empty one, or a database without any table is a new store (MLflow creates the schema).
+
+    Raises :class:`TrackingStoreError` naming the URI or file and what to do.
+    """
+    if tracking_uri.startswith(("http://", "https://")):
+        _probe_server(tracking_uri)
+        return
+    db = _sqlite_path(tracking_uri)
+    if db is not None:
+        _check_sqlite_store(db, tracking_uri)
+
+
+def _probe_server(uri: str) -> None:
+    url = uri.rstrip("/") + "/health"
+    reason = ""
+    for attempt in range(STORE_PROBE_TRIES):
+        if attempt:
+            time.sleep(STORE_PROBE_PAUSE_S)
+        try:
+            with urllib.request.urlopen(url, timeout=STORE_PROBE_TIMEOUT_S) as response:
+                if 200 <= response.status < 300:
+                    return
+                reason = f"HTTP {response.status}"
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):
+                return
+            reason = f"HTTP {err.code} {err.reason}"
+            if err.code < 500:  # an answer, but not an MLflow server's: trying again cannot help
+                break
+        except (urllib.error.URLError, OSError) as err:  # refused, unreachable, timed out
+            cause = getattr(err, "reason", err)
+            reason = "no answer within the timeout" if isinstance(cause, (TimeoutError, socket.timeout)) \
+                else f"{type(cause).__name__}: {cause}"
+    raise TrackingStoreError(
+        f"MLflow tracking server {uri} does not answer ({url}: {reason}; {STORE_PROBE_TRIES} tries of "
+        f"{STORE_PROBE_TIMEOUT_S:g} s). Start the server (e.g. `mlflow server --backend-store-uri "
+        f"sqlite:///<abs path>/mlflow.db --host <host> --port <port>`), or {_STORE_FIXES}.")
+
+
+def _check_sqlite_store(db: Path, uri: str) -> None:
+    if not db.exists() or (db.is_file() and db.stat().st_size == 0):
+        return
+    fix = ("It is left as it is. Point tracking.tracking_uri (or $MLFLOW_TRACKING_URI) at an MLflow "
+           "store or at a new file (sqlite:///<abs path>/mlflow.db), move the file away if it is not "
+           "needed, or set tracking.enabled=false")
+    if not db.is_file():
+        raise TrackingStoreError(f"tracking store {uri}: {db} is not a file. {fix}.")
+    try:
+        # mode=ro: never creates, writes or migrates anything (MLflow would create its schema in
+        # any SQLite file it opens)
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=STORE_PROBE_TIMEOUT_S)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        raise TrackingStoreError(f"tracking store {uri}: {db} is not an MLflow store (not a readable "
+                                 f"SQLite database: {err}). {fix}.") from None
+    if tables and not _MLFLOW_TABLES <= tables:
+        shown = ", ".join(sorted(tables)[:8]) + (", ..." if len(tables) > 8 else "")
+        raise TrackingStoreError(f"tracking store {uri}: {db} is an SQLite database but not an MLflow "
+                                 f"store (its tables: {shown}; an MLflow store has "
+                                 f"{', '.join(sorted(_MLFLOW_TABLES))}). {fix}.")
+
+
 def init_tracking_store(tracking_uri: str) -> None:
     """Create the store's schema once, before parallel jobs write to it.
 
@@ -305,11 +403,14 @@ def init_tracking_store(tracking_uri: str) -> None:
     several processes do that at once on a fresh file they race and corrupt it for good
     (``table _alembic_tmp_... already exists``). So the first connection is made under an
     exclusive file lock ``<db>.lock`` next to the database. For ``http(s)://`` and other URIs
-    the server owns the schema and nothing is done. Idempotent and cheap after the first call.
+    the server owns the schema and nothing is done. First the store is checked
+    (:func:`check_tracking_store`: a server that does not answer, a file that is not an MLflow
+    store, fail in seconds, nothing touched). Idempotent and cheap after the first call.
     """
     with _init_guard:
         if tracking_uri in _initialised_uris:
             return
+        check_tracking_store(tracking_uri)
         db = _sqlite_path(tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)

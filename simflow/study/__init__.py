@@ -50,6 +50,7 @@ from simflow.study.snakemake import (
 )
 from simflow.study.spec import GROUPS, Study, StudyError, Variant, get_key
 from simflow.study.unit_folder import (
+    check_study_store,
     config_fingerprint,
     init_study_tracking,
     set_study_run_status,
@@ -71,6 +72,7 @@ __all__ = [
     "StudyError",
     "Untracked",
     "Variant",
+    "check_study_store",
     "config_fingerprint",
     "get_key",
     "init_study_tracking",

@@ -21,8 +21,8 @@ from simflow.config import to_dict
 from simflow.io import write_json, write_text
 from simflow.study.units import resolved_config
 
-__all__ = ["config_fingerprint", "init_study_tracking", "set_study_run_status", "setup_unit",
-           "write_stage_config"]
+__all__ = ["check_study_store", "config_fingerprint", "init_study_tracking", "set_study_run_status",
+           "setup_unit", "write_stage_config"]
 
 #: The file in a unit folder that remembers the fingerprint of its last config and run.
 SETUP_STATE = ".setup.json"
@@ -51,6 +51,20 @@ def _tracking_uri(tracking_uri: str | None, results_root: str) -> str:
     from simflow.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(tracking_uri, results_root)
+
+
+def check_study_store(tracking: Mapping[str, Any], results_root: str) -> str | None:
+    """Check the study's tracking store before its first job (the workflow's onstart): a server
+    that does not answer, or a file that is not an MLflow store, is a
+    :class:`simflow.tracking.TrackingStoreError` naming it and what to do. Returns the URI
+    checked, None when tracking is off. Reads only; MLflow itself is not imported."""
+    from simflow.tracking import check_tracking_store
+
+    if not tracking.get("enabled", True):
+        return None
+    uri = _tracking_uri(tracking.get("tracking_uri"), results_root)
+    check_tracking_store(uri)
+    return uri
 
 
 def init_study_tracking(study_name: str, results_root: str, out: str | Path, *,

@@ -219,6 +219,17 @@ def tracking_args():
     return ["--tracking-uri", uri] if uri else []
 
 
+def check_study_store():
+    """The onstart check of the study's tracking store (simflow.study.check_study_store): on a
+    store that cannot be used, one error line naming it and the fix, and exit status 2 before
+    the first job (Snakemake would print a traceback for an exception raised here)."""
+    try:
+        sf.check_study_store(STUDY.tracking, STUDY.results_root)
+    except ValueError as err:
+        logger.error(f"simflow: error: {err}")
+        sys.exit(2)
+
+
 def set_study_run_status(status):
     """Mark the study's MLflow parent run RUNNING / FINISHED / FAILED (the onstart, onsuccess and
     onerror handlers of the Snakefile). Runs as its own process (MLflow is not imported into
