@@ -39,7 +39,7 @@ from simflow.study.launchers import (
     preflight_sets,
     preflight_units,
 )
-from simflow.study.loading import load_study
+from simflow.study.loading import check_config_files, load_study
 from simflow.study.schema import keys_markdown, study_schema
 from simflow.study.snakemake import (
     Untracked,
@@ -72,6 +72,7 @@ __all__ = [
     "StudyError",
     "Untracked",
     "Variant",
+    "check_config_files",
     "check_study_store",
     "config_fingerprint",
     "get_key",

@@ -12,7 +12,9 @@ from simflow import study as sf
 from simflow.contracts import CONFIG_FILE, RUN_ID_FILE, SHARED_UNITS, STAGE_FILES
 
 # The whole study config is validated here, at parse time: an invalid variant fails the run
-# before any job starts, with a message naming the variant and the key.
+# before any job starts, with a message naming the variant and the key. Snakemake read the config
+# files itself, keeping the last of a duplicated key: they are read again strictly first.
+sf.check_config_files(workflow.configfiles)
 STUDY = sf.load_study(config)
 
 # Snakemake takes `--config` from the command line *instead of* a profile's `config:` (per
