@@ -30,7 +30,7 @@ from simflow.checkpoints import (LATEST, CheckpointKeeper, NonFiniteLossError, a
                                  load_resume_checkpoint, non_finite_message)
 from simflow.config import Config, to_dict
 from simflow.contracts import FROZEN_MODES
-from simflow.data import build_dataset
+from simflow.data import build_dataset, skipped_files_log
 from simflow.distributed import DistEnv, all_reduce_mean_, mean_over_ranks
 from simflow.model import SimFlowModel, build_model
 from simflow.rate import is_collapsed
@@ -328,7 +328,8 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
         raise ValueError(f"per-rank batch {per_rank} is not divisible by train.micro_batch_size={micro}")
     accumulation = per_rank // micro
 
-    dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, hflip=cfg.data.hflip)
+    dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, hflip=cfg.data.hflip,
+                            on_bad_file=cfg.data.on_bad_file, skip_log=skipped_files_log(cfg.run_dir, "train"))
     torch.manual_seed(t_cfg.seed)  # the same initial weights on every rank; per-rank streams below
     model = build_model(cfg, dataset.channels, dataset.num_classes, vae_only=vae_only).to(device)
     load_pretrained_vae(model, cfg.model.pretrained_vae)
