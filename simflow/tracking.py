@@ -48,6 +48,7 @@ from simflow.io import atomic_write
 
 __all__ = [
     "EXPERIMENT_KIND_TAG",
+    "MissingRunError",
     "RunNotInStoreError",
     "TRAINING_EXPERIMENT_KIND",
     "StageRun",
@@ -468,24 +469,44 @@ def _get_or_create_experiment(client: Any, tracking_uri: str, name: str) -> str:
         return str(exp.experiment_id)
 
 
-def _existing_run(client: Any, run_id_file: Path, known_run_id: str | None = None) -> Any | None:
+class MissingRunError(RunNotInStoreError):
+    """A run-id file names a run that its store does not hold (or holds deleted), where the caller
+    asked not to replace it (:func:`init_study` with ``missing_run="error"``: the study's own
+    parent run). The message says what happened to the run and how to go on."""
+
+
+def _existing_run(client: Any, run_id_file: Path, known_run_id: str | None = None,
+                  tracking_uri: str = "", missing_run: str = "replace") -> Any | None:
     """The live run named by ``run_id_file`` (or, when that file does not exist, by
-    ``known_run_id``), or None if the file or the run is missing/deleted."""
+    ``known_run_id``), or None if the file or the run is missing/deleted (a warning); with
+    ``missing_run="error"`` a run that the file names but the store lacks or holds deleted is a
+    :class:`MissingRunError` instead, and nothing is created."""
     from mlflow.exceptions import MlflowException
 
-    run_id = run_id_file.read_text().strip() if run_id_file.is_file() else (known_run_id or "")
+    in_file = run_id_file.is_file()
+    run_id = run_id_file.read_text().strip() if in_file else (known_run_id or "")
     if not run_id:
         return None
     try:
         run = client.get_run(run_id)
+        what = "is deleted in" if run.info.lifecycle_stage == "deleted" else None
     except MlflowException:
-        log.warning("run id file %s names run %s, which is not in the store: creating a new run",
-                    run_id_file, run_id)
-        return None
-    if run.info.lifecycle_stage == "deleted":
-        log.warning("run %s named by %s is deleted: creating a new run", run_id, run_id_file)
-        return None
-    return run
+        run, what = None, "is not in"
+    if what is None:
+        return run
+    if missing_run == "error" and in_file:
+        restore = (f" Restore it (MLFLOW_TRACKING_URI={tracking_uri} mlflow runs restore --run-id "
+                   f"{run_id}) and rerun, or" if what == "is deleted in" else
+                   " Use the store that holds it (tracking.tracking_uri / $MLFLOW_TRACKING_URI), or")
+        raise MissingRunError(
+            f"{run_id_file} names MLflow run {run_id}, which {what} the tracking store {tracking_uri}; "
+            f"it is left as it is and no run was created.{restore} delete {run_id_file} and rerun to "
+            "start this study's MLflow records afresh with a new parent run (the old run stays where "
+            "it is).")
+    log.warning("%s run %s, which %s the store %s: it is left as it is; creating a new run",
+                f"run id file {run_id_file} names" if in_file else f"the last run of {run_id_file} was",
+                run_id, what, tracking_uri)
+    return None
 
 
 def _str_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
@@ -493,7 +514,7 @@ def _str_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 def _create_run_once(tracking_uri: str, run_id_file: Path, create: Callable[[Any], Any],
-                     known_run_id: str | None = None) -> str:
+                     known_run_id: str | None = None, missing_run: str = "replace") -> str:
     """Return the live run named by ``run_id_file`` (or by ``known_run_id`` when the file is
     missing), or make one with ``create(client)``.
 
@@ -506,7 +527,7 @@ def _create_run_once(tracking_uri: str, run_id_file: Path, create: Callable[[Any
     init_tracking_store(tracking_uri)
     client = _client(tracking_uri)
     with _file_lock(_lock_for(run_id_file)):
-        run = _existing_run(client, run_id_file, known_run_id)
+        run = _existing_run(client, run_id_file, known_run_id, tracking_uri, missing_run)
         if run is None:
             run = create(client)
             client.set_terminated(run.info.run_id, status="FINISHED")
@@ -521,10 +542,16 @@ def init_study(
     study_name: str,
     run_id_file: Path,
     tags: dict[str, Any] | None = None,
+    missing_run: str = "replace",
+    known_run_id: str | None = None,
 ) -> str:
     """Create (once) the experiment and the study's parent run; return the parent run id.
 
-    Idempotent: if ``run_id_file`` names a live run it is reused. Otherwise the experiment is
+    Idempotent: if ``run_id_file`` names a live run it is reused (when the file is missing,
+    ``known_run_id`` too, if the store holds it live). A run that the file names but the store
+    lacks or holds deleted is replaced by a new run with a warning (``missing_run="replace"``,
+    a stage's own parent run), or is a :class:`MissingRunError` saying what happened and how to
+    go on, with nothing created (``"error"``: the study's parent run). Otherwise the experiment is
     created if needed (artifacts under ``<db folder>/mlartifacts``), a parent run named
     ``study_name`` with tag ``study`` (plus ``tags`` and :func:`provenance_tags`) is created and
     ended as FINISHED (it is a container; a stage that logs into it reopens it), and its id is
@@ -540,7 +567,9 @@ def init_study(
                  experiment_name)
         return run
 
-    return _create_run_once(tracking_uri, Path(run_id_file), create)
+    if missing_run not in ("replace", "error"):
+        raise ValueError(f"missing_run must be 'replace' or 'error', got {missing_run!r}")
+    return _create_run_once(tracking_uri, Path(run_id_file), create, known_run_id, missing_run)
 
 
 def init_variant_run(
