@@ -347,6 +347,48 @@ def _shape_mismatches(saved: dict, model: nn.Module) -> list[str]:
     return out
 
 
+def check_resume_early(cfg: Config) -> None:
+    """The config check of :func:`check_resume_config` on the checkpoint a resume would try first,
+    before a stage writes anything (its resolved config, its MLflow params): a mismatch is the same
+    :class:`ResumeMismatchError`. The file is memory-mapped (only its config is read); one that
+    cannot be read is left to :func:`load_resume_checkpoint`, which skips or names it."""
+    path = find_resume_checkpoint(cfg)
+    if path is None or cfg.train.resume_mismatch == "allow":
+        return
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable: load_resume_checkpoint decides and says so
+        return
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
+        _raise_on_differences(cfg, Path(path), ckpt["config"])
+
+
+def _fresh_start_advice(path: Path) -> str:
+    folder = Path(path).parent
+    return (f"To train this configuration from scratch, keep the old run: move {folder} aside "
+            f"(e.g. `mv {folder} {folder}.old`) or use another run folder (--set run_dir=<new "
+            "folder>); train.resume=never would train into the same folder and replace its "
+            "checkpoints.")
+
+
+def _raise_on_differences(cfg: Config, path: Path, stored: dict) -> None:
+    """:class:`ResumeMismatchError` for model-/objective-defining differences (unless
+    ``train.resume_mismatch=allow``, where they are a warning)."""
+    diffs = config_differences(stored, cfg)
+    if not diffs:
+        return
+    listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diffs)
+    if cfg.train.resume_mismatch != "allow":
+        raise ResumeMismatchError(
+            f"checkpoint {path} was written with another configuration ({listed}). Resuming "
+            f"would continue another model or objective. {_fresh_start_advice(path)} To resume from "
+            "it anyway, --set train.resume_mismatch=allow (the keys that may change on a resume "
+            "without it: train.steps, the logging/checkpoint cadence, the learning rates and the "
+            "others of simflow.checkpoints.RESUMABLE_KEYS, config/README.md).")
+    warnings.warn(f"train.resume_mismatch=allow: resuming {path}, written with another "
+                  f"configuration ({listed})", RuntimeWarning, stacklevel=3)
+
+
 def check_resume_config(cfg: Config, path: Path, ckpt: dict, model: nn.Module) -> None:
     """Stop a resume of ``ckpt`` (read from ``path``) that would continue another model or
     objective: :class:`ResumeMismatchError` listing the differing keys old → new (see
@@ -354,31 +396,16 @@ def check_resume_config(cfg: Config, path: Path, ckpt: dict, model: nn.Module) -
     warning. A checkpoint written before checkpoints carried their config cannot be compared:
     said so in a warning, and resumed as before. Whatever the config says, weights whose shapes
     do not fit the model built now are an error (no resume can load them). Nothing is deleted."""
-    folder = Path(path).parent
-    fresh = (f"To train this configuration from scratch, keep the old run: move {folder} aside "
-             f"(e.g. `mv {folder} {folder}.old`) or use another run folder (--set run_dir=<new "
-             "folder>); train.resume=never would train into the same folder and replace its "
-             "checkpoints.")
     stored = ckpt.get("config")
     if not isinstance(stored, dict):
         warnings.warn(f"checkpoint {path} carries no config (written by an older simflow): whether it "
                       "belongs to this configuration cannot be checked; resuming from it", RuntimeWarning,
                       stacklevel=2)
     else:
-        diffs = config_differences(stored, cfg)
-        if diffs:
-            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diffs)
-            if cfg.train.resume_mismatch != "allow":
-                raise ResumeMismatchError(
-                    f"checkpoint {path} was written with another configuration ({listed}). Resuming "
-                    f"would continue another model or objective. {fresh} To resume from it anyway, "
-                    "--set train.resume_mismatch=allow (the keys that may change on a resume without it: "
-                    "train.steps, the logging/checkpoint cadence, the learning rates and the others of "
-                    "simflow.checkpoints.RESUMABLE_KEYS, config/README.md).")
-            warnings.warn(f"train.resume_mismatch=allow: resuming {path}, written with another "
-                          f"configuration ({listed})", RuntimeWarning, stacklevel=2)
+        _raise_on_differences(cfg, Path(path), stored)
     bad = _shape_mismatches(ckpt["model"], model)
     if bad:
         shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ResumeMismatchError(f"checkpoint {path} holds weights of another architecture than this "
-                                  f"configuration builds ({shown}); no resume can load them. {fresh}")
+                                  f"configuration builds ({shown}); no resume can load them. "
+                                  f"{_fresh_start_advice(path)}")

@@ -167,9 +167,10 @@ def stage_fid_ref(cfg: Config, env: DistEnv, run: StageRun) -> dict:
 
 
 def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -> dict:
-    from simflow.checkpoints import atomic_save
+    from simflow.checkpoints import atomic_save, check_resume_early
     from simflow.train import train
     run_dir = Path(cfg.run_dir)
+    check_resume_early(cfg)  # a resume of another configuration fails before anything is written
     if env.is_main:
         # The resolved config (defaults filled in) beside the outputs; not config.yaml, which is
         # the workflow's input file of this unit.
