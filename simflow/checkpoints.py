@@ -287,13 +287,15 @@ class ResumeMismatchError(CheckpointError):
 
 #: Config keys (a key, or a section/prefix ending in ".") that may differ between the run that
 #: wrote a checkpoint and the run that resumes it: how long it runs, how often it logs,
-#: checkpoints, samples and probes, where its files and data are, how it is launched and tracked,
+#: checkpoints, samples and probes, where its files, data and weight files are (a resume takes
+#: every weight from the checkpoint, the pretrained VAE's too), how it is launched and tracked,
 #: its memory lever (micro-batch) and compilation, and the learning rates (the NaN guard's
 #: recovery: resume the last sane checkpoint with a lower train.lr). Everything else defines the
 #: model, the objective or the data order, and a change is a :class:`ResumeMismatchError`.
 RESUMABLE_KEYS: tuple[str, ...] = (
     "study", "variant", "run_dir", "results_root",
     "data.root", "data.num_workers", "data.on_bad_file",
+    "model.pretrained_vae", "model.lpips_backbone_weights_path", "model.repa_target_weights_path",
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_every",
     "train.sample_every", "train.fid_every", "train.fid_samples", "train.max_steps_this_run",
     "train.resume", "train.resume_mismatch", "train.compile", "train.micro_batch_size",

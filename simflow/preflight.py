@@ -27,7 +27,9 @@ a GPU (:func:`simflow.bench.train_flops`: flow FLOPs only, so a lower bound), th
 size against the free disk, and the projected wall-clock and device-hours of the full run.
 
 It also checks, on the node, what the real stages will read: the dataset's ``train`` split
-(training) and ``test`` split (reconstruct, nll, latents) present and readable; the pretrained
+(training) and ``test`` split (reconstruct, nll, latents) present and readable (every file of an
+image folder decoded: unreadable ones are a red row naming them, amber with
+``data.on_bad_file=skip``); the pretrained
 VAE (frozen modes), the REPA target (the demo classifier or a DINOv2 checkout and weights), the
 LPIPS backbone, the FID feature extractor's weights and the reference statistics, where the config
 uses them; a GPU where the launcher asks for one. A file that the workflow itself produces
