@@ -379,6 +379,14 @@ def _check_sqlite_store(db: Path, uri: str) -> None:
            "needed, or set tracking.enabled=false")
     if not db.is_file():
         raise TrackingStoreError(f"tracking store {uri}: {db} is not a file. {fix}.")
+    lock = db.with_name(db.name + ".lock")
+    if lock.is_file():
+        # Another process may be creating the schema (init_tracking_store holds this lock meanwhile;
+        # a half-created store has some tables but not yet all): wait for it. Opened read-only, the
+        # lock file is neither created nor written here.
+        with open(lock) as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
     try:
         # mode=ro: never creates, writes or migrates anything (MLflow would create its schema in
         # any SQLite file it opens)

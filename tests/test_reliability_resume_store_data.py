@@ -299,6 +299,34 @@ def test_stores_that_are_new_pass_the_check(tmp_path):
         T.check_tracking_store(f"sqlite:///{tmp_path / 'dir.db'}")
 
 
+def test_a_store_being_created_by_another_process_is_waited_for(tmp_path):
+    """A half-created store (some of MLflow's tables) under the creator's lock is not called
+    'not an MLflow store': the check waits for the lock, then sees the finished store."""
+    import fcntl
+    import sqlite3
+    db = tmp_path / "mlflow.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE experiments (x)")
+    con.commit()
+    con.close()
+    lock = open(tmp_path / "mlflow.db.lock", "a+")
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+
+    def finish_creation():
+        time.sleep(0.5)
+        con = sqlite3.connect(db)
+        con.execute("CREATE TABLE alembic_version (v)")
+        con.commit()
+        con.close()
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    creator = threading.Thread(target=finish_creation)
+    creator.start()
+    T.check_tracking_store(f"sqlite:///{db}")
+    creator.join()
+    lock.close()
+
+
 def smoke_study(tmp_path: Path, tracking: dict, **extra) -> Path:
     raw = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
     raw["results_root"] = str(tmp_path / "results")
