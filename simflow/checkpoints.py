@@ -277,7 +277,7 @@ def non_finite_message(loss: float, step: int, cfg: Config, keeper: CheckpointKe
                  "left the sane range")
     return text + (f". Resume from it with a lower learning rate: --set train.resume={sane['path']} "
                    "--set train.lr=<lower> (or lower model.nll_weight, which a resume takes only with "
-                           "--set train.resume_mismatch=allow, or check the data).")
+                   "--set train.resume_mismatch=allow, or check the data).")
 
 
 class ResumeMismatchError(CheckpointError):
