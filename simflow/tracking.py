@@ -18,6 +18,10 @@ Only global rank 0 of a job may call into this module: callers gate (``StageRun(
 handful of concurrent writers on one machine or a local disk; on NFS prefer an ``http://``
 tracking server (``mlflow server --backend-store-uri sqlite:///...``) and point every job at it
 with ``MLFLOW_TRACKING_URI`` or the configured URI.
+
+Before any work the store is checked (:func:`check_tracking_store`, called by every stage at
+start-up, by the workflow's onstart and by :func:`init_tracking_store`): a server that does not
+answer fails in seconds, a file that is not an MLflow store is named and never touched.
 """
 
 from __future__ import annotations
