@@ -52,8 +52,10 @@ report: "workflow/report/workflow.rst"
 
 # The study's MLflow parent run spans the study: every invocation that has work to do marks it
 # RUNNING and ends it FINISHED or FAILED (Snakemake runs these handlers only then: not for dry
-# runs, --report or "Nothing to be done").
+# runs, --report or "Nothing to be done"). First the store is checked, before the first job: a
+# server that does not answer, or a file that is not an MLflow store, stops the run in seconds.
 onstart:
+    check_study_store()
     set_study_run_status("RUNNING")
 
 

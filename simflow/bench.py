@@ -197,14 +197,16 @@ def load_flow_weights(flow: TransformerFlow, path: str, key: str) -> None:
     """Load trained flow weights: a ``simflow train`` checkpoint (``key`` = ``ema`` or ``model``; the
     flow's entries are those prefixed ``flow.``) or a plain flow state dict. The model options must
     match the checkpoint's flow (a mismatch raises, naming the differing entries)."""
+    from simflow.checkpoints import CheckpointError, load_checkpoint
+
     if not Path(path).is_file():
         raise ValueError(f"--checkpoint {path}: no such file (a train stage writes "
                          "<run_dir>/checkpoints/latest.pt)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - truncated, or not a torch file: say which file
-        raise ValueError(f"--checkpoint {path}: not a readable torch checkpoint ({type(err).__name__}: "
-                         f"{err})") from None
+    try:  # the stages' reader, so a bad file gets the same message as there
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"--checkpoint: {err}; pass a complete checkpoint (a train stage writes "
+                              "<run_dir>/checkpoints/latest.pt and previous.pt)") from None
     state = ckpt
     if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
         state = ckpt[key]

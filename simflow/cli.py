@@ -138,7 +138,7 @@ def guarded(command: str, fn: Callable[[], int]) -> int:
         if (isinstance(err, (ConfigError, FileNotFoundError, ValueError, DiskFullError))
                 or _raised_as(err, "simflow.data", "DatasetNotFoundError")):
             status = 2
-        elif _raised_as(err, "simflow.train", "NonFiniteLossError"):
+        elif _raised_as(err, "simflow.checkpoints", "NonFiniteLossError"):
             status = 3
         elif _raised_as(err, "simflow.launch", "LaunchError"):
             status = 1

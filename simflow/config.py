@@ -70,6 +70,11 @@ class DataConfig:
                               "and the feature-extractor classifier's (0: load in the training "
                               "process, the only setting with exactly reproducible random flips "
                               "on resume).", ge=0)
+    on_bad_file: Literal["error", "skip"] = option(
+        "error", "An image file that cannot be read or decoded (imagefolder: a truncated JPEG): "
+        "`error` stops, naming it; `skip` leaves it out (its place in the batch goes to the next "
+        "readable file), logging each skipped path; the count reaches MLflow "
+        "(data/skipped_files) and the training summary (skipped_files).")
 
 
 @dataclass
@@ -229,6 +234,11 @@ class TrainConfig:
                                   "as previous.pt until the new one is verified).", ge=0)
     keep_every: int = option(0, "Also keep step_XXXXXXX.pt every N steps (0 = none).", ge=0)
     resume: str = option("auto", "`auto` (latest checkpoint if any), `never`, or a checkpoint path.")
+    resume_mismatch: Literal["error", "allow"] = option(
+        "error", "A checkpoint written with another model or objective (any key outside "
+        "simflow.checkpoints.RESUMABLE_KEYS: config/README.md, \"Resuming\"): `error` stops, listing "
+        "the keys old -> new; `allow` resumes it anyway with a warning (weights of another shape "
+        "are still an error).")
     max_steps_this_run: int | None = option(None, "Stop (checkpointed) after this many steps in "
                                             "this process; for tests of resume. None = no limit.", ge=0)
 
@@ -566,13 +576,47 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that refuses a key given twice in one mapping (the YAML spec requires
+    unique keys; PyYAML keeps the last one silently, so two ``seeds:`` lines, or a variant's block
+    pasted twice with edits, would run with whichever came last). The error is a YAML error at
+    the second key, naming the line of the first; merge keys (``<<: *base``) may still be
+    overridden, as YAML intends."""
+
+
+def _construct_unique_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key; SafeLoader refuses it itself
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice in the same mapping (first at line "
+                f"{first.start_mark.line + 1}); remove one of them", key_node.start_mark)
+        seen[key] = key_node
+    return loader.construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def strict_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of ``text`` with :class:`StrictLoader` (a duplicated key is a YAML error)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
+
 def parse_override(text: str) -> dict:
     """``"train.lr=3e-4"`` → ``{"train": {"lr": 3e-4}}``; the value is parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = strict_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
     out: dict = {}
@@ -596,13 +640,14 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
-    """The YAML document in ``path``; a syntax error is a :class:`ConfigError` that names the
-    file, line and column (``file:line:column: ...``, as compilers do)."""
+    """The YAML document in ``path``, read strictly (:class:`StrictLoader`: a key given twice is
+    an error); a syntax error is a :class:`ConfigError` that names the file, line and column
+    (``file:line:column: ...``, as compilers do)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        return strict_yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)

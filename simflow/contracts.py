@@ -60,6 +60,12 @@ CONFIG_FILE = "config.yaml"
 #: A unit folder's MLflow run id; the study folder's parent run id.
 RUN_ID_FILE = "mlflow_run_id.txt"
 PARENT_RUN_ID_FILE = "mlflow_parent_run_id.txt"
+#: The study folder's record of its last parent run (id, store, experiment), kept beside the
+#: parent run-id file, which Snakemake removes before it re-runs the rule that writes it.
+PARENT_RUN_RECORD = ".mlflow_parent_run.json"
+#: A unit folder's list of the dataset files skipped as unreadable (``data.on_bad_file=skip``),
+#: one per split: ``path<TAB>reason`` per line, appended by every process that meets one.
+SKIPPED_FILES = "skipped_files.{split}.txt"
 #: What a run-id file holds when tracking is switched off (the file still exists: it is a
 #: Snakemake output).
 TRACKING_DISABLED = "tracking disabled"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,10 +25,14 @@ __all__ = [
     "DatasetInfo",
     "DatasetNotFoundError",
     "KNOWN_DATASETS",
+    "UnreadableFileError",
     "build_dataset",
     "center_crop_arr",
     "dataset_info",
     "read_idx",
+    "read_skipped_files",
+    "scan_image_files",
+    "skipped_files_log",
     "subset_indices",
 ]
 
@@ -42,6 +47,38 @@ DIGITS_TEST_FRACTION = 0.2
 
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset files were not found; the message lists every path tried and how to get the data."""
+
+
+class UnreadableFileError(ValueError):
+    """A file of the dataset cannot be read or decoded (a truncated JPEG, say); names the file and
+    the fix (replace it, or ``data.on_bad_file=skip``)."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's exception is raised again in the training process as
+        # type(err)("Caught ... in DataLoader worker process N.\nOriginal Traceback ...\n
+        # simflow.data.UnreadableFileError: <message>"): keep <message>, so that the CLI's one
+        # error line names the file whatever data.num_workers is.
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
+def skipped_files_log(run_dir: str | Path, split: str) -> Path:
+    """The file listing the dataset files of ``split`` that ``data.on_bad_file=skip`` left out in
+    ``run_dir`` (:data:`simflow.contracts.SKIPPED_FILES`)."""
+    from simflow.contracts import SKIPPED_FILES
+
+    return Path(run_dir) / SKIPPED_FILES.format(split=split)
+
+
+def read_skipped_files(log: str | Path) -> list[str]:
+    """The distinct paths in a :func:`skipped_files_log` (every process appends its own; a
+    resumed run appends to the earlier runs'), in the order first met; [] without the file."""
+    path = Path(log)
+    if not path.is_file():
+        return []
+    return list(dict.fromkeys(line.split("\t", 1)[0] for line in path.read_text().splitlines() if line))
 
 
 @dataclass(frozen=True)
@@ -375,12 +412,110 @@ class _ADMTransform:
         return self.flip(x) if self.flip is not None else x
 
 
-def _build_imagefolder(root: str | None, split: str, image_size: int, hflip: bool) -> Dataset:
+#: What PIL raises for a file it cannot read or decode: OSError (truncated, "cannot identify
+#: image file", I/O errors of the file system), SyntaxError and ValueError (malformed headers).
+_UNREADABLE = (OSError, SyntaxError, ValueError)
+
+
+def _load_rgb(path: str):
+    """The image at ``path`` decoded completely, as RGB (what torchvision's ``pil_loader`` does)."""
+    from PIL import Image
+
+    with open(path, "rb") as fh:
+        image = Image.open(fh)
+        return image.convert("RGB")
+
+
+class CheckedImageFolder(Dataset):
+    """An ImageNet-layout folder (torchvision's ``ImageFolder`` listing) whose unreadable files are
+    named: ``on_bad_file="error"`` raises :class:`UnreadableFileError` with the path;
+    ``"skip"`` leaves the file out, printing its path once per process and appending it to
+    ``skip_log`` (:func:`skipped_files_log`), and gives its place to the next readable file in
+    the folder order, so batches keep their size and the data order stays a function of
+    (seed, step) (a resumed run sees the same batches).
+
+    Exposes ImageFolder's ``samples`` and ``classes``, and ``num_classes``/``channels``."""
+
+    def __init__(self, folder: Path, image_size: int, hflip: bool, on_bad_file: str = "error",
+                 skip_log: str | Path | None = None) -> None:
+        import torchvision
+
+        if on_bad_file not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+        listing = torchvision.datasets.ImageFolder(str(folder))
+        self.samples: list[tuple[str, int]] = listing.samples
+        self.classes: list[str] = listing.classes
+        self.num_classes = len(self.classes)
+        self.channels = 3
+        self.transform = _ADMTransform(image_size, hflip)
+        self.on_bad_file = on_bad_file
+        self.skip_log = None if skip_log is None else str(skip_log)
+        self.skipped: set[str] = set()  # the files this process skipped
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _skip(self, path: str, err: Exception) -> None:
+        if path in self.skipped:
+            return
+        self.skipped.add(path)
+        reason = f"{type(err).__name__}: {err}".replace("\t", " ").replace("\n", " ")
+        print(f"data.on_bad_file=skip: skipping unreadable {path} ({reason})", file=sys.stderr, flush=True)
+        if self.skip_log is not None:
+            Path(self.skip_log).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.skip_log, "a") as fh:  # one short append: whole lines across processes
+                fh.write(f"{path}\t{reason}\n")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self.samples)
+        for k in range(n):
+            path, label = self.samples[(index + k) % n]
+            try:
+                return self.transform(_load_rgb(path)), label
+            except _UNREADABLE as err:
+                if self.on_bad_file == "error":
+                    raise UnreadableFileError(
+                        f"unreadable image file {path} ({type(err).__name__}: {err}): replace or remove "
+                        "it, or set data.on_bad_file=skip to leave unreadable files out (each is "
+                        "logged and counted)") from None
+                self._skip(path, err)
+        raise UnreadableFileError(f"no file of the dataset ({n} files) is readable (data.on_bad_file=skip "
+                                  f"skipped them all; the first is {self.samples[index % n][0]})")
+
+
+def scan_image_files(dataset: CheckedImageFolder, workers: int = 1) -> list[tuple[str, str]]:
+    """(path, reason) of every file of ``dataset`` that cannot be decoded, in folder order; the
+    preflight's check. JPEGs are decoded in PIL's draft mode (DCT scaling to about the training
+    size: the whole compressed stream is still read, so a truncated file still fails) on
+    ``workers`` threads (PIL releases the GIL while decoding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    size = dataset.transform.image_size
+
+    def check(path: str) -> str | None:
+        try:
+            with open(path, "rb") as fh:
+                image = Image.open(fh)
+                if image.format == "JPEG":
+                    image.draft("RGB", (size, size))
+                image.load()
+        except _UNREADABLE as err:
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    paths = [p for p, _ in dataset.samples]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(pool.map(check, paths, chunksize=64))
+    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+
+
+def _build_imagefolder(root: str | None, split: str, image_size: int, hflip: bool,
+                       on_bad_file: str = "error", skip_log: str | Path | None = None) -> Dataset:
     """ImageNet-layout folders: ``train`` reads ``root/train/``; the held-out split (``test``,
     which the evaluation stages ask for, or its alias ``val``) reads ``root/val/``, because
     ImageNet's labelled held-out images are its validation set (it publishes no test labels)."""
-    import torchvision
-
     _check_size(image_size)
     split = "train" if _check_split(split, "imagefolder") else "val"
     if root is None:
@@ -395,27 +530,28 @@ def _build_imagefolder(root: str | None, split: str, image_size: int, hflip: boo
             f"imagefolder split {split!r} not found: tried {folder} (data.root={root}; "
             f"split folders present: {present or 'none'}). Set data.root to the ImageNet folder that holds {split}/."
         )
-    ds = torchvision.datasets.ImageFolder(str(folder), transform=_ADMTransform(image_size, hflip))
-    # ImageFolder returns (tensor, int) already; record the class count for model construction.
-    ds.num_classes = len(ds.classes)
-    ds.channels = 3
-    return ds
+    return CheckedImageFolder(folder, image_size, hflip, on_bad_file, skip_log)
 
 
 # --------------------------------------------------------------------------------------------------
 
 
-def build_dataset(name: str, root: str | None, split: str, image_size: int, *, hflip: bool = False) -> Dataset:
+def build_dataset(name: str, root: str | None, split: str, image_size: int, *, hflip: bool = False,
+                  on_bad_file: str = "error", skip_log: str | Path | None = None) -> Dataset:
     """Build the dataset ``name`` (one of :data:`KNOWN_DATASETS`) for ``split`` at ``image_size``.
 
     Items are ``(image, label)``: float32 ``(C, image_size, image_size)`` in [-1, 1] and an int.
     ``root`` is the data folder (required for ``imagefolder``; optional for ``fashion_mnist``; ignored
     for ``digits``). ``hflip`` turns on random horizontal flips (training augmentation, off by default).
     The returned dataset has ``num_classes`` and ``channels`` attributes.
+
+    ``on_bad_file`` (``data.on_bad_file``) and ``skip_log`` apply to ``imagefolder``, whose files
+    are decoded one by one (:class:`CheckedImageFolder`); digits and Fashion-MNIST are read whole
+    when the dataset is built, where a malformed file is an error naming it.
     """
     _check_name(name)
     if name == "digits":
         return DigitsDataset(split, image_size, hflip=hflip)
     if name == "fashion_mnist":
         return _build_fashion_mnist(root, split, image_size, hflip)
-    return _build_imagefolder(root, split, image_size, hflip)
+    return _build_imagefolder(root, split, image_size, hflip, on_bad_file, skip_log)

@@ -27,7 +27,9 @@ a GPU (:func:`simflow.flops.train_flops`: flow FLOPs only, so a lower bound), th
 size against the free disk, and the projected wall-clock and device-hours of the full run.
 
 It also checks, on the node, what the real stages will read: the dataset's ``train`` split
-(training) and ``test`` split (reconstruct, nll, latents) present and readable; the pretrained
+(training) and ``test`` split (reconstruct, nll, latents) present and readable (every file of an
+image folder decoded: unreadable ones are a red row naming them, amber with
+``data.on_bad_file=skip``); the pretrained
 VAE (frozen modes), the REPA target (the demo classifier or a DINOv2 checkout and weights), the
 LPIPS backbone, the FID feature extractor's weights and the reference statistics, where the config
 uses them; a GPU where the launcher asks for one. A file that the workflow itself produces
@@ -148,14 +150,18 @@ def _needed_file(findings: Findings, cfg, check: str, path: str | None, key: str
 # checks of what the real stages read
 # ------------------------------------------------------------------------------------------
 def check_dataset(findings: Findings, cfg, split: str, readers: str):
-    """Build ``split`` of the configured dataset and read its first, middle and last image."""
-    from simflow.data import build_dataset
+    """Build ``split`` of the configured dataset, decode every file of an image folder
+    (:func:`check_image_files`), and read its first, middle and last image."""
+    from simflow.data import CheckedImageFolder, build_dataset
     t0 = time.perf_counter()
     try:
-        ds = build_dataset(cfg.data.name, cfg.data.root, split, cfg.data.image_size)
+        ds = build_dataset(cfg.data.name, cfg.data.root, split, cfg.data.image_size,
+                           on_bad_file=cfg.data.on_bad_file)
         n = len(ds)
         if n == 0:
             raise ValueError("the split is empty")
+        if isinstance(ds, CheckedImageFolder):
+            check_image_files(findings, cfg, ds, split)
         for i in sorted({0, n // 2, n - 1}):
             x, _ = ds[i]
             if tuple(x.shape) != (ds.channels, cfg.data.image_size, cfg.data.image_size):
@@ -169,6 +175,31 @@ def check_dataset(findings: Findings, cfg, split: str, readers: str):
                  f"{ds.channels}×{cfg.data.image_size}×{cfg.data.image_size}, {ds.num_classes} classes",
                  key="data.root", path=cfg.data.root, seconds=time.perf_counter() - t0)
     return ds
+
+
+def check_image_files(findings: Findings, cfg, ds, split: str) -> None:
+    """Decode every file of an image-folder split (:func:`simflow.data.scan_image_files`, on
+    ``launcher.cpus_per_task`` threads): unreadable files are a red row with
+    ``data.on_bad_file=error`` (the real run would stop at the first it meets), amber with
+    ``skip`` (it would leave them out); the row names them."""
+    from simflow.data import scan_image_files
+    t0 = time.perf_counter()
+    bad = scan_image_files(ds, cfg.launcher.cpus_per_task)
+    n = len(ds)
+    if not bad:
+        findings.add(f"data.{split}.files", "ok", f"all {n} image files of split {split!r} decode",
+                     key="data.root", path=cfg.data.root, seconds=time.perf_counter() - t0)
+        return
+    shown = "; ".join(f"{p} ({r})" for p, r in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if cfg.data.on_bad_file == "error":
+        status, then = "fail", ("the real run stops at the first one it meets (data.on_bad_file=error): "
+                                "replace or remove them, or set data.on_bad_file=skip")
+    else:
+        status, then = "warn", ("the real run leaves them out (data.on_bad_file=skip), logging each and "
+                                "counting them in its summary")
+    findings.add(f"data.{split}.files", status, f"{len(bad)} of {n} image files of split {split!r} are "
+                 f"unreadable: {shown}; {then}", key="data.on_bad_file / data.root", path=cfg.data.root,
+                 seconds=time.perf_counter() - t0)
 
 
 def _dinov2_files(kind: str, repo: str | None) -> tuple[bool, list[Path]]:
@@ -319,7 +350,7 @@ def rehearsal_config(cfg, rank_count: int, on_cpu: bool, standin_dir: Path, stan
 def write_standins(rcfg, dataset, standins: dict[str, bool]) -> None:
     """Randomly initialised stand-ins of the workflow-produced weights the training loop loads."""
     import torch
-    from simflow.train import atomic_save
+    from simflow.checkpoints import atomic_save
     if standins.get("pretrained_vae"):
         from simflow.model import build_vae
         torch.manual_seed(0)
@@ -410,7 +441,8 @@ def rehearse(cfg, env, run) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(env.device)
         t0 = time.perf_counter()
-        from simflow.train import NonFiniteLossError, train
+        from simflow.checkpoints import NonFiniteLossError
+        from simflow.train import train
         try:
             result = train(rcfg, env, collector if env.is_main else None, vae_only=vae_only)
             rehearsal["ran"] = True

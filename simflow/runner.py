@@ -30,6 +30,9 @@ def run_stage(stage: str, config_path: str | None, overrides: list[str] | None =
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
     overrides = list(overrides or [])
     cfg = load_config(config_path, overrides)
+    if cfg.tracking.enabled:  # before any work, and before a job waits in a queue for it
+        from simflow.tracking import check_tracking_store, resolve_tracking_uri
+        check_tracking_store(resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.results_root))
     if cfg.launcher.backend == "local":
         return run_here(stage, cfg)
     from simflow.distributed import check_launch_backend
@@ -89,10 +92,16 @@ def run_preflight(config_path: str | None, overrides: list[str] | None = None) -
     except Exception as err:  # noqa: BLE001 - the report must still get this row
         from simflow.io import write_json
         from simflow.preflight import ROW_FILE, failed_row, summary_line
+        from simflow.tracking import TrackingStoreError
 
         cfg = load_config(config_path, overrides)
         text = str(err)
         key = "stage_launcher.preflight / launcher_preflight_<key>"
+        if isinstance(err, TrackingStoreError):  # checked before the job: the store, not the job
+            row = failed_row(cfg, "tracking", text, "tracking.tracking_uri / tracking.enabled")
+            write_json(Path(cfg.run_dir) / ROW_FILE, row)
+            print(summary_line(row), flush=True)
+            return 0
         if "OUT_OF_MEMORY" in text or "oom" in text.lower():
             key = "launcher_preflight_mem_gb (host memory of the job)"
         elif "TIMEOUT" in text:

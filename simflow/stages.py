@@ -22,7 +22,7 @@ from torch.utils.data import Subset
 
 from simflow.config import Config, ConfigError, save_config, to_dict
 from simflow.contracts import STAGE_FILES
-from simflow.data import build_dataset, subset_indices
+from simflow.data import build_dataset, read_skipped_files, skipped_files_log, subset_indices
 from simflow.distributed import DistEnv, barrier
 from simflow.flow import bits_per_dim
 from simflow.io import save_npz, write_json, write_png
@@ -89,9 +89,16 @@ def make_fid_probe(cfg: Config, env: DistEnv) -> Callable[[SimFlowModel, dict], 
     return probe
 
 
+def stage_dataset(cfg: Config, split: str):
+    """``split`` of the configured dataset for a stage, with ``data.on_bad_file`` (files skipped
+    as unreadable are listed in the unit's :func:`simflow.data.skipped_files_log`)."""
+    return build_dataset(cfg.data.name, cfg.data.root, split, cfg.data.image_size,
+                         on_bad_file=cfg.data.on_bad_file, skip_log=skipped_files_log(cfg.run_dir, split))
+
+
 def eval_images(cfg: Config, n: int, split: str = "test", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed subset of ``n`` images of ``split`` (the same for every variant)."""
-    dataset = build_dataset(cfg.data.name, cfg.data.root, split, cfg.data.image_size)
+    dataset = stage_dataset(cfg, split)
     idx = subset_indices(len(dataset), n, seed)
     items = [dataset[int(i)] for i in idx]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
@@ -102,7 +109,7 @@ def load_trained(cfg: Config, device: torch.device) -> SimFlowModel:
     path = stage_file(cfg, "train", "model")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run `simflow train` for this variant first")
-    from simflow.train import CheckpointError, load_checkpoint
+    from simflow.checkpoints import CheckpointError, load_checkpoint
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as err:
@@ -135,8 +142,8 @@ def stage_feature_extractor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     from simflow.fid import train_feature_extractor
     if not env.is_main:
         return {}
-    train_set = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size)
-    test_set = build_dataset(cfg.data.name, cfg.data.root, "test", cfg.data.image_size)
+    train_set = stage_dataset(cfg, "train")
+    test_set = stage_dataset(cfg, "test")
     result = train_feature_extractor(train_set, stage_file(cfg, "feature-extractor", "classifier"),
                                      steps=cfg.eval.classifier_steps, batch_size=64, seed=cfg.train.seed,
                                      eval_dataset=test_set,
@@ -151,7 +158,7 @@ def stage_fid_ref(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     if not env.is_main:
         return {}
     register_extractor(cfg)
-    dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size)
+    dataset = stage_dataset(cfg, "train")
     subset = Subset(dataset, subset_indices(len(dataset), cfg.eval.num_reference, 0).tolist())
     out = compute_reference_statistics(subset, stage_file(cfg, "fid-ref", "stats"),
                                        cfg.eval.feature_extractor, cfg.eval.feature_extractor_weights_path,
@@ -186,8 +193,10 @@ def stage_fid_floor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
 
 
 def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -> dict:
-    from simflow.train import atomic_save, train
+    from simflow.checkpoints import atomic_save, check_resume_early
+    from simflow.train import train
     run_dir = Path(cfg.run_dir)
+    check_resume_early(cfg)  # a resume of another configuration fails before anything is written
     if env.is_main:
         # The resolved config (defaults filled in) beside the outputs; not config.yaml, which is
         # the workflow's input file of this unit.
@@ -204,6 +213,13 @@ def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -
     summary = result.summary
     if not env.is_main:
         return summary
+    # data.on_bad_file=skip: the files this run (and the runs it resumed) left out, all ranks'
+    skipped = read_skipped_files(skipped_files_log(run_dir, "train"))
+    summary["skipped_files"] = len(skipped)
+    if skipped:
+        print(f"data.on_bad_file=skip: {len(skipped)} unreadable training file(s) left out (listed in "
+              f"{skipped_files_log(run_dir, 'train')})", flush=True)
+    run.log_metrics({"data/skipped_files": len(skipped)}, summary["steps"])
     if not summary["finished"]:
         print(f"stopped at step {summary['steps']} of {cfg.train.steps} (train.max_steps_this_run); "
               "the same command resumes from the checkpoint", flush=True)
@@ -334,7 +350,7 @@ def stage_fid(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     # KID reads the per-image features that fid-ref stored with its statistics; the images are
     # extracted again only for precision/recall, or for a reference file without features.
     if cfg.eval.prc or (cfg.eval.kid and load_reference_features(cfg.eval.reference_stats) is None):
-        dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size)
+        dataset = stage_dataset(cfg, "train")
         reference_images = Subset(dataset, subset_indices(len(dataset), cfg.eval.num_reference, 0).tolist())
     metrics = compute_metrics(stage_file(cfg, "sample", "samples"), cfg.eval.reference_stats, reference_images,
                               cfg.eval.feature_extractor, cfg.eval.feature_extractor_weights_path,

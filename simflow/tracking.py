@@ -18,6 +18,10 @@ Only global rank 0 of a job may call into this module: callers gate (``StageRun(
 handful of concurrent writers on one machine or a local disk; on NFS prefer an ``http://``
 tracking server (``mlflow server --backend-store-uri sqlite:///...``) and point every job at it
 with ``MLFLOW_TRACKING_URI`` or the configured URI.
+
+Before any work the store is checked (:func:`check_tracking_store`, called by every stage at
+start-up, by the workflow's onstart and by :func:`init_tracking_store`): a server that does not
+answer fails in seconds, a file that is not an MLflow store is named and never touched.
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -45,10 +52,13 @@ from simflow.io import atomic_write
 
 __all__ = [
     "EXPERIMENT_KIND_TAG",
+    "MissingRunError",
     "RunNotInStoreError",
     "TRAINING_EXPERIMENT_KIND",
     "StageRun",
+    "TrackingStoreError",
     "check_run_in_store",
+    "check_tracking_store",
     "flatten",
     "init_study",
     "init_tracking_store",
@@ -298,6 +308,107 @@ def _client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+class TrackingStoreError(ValueError):
+    """The tracking store cannot be used: a server that does not answer, or a file that is not an
+    MLflow store. The message names the URI or file and what to do."""
+
+
+#: The probe of an ``http(s)://`` tracking server (:func:`check_tracking_store`): seconds per try
+#: of ``GET <uri>/health``, tries, and the pause between them: an unreachable server is reported
+#: after at most STORE_PROBE_TRIES * STORE_PROBE_TIMEOUT_S + STORE_PROBE_PAUSE_S seconds (11),
+#: where MLflow's own client retries for minutes.
+STORE_PROBE_TIMEOUT_S = 5.0
+STORE_PROBE_TRIES = 2
+STORE_PROBE_PAUSE_S = 1.0
+#: Tables that every MLflow SQL store has (MLflow's alembic schema).
+_MLFLOW_TABLES = {"alembic_version", "experiments"}
+
+_STORE_FIXES = ("point tracking.tracking_uri (or $MLFLOW_TRACKING_URI) at a working store, or set "
+                "tracking.enabled=false (--set tracking.enabled=false; in a study: tracking: {enabled: false})")
+
+
+def check_tracking_store(tracking_uri: str) -> None:
+    """Check, before any work, that the store at ``tracking_uri`` can be used; reads only.
+
+    * ``http(s)://``: ``GET <uri>/health`` must answer within :data:`STORE_PROBE_TIMEOUT_S`
+      seconds, in :data:`STORE_PROBE_TRIES` tries (a 401/403 counts as an answer: the server
+      is there, the credentials are MLflow's business);
+    * ``sqlite:///<file>``: a file that exists must be a SQLite database holding MLflow's tables
+      (``alembic_version``, ``experiments``), checked through a read-only connection, so a file
+      that is not an MLflow store is never modified, migrated or replaced. A missing file, an
+      empty one, or a database without any table is a new store (MLflow creates the schema).
+
+    Raises :class:`TrackingStoreError` naming the URI or file and what to do.
+    """
+    if tracking_uri.startswith(("http://", "https://")):
+        _probe_server(tracking_uri)
+        return
+    db = _sqlite_path(tracking_uri)
+    if db is not None:
+        _check_sqlite_store(db, tracking_uri)
+
+
+def _probe_server(uri: str) -> None:
+    url = uri.rstrip("/") + "/health"
+    reason = ""
+    for attempt in range(STORE_PROBE_TRIES):
+        if attempt:
+            time.sleep(STORE_PROBE_PAUSE_S)
+        try:
+            with urllib.request.urlopen(url, timeout=STORE_PROBE_TIMEOUT_S) as response:
+                if 200 <= response.status < 300:
+                    return
+                reason = f"HTTP {response.status}"
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):
+                return
+            reason = f"HTTP {err.code} {err.reason}"
+            if err.code < 500:  # an answer, but not an MLflow server's: trying again cannot help
+                break
+        except (urllib.error.URLError, OSError) as err:  # refused, unreachable, timed out
+            cause = getattr(err, "reason", err)
+            reason = "no answer within the timeout" if isinstance(cause, (TimeoutError, socket.timeout)) \
+                else f"{type(cause).__name__}: {cause}"
+    raise TrackingStoreError(
+        f"MLflow tracking server {uri} does not answer ({url}: {reason}; {STORE_PROBE_TRIES} tries of "
+        f"{STORE_PROBE_TIMEOUT_S:g} s). Start the server (e.g. `mlflow server --backend-store-uri "
+        f"sqlite:///<abs path>/mlflow.db --host <host> --port <port>`), or {_STORE_FIXES}.")
+
+
+def _check_sqlite_store(db: Path, uri: str) -> None:
+    if not db.exists() or (db.is_file() and db.stat().st_size == 0):
+        return
+    fix = ("It is left as it is. Point tracking.tracking_uri (or $MLFLOW_TRACKING_URI) at an MLflow "
+           "store or at a new file (sqlite:///<abs path>/mlflow.db), move the file away if it is not "
+           "needed, or set tracking.enabled=false")
+    if not db.is_file():
+        raise TrackingStoreError(f"tracking store {uri}: {db} is not a file. {fix}.")
+    lock = db.with_name(db.name + ".lock")
+    if lock.is_file():
+        # Another process may be creating the schema (init_tracking_store holds this lock meanwhile;
+        # a half-created store has some tables but not yet all): wait for it. Opened read-only, the
+        # lock file is neither created nor written here.
+        with open(lock) as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    try:
+        # mode=ro: never creates, writes or migrates anything (MLflow would create its schema in
+        # any SQLite file it opens)
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=STORE_PROBE_TIMEOUT_S)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        raise TrackingStoreError(f"tracking store {uri}: {db} is not an MLflow store (not a readable "
+                                 f"SQLite database: {err}). {fix}.") from None
+    if tables and not _MLFLOW_TABLES <= tables:
+        shown = ", ".join(sorted(tables)[:8]) + (", ..." if len(tables) > 8 else "")
+        raise TrackingStoreError(f"tracking store {uri}: {db} is an SQLite database but not an MLflow "
+                                 f"store (its tables: {shown}; an MLflow store has "
+                                 f"{', '.join(sorted(_MLFLOW_TABLES))}). {fix}.")
+
+
 def init_tracking_store(tracking_uri: str) -> None:
     """Create the store's schema once, before parallel jobs write to it.
 
@@ -305,11 +416,14 @@ def init_tracking_store(tracking_uri: str) -> None:
     several processes do that at once on a fresh file they race and corrupt it for good
     (``table _alembic_tmp_... already exists``). So the first connection is made under an
     exclusive file lock ``<db>.lock`` next to the database. For ``http(s)://`` and other URIs
-    the server owns the schema and nothing is done. Idempotent and cheap after the first call.
+    the server owns the schema and nothing is done. First the store is checked
+    (:func:`check_tracking_store`: a server that does not answer, a file that is not an MLflow
+    store, fail in seconds, nothing touched). Idempotent and cheap after the first call.
     """
     with _init_guard:
         if tracking_uri in _initialised_uris:
             return
+        check_tracking_store(tracking_uri)
         db = _sqlite_path(tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -367,24 +481,44 @@ def _get_or_create_experiment(client: Any, tracking_uri: str, name: str) -> str:
         return str(exp.experiment_id)
 
 
-def _existing_run(client: Any, run_id_file: Path, known_run_id: str | None = None) -> Any | None:
+class MissingRunError(RunNotInStoreError):
+    """A run-id file names a run that its store does not hold (or holds deleted), where the caller
+    asked not to replace it (:func:`init_study` with ``missing_run="error"``: the study's own
+    parent run). The message says what happened to the run and how to go on."""
+
+
+def _existing_run(client: Any, run_id_file: Path, known_run_id: str | None = None,
+                  tracking_uri: str = "", missing_run: str = "replace") -> Any | None:
     """The live run named by ``run_id_file`` (or, when that file does not exist, by
-    ``known_run_id``), or None if the file or the run is missing/deleted."""
+    ``known_run_id``), or None if the file or the run is missing/deleted (a warning); with
+    ``missing_run="error"`` a run that the file names but the store lacks or holds deleted is a
+    :class:`MissingRunError` instead, and nothing is created."""
     from mlflow.exceptions import MlflowException
 
-    run_id = run_id_file.read_text().strip() if run_id_file.is_file() else (known_run_id or "")
+    in_file = run_id_file.is_file()
+    run_id = run_id_file.read_text().strip() if in_file else (known_run_id or "")
     if not run_id:
         return None
     try:
         run = client.get_run(run_id)
+        what = "is deleted in" if run.info.lifecycle_stage == "deleted" else None
     except MlflowException:
-        log.warning("run id file %s names run %s, which is not in the store: creating a new run",
-                    run_id_file, run_id)
-        return None
-    if run.info.lifecycle_stage == "deleted":
-        log.warning("run %s named by %s is deleted: creating a new run", run_id, run_id_file)
-        return None
-    return run
+        run, what = None, "is not in"
+    if what is None:
+        return run
+    if missing_run == "error" and in_file:
+        restore = (f" Restore it (MLFLOW_TRACKING_URI={tracking_uri} mlflow runs restore --run-id "
+                   f"{run_id}) and rerun, or" if what == "is deleted in" else
+                   " Use the store that holds it (tracking.tracking_uri / $MLFLOW_TRACKING_URI), or")
+        raise MissingRunError(
+            f"{run_id_file} names MLflow run {run_id}, which {what} the tracking store {tracking_uri}; "
+            f"it is left as it is and no run was created.{restore} delete {run_id_file} and rerun to "
+            "start this study's MLflow records afresh with a new parent run (the old run stays where "
+            "it is).")
+    log.warning("%s run %s, which %s the store %s: it is left as it is; creating a new run",
+                f"run id file {run_id_file} names" if in_file else f"the last run of {run_id_file} was",
+                run_id, what, tracking_uri)
+    return None
 
 
 def _str_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
@@ -392,7 +526,7 @@ def _str_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
 
 
 def _create_run_once(tracking_uri: str, run_id_file: Path, create: Callable[[Any], Any],
-                     known_run_id: str | None = None) -> str:
+                     known_run_id: str | None = None, missing_run: str = "replace") -> str:
     """Return the live run named by ``run_id_file`` (or by ``known_run_id`` when the file is
     missing), or make one with ``create(client)``.
 
@@ -405,7 +539,7 @@ def _create_run_once(tracking_uri: str, run_id_file: Path, create: Callable[[Any
     init_tracking_store(tracking_uri)
     client = _client(tracking_uri)
     with _file_lock(_lock_for(run_id_file)):
-        run = _existing_run(client, run_id_file, known_run_id)
+        run = _existing_run(client, run_id_file, known_run_id, tracking_uri, missing_run)
         if run is None:
             run = create(client)
             client.set_terminated(run.info.run_id, status="FINISHED")
@@ -420,10 +554,16 @@ def init_study(
     study_name: str,
     run_id_file: Path,
     tags: dict[str, Any] | None = None,
+    missing_run: str = "replace",
+    known_run_id: str | None = None,
 ) -> str:
     """Create (once) the experiment and the study's parent run; return the parent run id.
 
-    Idempotent: if ``run_id_file`` names a live run it is reused. Otherwise the experiment is
+    Idempotent: if ``run_id_file`` names a live run it is reused (when the file is missing,
+    ``known_run_id`` too, if the store holds it live). A run that the file names but the store
+    lacks or holds deleted is replaced by a new run with a warning (``missing_run="replace"``,
+    a stage's own parent run), or is a :class:`MissingRunError` saying what happened and how to
+    go on, with nothing created (``"error"``: the study's parent run). Otherwise the experiment is
     created if needed (artifacts under ``<db folder>/mlartifacts``), a parent run named
     ``study_name`` with tag ``study`` (plus ``tags`` and :func:`provenance_tags`) is created and
     ended as FINISHED (it is a container; a stage that logs into it reopens it), and its id is
@@ -439,7 +579,9 @@ def init_study(
                  experiment_name)
         return run
 
-    return _create_run_once(tracking_uri, Path(run_id_file), create)
+    if missing_run not in ("replace", "error"):
+        raise ValueError(f"missing_run must be 'replace' or 'error', got {missing_run!r}")
+    return _create_run_once(tracking_uri, Path(run_id_file), create, known_run_id, missing_run)
 
 
 def init_variant_run(

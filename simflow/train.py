@@ -15,36 +15,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import time
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from simflow.checkpoints import (LATEST, CheckpointKeeper, NonFiniteLossError, atomic_save,
+                                 check_resume_config, checkpoint_dir, load_checkpoint,
+                                 load_resume_checkpoint, non_finite_message)
 from simflow.config import Config, to_dict
 from simflow.contracts import FROZEN_MODES
-from simflow.data import build_dataset
+from simflow.data import build_dataset, skipped_files_log
 from simflow.distributed import DistEnv, all_reduce_mean_, mean_over_ranks
 from simflow.flops import counted_step_flops
-from simflow.io import atomic_write
 from simflow.model import QUANTISATION_STEP, SimFlowModel, build_model
 from simflow.rate import CollapseMonitor, collapse_reasons
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when a loss is NaN/inf; names the step and the last checkpoint whose loss was in a
-    sane range (see :class:`CheckpointKeeper`), with its loss."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read (truncated, corrupt, not a checkpoint); names the file."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -210,49 +200,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Raise :class:`CheckpointError` unless ``path`` is a complete torch archive whose members
-    all pass their CRC-32 check (``torch.save`` writes a zip file with CRCs)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, OSError) as err:
-        raise CheckpointError(f"{path} is not a complete checkpoint ({err})") from err
-    if bad is not None:
-        raise CheckpointError(f"{path}: member {bad} fails its CRC check (corrupt write)")
-
-
-def atomic_save(obj: Any, path: Path, commit=None) -> None:
-    """``torch.save`` through :func:`simflow.io.atomic_write`: the new file replaces ``path``
-    only once it has been written completely and reads back (:func:`verify_checkpoint`)."""
-    def verify(tmp: Path) -> None:
-        try:
-            verify_checkpoint(tmp)
-        except CheckpointError as err:
-            raise CheckpointError(f"writing {path} produced an unreadable file ({err}); {path.name} "
-                                  "was not replaced") from err
-
-    atomic_write(path, lambda tmp: torch.save(obj, tmp), verify=verify, commit=commit)
-
-
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """``torch.load`` of a checkpoint written by this package; a truncated or corrupt file raises
-    :class:`CheckpointError` naming it (a missing one FileNotFoundError)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any failure to unpickle means the file is unusable
-        # the first sentence: torch appends a paragraph of generic advice to its zip errors
-        first = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
-        raise CheckpointError(f"checkpoint {path} is unreadable, truncated or corrupt "
-                              f"({type(err).__name__}: {first})") from err
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} does not hold a simflow checkpoint (a {type(ckpt).__name__})")
-    return ckpt
-
-
 def autocast(cfg: Config, device: torch.device):
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     if not use_bf16:
@@ -323,182 +270,6 @@ class TrainResult:
     model: SimFlowModel
     ema_state: dict
     summary: dict
-
-
-def checkpoint_dir(cfg: Config) -> Path:
-    return Path(cfg.run_dir) / "checkpoints"
-
-
-#: Files of ``<run_dir>/checkpoints/`` (see :class:`CheckpointKeeper`).
-LATEST, PREVIOUS, LAST_SANE = "latest.pt", "previous.pt", "last_sane.pt"
-#: A checkpoint is "sane" when the worst per-step loss since the one before it is finite and at
-#: most ``reference + SANE_LOSS_FACTOR * max(1, |reference|)``, where ``reference`` is the lowest
-#: mean loss of a sane checkpoint interval so far. A diverging run (loss 1e11 where it was 1)
-#: leaves that range long before the loss becomes NaN.
-SANE_LOSS_FACTOR = 10.0
-
-
-def find_resume_checkpoint(cfg: Config) -> Path | None:
-    """The first checkpoint :func:`load_resume_checkpoint` would try (None: start afresh)."""
-    candidates = resume_candidates(cfg)
-    return candidates[0] if candidates else None
-
-
-def resume_candidates(cfg: Config) -> list[Path]:
-    """Checkpoints to resume from, best first: ``train.resume`` if it is a path; with ``auto``
-    latest.pt, then previous.pt, last_sane.pt and the kept step_*.pt, newest first."""
-    if cfg.train.resume == "never":
-        return []
-    if cfg.train.resume != "auto":
-        path = Path(cfg.train.resume)
-        if not path.exists():
-            raise FileNotFoundError(f"train.resume={cfg.train.resume}: no such checkpoint")
-        return [path]
-    folder = checkpoint_dir(cfg)
-    named = [folder / name for name in (LATEST, PREVIOUS, LAST_SANE)]
-    kept = sorted(folder.glob("step_*.pt"), reverse=True)
-    return [p for p in named + kept if p.is_file()]
-
-
-def load_resume_checkpoint(cfg: Config, map_location: Any) -> tuple[Path | None, dict | None, list[Path]]:
-    """(path, checkpoint, unreadable files skipped) of the checkpoint to resume from.
-
-    With ``train.resume=auto`` an unreadable file (a truncated write, a corrupt disk) is skipped
-    with a warning naming it, and the next candidate of :func:`resume_candidates` is used; if
-    none can be read, :class:`CheckpointError` lists them all. An explicit ``train.resume`` path
-    that cannot be read is an error naming it.
-    """
-    failures: list[tuple[Path, CheckpointError]] = []
-    for path in resume_candidates(cfg):
-        try:
-            ckpt = load_checkpoint(path, map_location)
-            if not {"model", "optimizers", "ema", "step", "rng"} <= set(ckpt):
-                raise CheckpointError(f"{path} is not a training checkpoint (keys: {sorted(ckpt)})")
-        except CheckpointError as err:
-            if cfg.train.resume != "auto":
-                raise CheckpointError(f"train.resume: {err}") from err
-            failures.append((path, err))
-            continue
-        if failures:
-            warnings.warn("; ".join(str(e) for _, e in failures) + f". Resuming from {path} "
-                          f"(step {ckpt['step']}) instead.", RuntimeWarning, stacklevel=2)
-        return path, ckpt, [p for p, _ in failures]
-    if failures:
-        raise CheckpointError(
-            "no readable checkpoint to resume from: " + "; ".join(str(e) for _, e in failures)
-            + f". Move them out of {checkpoint_dir(cfg)} (or set train.resume=never) to train "
-            "from scratch.")
-    return None, None, []
-
-
-class CheckpointKeeper:
-    """Writes ``<run_dir>/checkpoints/`` and knows which checkpoint the NaN guard can stand behind.
-
-    * ``latest.pt``: the newest checkpoint (an exact resume point);
-    * ``previous.pt``: the one before; it is replaced only after a new ``latest.pt`` has been
-      written and read back, so a corrupt or interrupted write always leaves one readable file;
-    * ``last_sane.pt``: the last checkpoint whose loss was in the sane range (see
-      :data:`SANE_LOSS_FACTOR`), kept only while ``latest.pt`` is outside it.
-
-    Every checkpoint carries a ``loss`` record (mean and worst loss since the previous
-    checkpoint, whether that is sane, the reference, and where the last sane checkpoint is), so
-    a resumed run keeps judging by the same standard. :meth:`observe` is called every step and
-    :meth:`close_window` at every checkpoint on every rank; :meth:`write` on the main rank only.
-    """
-
-    def __init__(self, folder: Path, resumed: dict | None = None, resumed_path: Path | None = None,
-                 unreadable: list[Path] | None = None):
-        self.folder = Path(folder)
-        self.unreadable = {Path(p) for p in unreadable or []}
-        record = dict((resumed or {}).get("loss") or {})
-        self.reference: float | None = record.get("reference")
-        self.last: dict | None = None  # the record of the newest checkpoint
-        self.sane: dict | None = None  # {"path", "step", "loss"} of the last sane checkpoint
-        if resumed is not None and resumed_path is not None:
-            self.last = {"step": resumed["step"], "mean": record.get("mean"), "max": record.get("max"),
-                         "sane": record.get("sane", True)}
-            if self.last["sane"]:
-                self.sane = {"path": str(resumed_path), "step": resumed["step"], "loss": record.get("mean")}
-            elif record.get("last_sane") and Path(record["last_sane"]["path"]).is_file():
-                self.sane = dict(record["last_sane"])
-        self._sum, self._n, self._max = 0.0, 0, -math.inf
-        self._keep_as = PREVIOUS
-        self._drop_last_sane = False
-
-    def observe(self, loss: float) -> None:
-        self._sum += loss
-        self._n += 1
-        self._max = max(self._max, loss)
-
-    def _is_sane(self, worst: float) -> bool:
-        if not math.isfinite(worst):
-            return False
-        ref = self.reference
-        return ref is None or worst <= ref + SANE_LOSS_FACTOR * max(1.0, abs(ref))
-
-    def close_window(self, step: int) -> dict:
-        """The ``loss`` record of the checkpoint at ``step``; decides what the outgoing
-        ``latest.pt`` becomes (previous.pt, or last_sane.pt if it is the last sane one)."""
-        if self._n:
-            mean, worst = self._sum / self._n, self._max
-            sane = self._is_sane(worst)
-            if sane:
-                self.reference = mean if self.reference is None else min(self.reference, mean)
-        else:  # no step since the last checkpoint: the same weights, the same verdict
-            mean, worst = (self.last or {}).get("mean"), (self.last or {}).get("max")
-            sane = (self.last or {}).get("sane", True)
-        self._sum, self._n, self._max = 0.0, 0, -math.inf
-        latest = str(self.folder / LATEST)
-        if self.sane is not None and self.sane["path"] == latest and not sane:
-            self._keep_as = LAST_SANE
-            self.sane = {**self.sane, "path": str(self.folder / LAST_SANE)}
-        else:
-            self._keep_as = PREVIOUS
-        self._drop_last_sane = sane
-        if sane:
-            self.sane = {"path": latest, "step": step, "loss": mean}
-        self.last = {"step": step, "mean": mean, "max": worst, "sane": sane}
-        return {**self.last, "reference": self.reference,
-                "last_sane": None if self.sane is None else dict(self.sane)}
-
-    def write(self, state: dict) -> Path:
-        """Write ``state`` (with its ``loss`` record) as latest.pt; the old latest.pt becomes
-        previous.pt (or last_sane.pt) once the new one has been written and read back.
-
-        Disk use stays at two checkpoints during the write: the old previous.pt is removed first,
-        once latest.pt has been checked to read back (it is the fallback meanwhile); an
-        unreadable latest.pt (found so now or at resume) goes instead and previous.pt stays.
-        """
-        latest = self.folder / LATEST
-        if latest.exists() and latest not in self.unreadable:
-            try:
-                verify_checkpoint(latest)
-            except CheckpointError as err:
-                warnings.warn(f"{err}: replacing it, previous.pt is kept", RuntimeWarning, stacklevel=2)
-                self.unreadable.add(latest)
-        if latest in self.unreadable:
-            latest.unlink(missing_ok=True)
-            self.unreadable.discard(latest)
-            if self._keep_as == LAST_SANE:  # it was the last sane checkpoint: there is none now
-                self.sane = None
-            self._keep_as = PREVIOUS
-        elif latest.exists():
-            (self.folder / PREVIOUS).unlink(missing_ok=True)
-
-        def commit(tmp: Path, path: Path) -> None:
-            if path.exists():
-                os.replace(path, self.folder / self._keep_as)
-            os.replace(tmp, path)
-
-        atomic_save(state, latest, commit=commit)
-        if self._drop_last_sane:
-            (self.folder / LAST_SANE).unlink(missing_ok=True)
-        return latest
-
-    def clean_temporary_files(self) -> None:
-        """Remove the temporary files of writes that a killed process left behind."""
-        for tmp in self.folder.glob(".*.tmp*"):
-            tmp.unlink(missing_ok=True)
 
 
 def accumulate_gradients(model: SimFlowModel, images: torch.Tensor, labels: torch.Tensor, step: int,
@@ -579,7 +350,8 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
         raise ValueError(f"per-rank batch {per_rank} is not divisible by train.micro_batch_size={micro}")
     accumulation = per_rank // micro
 
-    dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, hflip=cfg.data.hflip)
+    dataset = build_dataset(cfg.data.name, cfg.data.root, "train", cfg.data.image_size, hflip=cfg.data.hflip,
+                            on_bad_file=cfg.data.on_bad_file, skip_log=skipped_files_log(cfg.run_dir, "train"))
     torch.manual_seed(t_cfg.seed)  # the same initial weights on every rank; per-rank streams below
     model = build_model(cfg, dataset.channels, dataset.num_classes, vae_only=vae_only).to(device)
     load_pretrained_vae(model, cfg.model.pretrained_vae)
@@ -597,6 +369,7 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
         keeper.clean_temporary_files()
     ema = None
     if ckpt_path is not None:
+        check_resume_config(cfg, ckpt_path, ckpt, model)
         model.load_state_dict(ckpt["model"])
         for name, opt in optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][name])
@@ -775,26 +548,6 @@ def train(cfg: Config, env: DistEnv, logger: TrainLogger | None = None,
                "num_params": {n: sum(p.numel() for p in ps) for n, ps in groups.items()},
                "data_info": {"channels": dataset.channels, "num_classes": dataset.num_classes}}
     return TrainResult(model, ema.state, summary)
-
-
-def non_finite_message(loss: float, step: int, cfg: Config, keeper: CheckpointKeeper) -> str:
-    """The NaN guard's message: where the last sane checkpoint is, its loss, and how to resume."""
-    head = f"non-finite loss ({loss}) at step {step} of {cfg.variant}; "
-    sane = keeper.sane
-    if sane is None:
-        return head + ("no checkpoint with a sane loss was written yet, so there is nothing to resume "
-                       "from: lower train.lr / model.nll_weight, or check the data, and train again "
-                       "with train.resume=never.")
-    loss_text = "loss not recorded" if sane.get("loss") is None else f"mean loss {sane['loss']:.4g}"
-    text = (head + f"the last checkpoint with a sane loss is {sane['path']} (step {sane['step']}, "
-            f"{loss_text}), kept as it was")
-    last = keeper.last
-    if last is not None and not last["sane"]:
-        worst = "non-finite" if last["max"] is None or not math.isfinite(last["max"]) else f"{last['max']:.4g}"
-        text += (f"; {keeper.folder / LATEST} (step {last['step']}, worst loss {worst}) had already "
-                 "left the sane range")
-    return text + (f". Resume from it with a lower learning rate: --set train.resume={sane['path']} "
-                   "--set train.lr=<lower> (or lower model.nll_weight, or check the data).")
 
 
 def gather_rng(env: DistEnv) -> list[dict]:

@@ -12,7 +12,7 @@ from simflow.config import load_config
 from simflow.model import build_model
 from simflow.stages import eval_images
 from simflow.sampling import sample
-from simflow.train import atomic_save
+from simflow.checkpoints import atomic_save
 
 
 def pixel_config(tmp_path, **model):

@@ -38,7 +38,8 @@ from simflow.cli import main
 from simflow.config import ConfigError, load_config
 from simflow.contracts import CONFIG_FILE, RUN_ID_FILE
 from simflow.distributed import DistEnv
-from simflow.train import LAST_SANE, LATEST, PREVIOUS, NonFiniteLossError, load_checkpoint, train
+from simflow.checkpoints import LAST_SANE, LATEST, PREVIOUS, NonFiniteLossError, load_checkpoint
+from simflow.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -242,7 +243,7 @@ def test_unreadable_checkpoints_are_one_error_naming_each(tmp_path, capsys):
 
 def test_a_latest_checkpoint_damaged_after_it_was_written_never_costs_the_previous_one(tmp_path):
     """Before removing previous.pt to make room, the keeper checks that latest.pt still reads."""
-    from simflow.train import CheckpointKeeper
+    from simflow.checkpoints import CheckpointKeeper
     folder = tmp_path / "checkpoints"
     keeper = CheckpointKeeper(folder)
     for step in (4, 8):
@@ -538,7 +539,7 @@ def test_a_config_file_that_does_not_parse_names_file_line_and_column(tmp_path, 
 # ------------------------------------------------------------------------------------------
 KILL_AFTER_CHECKPOINT = textwrap.dedent("""
     import os, signal, sys
-    from simflow import train as T
+    from simflow import checkpoints as T
     from simflow.cli import main
     write = T.CheckpointKeeper.write
     def write_then_signal(self, state):
@@ -583,4 +584,4 @@ def test_bench_checkpoint_that_is_missing_or_not_torch_is_one_line(tmp_path, cap
     garbage = tmp_path / "garbage.pt"
     garbage.write_text("not a checkpoint")
     assert main(["bench", "--parts", "train", "--checkpoint", str(garbage)]) == 2
-    assert f"--checkpoint {garbage}: not a readable torch checkpoint" in error_line(capsys)
+    assert f"--checkpoint: checkpoint {garbage} is unreadable, truncated or corrupt" in error_line(capsys)

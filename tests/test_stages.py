@@ -17,7 +17,8 @@ from simflow.cli import main
 from simflow.config import load_config
 from simflow.distributed import DistEnv
 from simflow.stages import rank_slice, sample_noise_and_labels
-from simflow.train import NonFiniteLossError, train
+from simflow.checkpoints import NonFiniteLossError
+from simflow.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,7 @@ from simflow.study.launchers import (
     preflight_sets,
     preflight_units,
 )
-from simflow.study.loading import load_study
+from simflow.study.loading import check_config_files, load_study
 from simflow.study.schema import keys_markdown, study_schema
 from simflow.study.snakemake import (
     Untracked,
@@ -50,6 +50,7 @@ from simflow.study.snakemake import (
 )
 from simflow.study.spec import GROUPS, Study, StudyError, Variant, get_key
 from simflow.study.unit_folder import (
+    check_study_store,
     config_fingerprint,
     init_study_tracking,
     set_study_run_status,
@@ -71,6 +72,8 @@ __all__ = [
     "StudyError",
     "Untracked",
     "Variant",
+    "check_config_files",
+    "check_study_store",
     "config_fingerprint",
     "get_key",
     "init_study_tracking",

@@ -72,16 +72,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{len(study.seeds)} seed(s); units: {', '.join(study.units)}")
         return status
     if args.command == "init-study":
-        run_id = init_study_tracking(args.study, args.results_root, args.out,
-                                     experiment=args.experiment, tracking_uri=args.tracking_uri,
-                                     enabled=not args.disabled)
-        if run_id and args.running:
-            set_study_run_status("RUNNING", args.results_root, args.out, tracking_uri=args.tracking_uri)
+        try:
+            run_id = init_study_tracking(args.study, args.results_root, args.out,
+                                         experiment=args.experiment, tracking_uri=args.tracking_uri,
+                                         enabled=not args.disabled)
+            if run_id and args.running:
+                set_study_run_status("RUNNING", args.results_root, args.out, tracking_uri=args.tracking_uri)
+        except ValueError as err:  # the store cannot be used, or the parent run is missing
+            print(f"python -m simflow.study init-study: error: {err}", file=sys.stderr)
+            return 2
         print(f"study {args.study}: parent run {run_id or '(tracking disabled)'} -> {args.out}")
         return 0
     if args.command == "run-status":
-        run_id = set_study_run_status(args.status, args.results_root, args.run_id_file,
-                                      tracking_uri=args.tracking_uri)
+        try:
+            run_id = set_study_run_status(args.status, args.results_root, args.run_id_file,
+                                          tracking_uri=args.tracking_uri)
+        except ValueError as err:
+            print(f"python -m simflow.study run-status: error: {err}", file=sys.stderr)
+            return 2
         print(f"parent run {run_id}: {args.status}" if run_id else
               f"no MLflow run in {args.run_id_file} (not created yet, or tracking disabled)")
         return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from simflow.study.launchers import launcher_for, preflight_launcher
 from simflow.study.spec import Study, StudyError, parse_study
 from simflow.study.units import build_units
 
-__all__ = ["load_study"]
+__all__ = ["check_config_files", "load_study"]
 
 
 def load_study(source: str | Path | Mapping[str, Any]) -> Study:
@@ -34,3 +34,15 @@ def load_study(source: str | Path | Mapping[str, Any]) -> Study:
     preflight_launcher(study, "pretrain-vae")
     study.units = build_units(study)
     return study
+
+
+def check_config_files(paths: Iterable[str | Path]) -> None:
+    """Read every config file Snakemake was given (``--configfile``, or the default
+    ``config/config.yaml``) strictly, as :func:`load_study` reads a path: Snakemake parses them
+    itself with PyYAML's default, where a key given twice silently keeps the last value. A
+    duplicated key (or a syntax error) is a :class:`StudyError` naming file, line and column."""
+    for path in paths:
+        try:
+            read_yaml(path, "config file")
+        except ConfigError as err:
+            raise StudyError(str(err)) from None

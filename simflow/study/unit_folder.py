@@ -18,11 +18,12 @@ from typing import Any
 import yaml
 
 from simflow.config import to_dict
+from simflow.contracts import PARENT_RUN_RECORD
 from simflow.io import write_json, write_text
 from simflow.study.units import resolved_config
 
-__all__ = ["config_fingerprint", "init_study_tracking", "set_study_run_status", "setup_unit",
-           "write_stage_config"]
+__all__ = ["check_study_store", "config_fingerprint", "init_study_tracking", "set_study_run_status",
+           "setup_unit", "write_stage_config"]
 
 #: The file in a unit folder that remembers the fingerprint of its last config and run.
 SETUP_STATE = ".setup.json"
@@ -53,18 +54,71 @@ def _tracking_uri(tracking_uri: str | None, results_root: str) -> str:
     return resolve_tracking_uri(tracking_uri, results_root)
 
 
+def check_study_store(tracking: Mapping[str, Any], results_root: str) -> str | None:
+    """Check the study's tracking store before its first job (the workflow's onstart): a server
+    that does not answer, or a file that is not an MLflow store, is a
+    :class:`simflow.tracking.TrackingStoreError` naming it and what to do. Returns the URI
+    checked, None when tracking is off. Reads only; MLflow itself is not imported."""
+    from simflow.tracking import check_tracking_store
+
+    if not tracking.get("enabled", True):
+        return None
+    uri = _tracking_uri(tracking.get("tracking_uri"), results_root)
+    check_tracking_store(uri)
+    return uri
+
+
 def init_study_tracking(study_name: str, results_root: str, out: str | Path, *,
                         experiment: str | None = None, tracking_uri: str | None = None,
                         enabled: bool = True) -> str:
     """Create the MLflow store, the experiment (default: the study name) and the study's parent
-    run; write its id to ``out`` and return it. With ``enabled=False`` only a marker is written."""
+    run; write its id to ``out`` and return it. With ``enabled=False`` only a marker is written.
+
+    The study's parent run is never replaced silently:
+
+    * ``out`` names a run that the store lacks or holds deleted: a
+      :class:`simflow.tracking.MissingRunError` saying so and how to go on (restore it, use the
+      store that holds it, or delete ``out`` to start afresh); nothing is created;
+    * ``out`` is missing (deleted by hand, or removed by Snakemake, which re-runs the rule that
+      writes it when the study's tracking settings change): the study's last parent run, kept in
+      :data:`~simflow.contracts.PARENT_RUN_RECORD` beside ``out``, is reused when it lives in the
+      same store and experiment; otherwise a new parent run is created, tagged
+      ``simflow.previous_parent_run``, and a message says where the old one is (left as it is)
+      and what was created.
+    """
     from simflow import tracking
 
     if not enabled:
         tracking.write_run_id_file(out, None)
         return ""
-    return tracking.init_study(_tracking_uri(tracking_uri, results_root), experiment or study_name,
-                               study_name, Path(out), tags={"results": f"{results_root}/{study_name}"})
+    uri = _tracking_uri(tracking_uri, results_root)
+    experiment = experiment or study_name
+    out = Path(out)
+    record_path = out.with_name(PARENT_RUN_RECORD)
+    try:
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    except ValueError:  # a damaged record: it only ever informs
+        record = {}
+    earlier = record.get("run_id") if not out.is_file() else None
+    same_place = record.get("tracking_uri") == uri and record.get("experiment") == experiment
+    tags = {"results": f"{results_root}/{study_name}"}
+    if earlier:
+        tags["simflow.previous_parent_run"] = f"{earlier} ({record.get('tracking_uri')}, experiment {record.get('experiment')})"
+    run_id = tracking.init_study(uri, experiment, study_name, out, tags=tags, missing_run="error",
+                                 known_run_id=earlier if same_place else None)
+    if earlier == run_id:
+        print(f"MLflow: {out} was missing; the study's parent run {run_id} (from {record_path}) is still "
+              f"in {uri}: reused, its id written again", file=sys.stderr)
+    elif earlier:
+        where = ("is no longer live in this store (missing or deleted)" if same_place else
+                 f"is in store {record.get('tracking_uri')}, experiment {record.get('experiment')!r}")
+        print(f"MLflow: {out} was missing (removed by hand, or by Snakemake after the study's tracking "
+              f"settings changed). The study's earlier parent run {earlier} {where}; it is left as it "
+              f"is. Created a new parent run {run_id} in {uri} (experiment {experiment!r}, tagged "
+              "simflow.previous_parent_run); units set up before keep their runs under the earlier one "
+              "until they are set up again.", file=sys.stderr)
+    write_json(record_path, {"run_id": run_id, "tracking_uri": uri, "experiment": experiment})
+    return run_id
 
 
 def set_study_run_status(status: str, results_root: str, run_id_file: str | Path, *,

@@ -12,7 +12,9 @@ from simflow import study as sf
 from simflow.contracts import CONFIG_FILE, RUN_ID_FILE, SHARED_UNITS, STAGE_FILES
 
 # The whole study config is validated here, at parse time: an invalid variant fails the run
-# before any job starts, with a message naming the variant and the key.
+# before any job starts, with a message naming the variant and the key. Snakemake read the config
+# files itself, keeping the last of a duplicated key: they are read again strictly first.
+sf.check_config_files(workflow.configfiles)
 STUDY = sf.load_study(config)
 
 # Snakemake takes `--config` from the command line *instead of* a profile's `config:` (per
@@ -226,6 +228,17 @@ def tracking_args():
     """``--tracking-uri`` of the study (when configured), for the simflow.study commands."""
     uri = STUDY.tracking["tracking_uri"]
     return ["--tracking-uri", uri] if uri else []
+
+
+def check_study_store():
+    """The onstart check of the study's tracking store (simflow.study.check_study_store): on a
+    store that cannot be used, one error line naming it and the fix, and exit status 2 before
+    the first job (Snakemake would print a traceback for an exception raised here)."""
+    try:
+        sf.check_study_store(STUDY.tracking, STUDY.results_root)
+    except ValueError as err:
+        logger.error(f"simflow: error: {err}")
+        sys.exit(2)
 
 
 def set_study_run_status(status):
