@@ -299,7 +299,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_every",
     "train.sample_every", "train.fid_every", "train.fid_samples", "train.max_steps_this_run",
     "train.resume", "train.resume_mismatch", "train.compile", "train.micro_batch_size",
-    "train.collapse_threshold", "train.collapse_patience",
+    "train.collapse_threshold", "train.collapse_min_active_fraction", "train.collapse_patience",
     "train.lr", "train.vae_lr", "train.disc_lr",
     "sample.", "eval.", "tracking.", "launcher.", "preflight.",
 )

@@ -85,6 +85,7 @@ _TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("total_variation", "TV", "{:.3f}"),
     ("autocorrelation", "autocorr.", "{:.3f}"),
     ("total_updates", "updates", "{:.0f}"),
+    ("total_train_pflops", "train PFLOP", "{:.4f}"),
     ("total_train_time_s", "train time (s)", "{:.0f}"),
     ("img_per_s", "img/s", "{:.1f}"),
 )
@@ -94,8 +95,11 @@ PROTOCOL = (
     "Compute: `updates` counts every optimisation step a variant's models received, at the same "
     "global batch: a frozen variant's VAE pre-training steps plus its flow steps; an end-to-end "
     "variant's joint steps. End-to-end variants at equal *flow* steps have fewer updates than the "
-    "frozen ones; `*_equal_updates` variants are end-to-end at equal *total* updates. `train time` "
-    "is the wall-clock of those updates (the VAE pre-training's included, gFID probes excluded). "
+    "frozen ones; `*_equal_updates` variants are end-to-end at equal *total* updates, which is not "
+    "equal compute. `train PFLOP` is the counted training compute of those updates (forward + "
+    "backward, simflow.flops), the VAE pre-training's included; `*_compute_matched` variants are "
+    "end-to-end at the frozen pipeline's FLOPs. `train time` is the wall-clock of those updates "
+    "(the VAE pre-training's included, gFID probes excluded), which drifts with the machine. "
     "`rate` is the flow NLL's gap above the posterior-entropy floor (the prior KL), `active dims` the "
     "fraction of latent dims whose mean varies across images (simflow.rate)."
 )
@@ -629,6 +633,7 @@ def evaluate_claims(
     e2e_learnable: str = "e2e_learnable",
     simflow_repa: str = "simflow_repa",
     simflow_equal_updates: str | None = "simflow_equal_updates",
+    simflow_compute_matched: str | None = "simflow_compute_matched",
     alpha: float = ALPHA,
 ) -> list[dict[str, Any]]:
     """Check the paper's qualitative claims against the study's per-seed numbers.
@@ -655,6 +660,8 @@ def evaluate_claims(
        measures that disagree in direction make it inconclusive).
     5. Adding REPA (``simflow_repa``) improves gFID over ``simflow``.
     6. Only when the study has ``simflow_equal_updates``: claim 1 at equal total updates.
+    7. Only when the study has ``simflow_compute_matched``: claim 1 at equal training FLOPs, VAE
+       pre-training included (:mod:`simflow.flops`).
 
     gFID claims are decided on the ``kid`` column (KID, unbiased at small sample counts) with FID
     beside it; on ``fid``, and said so in the evidence, when the table has no KID.
@@ -663,7 +670,8 @@ def evaluate_claims(
         df: the per-(variant, seed) summary table (columns ``variant``, ``seed`` (optional: one
             seed), ``kid``, ``fid``, latent statistics, ``collapsed``...).
         noise_df: the noise-robustness table, or None if that stage was not run.
-        simflow, frozen_vae, e2e_learnable, simflow_repa, simflow_equal_updates: the variant names.
+        simflow, frozen_vae, e2e_learnable, simflow_repa, simflow_equal_updates,
+            simflow_compute_matched: the variant names.
         alpha: the family-wise error rate.
 
     Returns:
@@ -693,6 +701,11 @@ def evaluate_claims(
             df, f"At equal total updates ({simflow_equal_updates}: end-to-end for the frozen "
             f"pipeline's VAE pre-training + flow steps), SimFlow has a lower gFID than {frozen_vae}.",
             simflow_equal_updates, frozen_vae)
+    if simflow_compute_matched and (df["variant"] == simflow_compute_matched).any():
+        pending["gfid_vs_frozen_vae_compute_matched"] = _gfid_claim(
+            df, f"At equal training compute ({simflow_compute_matched}: end-to-end for the frozen "
+            f"pipeline's counted FLOPs, VAE pre-training included), SimFlow has a lower gFID than "
+            f"{frozen_vae}.", simflow_compute_matched, frozen_vae)
     compared = {"noise_robustness": (simflow, e2e_learnable)}  # by name, whatever the fallback found
     for claim_id, c in pending.items():
         reasons = [f"{v} has a collapsed encoder ({k})" for v in compared.get(claim_id, c.variants)

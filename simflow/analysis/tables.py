@@ -69,7 +69,7 @@ def per_seed_row(variant: str, seed: int, group: str, sigma: Any, posterior: str
                  pretrain: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The summary_per_seed.csv row of one trained unit. ``kid`` / ``kid_subset_std`` are the
     fid stage's KID mean and its spread over subsets; a frozen variant's compute (updates, wall
-    clock) includes its VAE's pre-training (``pretrain``)."""
+    clock, counted FLOPs) includes its VAE's pre-training (``pretrain``)."""
     offset = number(pretrain["train_time_s"]) if pretrain is not None else 0.0
     pretrain_steps = number(pretrain["steps"]) if pretrain is not None else 0.0
     rate = train.get("rate") or {}
@@ -94,6 +94,9 @@ def per_seed_row(variant: str, seed: int, group: str, sigma: Any, posterior: str
         "total_train_time_s": number(train.get("train_time_s")) + offset,
         "steps": number(train.get("steps")), "final_loss": number(train.get("final_loss")),
         "total_updates": number(train.get("steps")) + pretrain_steps,
+        # counted training FLOPs (simflow.flops), the VAE pre-training's included
+        "total_train_pflops": (number(train.get("train_flops"))
+                               + (number(pretrain.get("train_flops")) if pretrain is not None else 0.0)) / 1e15,
     }
 
 

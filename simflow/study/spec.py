@@ -99,7 +99,8 @@ class AnalysisSection:
     grid_images: int = option(32, "Samples per variant in the sample-grid figure.", ge=1)
     claims: dict = option({"simflow": "simflow", "frozen_vae": "frozen_vae",
                            "e2e_learnable": "e2e_learnable", "simflow_repa": "simflow_repa",
-                           "simflow_equal_updates": "simflow_equal_updates"},
+                           "simflow_equal_updates": "simflow_equal_updates",
+                           "simflow_compute_matched": "simflow_compute_matched"},
                           "Role -> variant name for the claim checks.")
     paper_mapping: dict = option({"simflow": "SimFlow", "simflow_repa": "SimFlow + REPA-E",
                                   "frozen_encoder_noise": "STARFlow", "tarflow_pixel": "TarFlow"},
