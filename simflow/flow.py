@@ -511,7 +511,7 @@ class TransformerFlow(nn.Module):
         to :func:`torch.compile`, e.g. ``mode="max-autotune"``). Parameter names and the state dict
         are unchanged. Blocks of equal depth share one compiled graph. Deep-copying a compiled
         module is not documented by PyTorch (the training loop samples without copies, see
-        ``simflow.train.ema_weights``). Sampling is unaffected: it uses :meth:`FlowBlock.step` (its
+        ``simflow.weights.ema_weights``). Sampling is unaffected: it uses :meth:`FlowBlock.step` (its
         compiled form is ``simflow.sampling``'s ``compiled`` mode)."""
         for block in self.blocks:
             block.compile(**compile_options)

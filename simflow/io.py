@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -158,3 +159,16 @@ def write_png(path: str | Path, image: Any) -> Path:
 
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+
+
+def make_grid(images: Any, ncol: int | None = None) -> Any:
+    """uint8 (N, H, W, C) → one uint8 image (rows·H, ncol·W, C), row by row."""
+    import numpy as np  # not at module level: the submit host's imports stay light
+    n, h, w, c = images.shape
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / ncol))
+    grid = np.zeros((rows * h, ncol * w, c), dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = images[i]
+    return grid

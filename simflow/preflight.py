@@ -518,7 +518,7 @@ def _measure(row, findings, cfg, rcfg, env, collector, result, real, vae_only, o
             findings.add("loss", "warn", f"the loss did not fall over the rehearsal ({first:.4g} → {last:.4g} "
                          f"in {curve[-1][0]} steps)", key="train.lr / train.warmup_steps / model.*")
     summary = result.summary if result is not None else {}
-    from simflow.train import RATE_KEYS
+    from simflow.rate import RATE_KEYS
     last = points[-1][1] if points else {}
     row["rate"] = summary.get("rate") or {k: last[f"train/{k}"] for k in RATE_KEYS if f"train/{k}" in last}
     row["collapsed"] = summary.get("collapsed")

@@ -31,10 +31,15 @@ import math
 import torch
 from torch import Tensor
 
+#: The rate-monitor metrics kept in the training summary (last log window), by their names in
+#: the training loop's terms (``train/<name>`` in MLflow).
+RATE_KEYS = ("rate_per_dim", "rate_bits_per_image", "entropy_per_dim", "nll_per_dim", "mu_spread",
+             "mu_spread_rel", "active_fraction", "posterior_std", "recon_mae", "decoder_scale", "nll_weight",
+             "psnr")
 #: Var_i(μ_d) / E_i[σ_d²] above which a latent dimension counts as active.
 ACTIVE_THRESHOLD = 0.01
 
-__all__ = ["ACTIVE_THRESHOLD", "CollapseMonitor", "collapse_reasons", "rate_statistics", "is_collapsed"]
+__all__ = ["ACTIVE_THRESHOLD", "RATE_KEYS", "CollapseMonitor", "collapse_reasons", "rate_statistics", "is_collapsed"]
 
 
 @torch.no_grad()

@@ -66,7 +66,7 @@ def make_fid_probe(cfg: Config, env: DistEnv) -> Callable[[SimFlowModel, dict], 
         raise ValueError("train.fid_every > 0 needs eval.reference_stats (run `simflow fid-ref` and "
                          "point it at reference_stats.npz), or set train.fid_every: 0")
     from simflow.fid import compute_metrics, images_to_uint8, save_samples_npz
-    from simflow.train import ema_weights
+    from simflow.weights import ema_weights
     sampling_mode(cfg, env.device)  # before training: a mode this device cannot run fails now
     register_extractor(cfg)
     path = Path(cfg.run_dir) / "fid_probe_samples.npz"
@@ -282,7 +282,7 @@ def sampling_mode(cfg: Config, device: torch.device) -> str:
 def generate_images(cfg: Config, model: SimFlowModel, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """Images in [-1, 1] from prior noise, with the sampler mode, guidance and denoising of
     ``cfg.sample``."""
-    from simflow.train import autocast
+    from simflow.weights import autocast
     s = cfg.sample
     guidance = None if s.guidance == 0 else s.guidance
     options: dict[str, Any] = {"mode": sampling_mode(cfg, noise.device)}
@@ -301,7 +301,7 @@ def generate_images(cfg: Config, model: SimFlowModel, noise: torch.Tensor, label
 
 def stage_sample(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     from simflow.fid import images_to_uint8, save_samples_npz
-    from simflow.train import make_grid
+    from simflow.io import make_grid
     run_dir = Path(cfg.run_dir)
     sampling_mode(cfg, env.device)  # a mode this device cannot run fails before any work
     model = load_trained(cfg, env.device)

@@ -13,13 +13,12 @@ averaged explicitly with one flat all-reduce per optimiser after the backward pa
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -33,8 +32,10 @@ from simflow.contracts import FROZEN_MODES
 from simflow.data import build_dataset, skipped_files_log
 from simflow.distributed import DistEnv, all_reduce_mean_, mean_over_ranks
 from simflow.flops import counted_step_flops
+from simflow.io import make_grid
 from simflow.model import QUANTISATION_STEP, SimFlowModel, build_model
-from simflow.rate import CollapseMonitor, collapse_reasons
+from simflow.rate import RATE_KEYS, CollapseMonitor, collapse_reasons
+from simflow.weights import EMA, autocast, ema_weights
 
 
 # ------------------------------------------------------------------------------------------
@@ -131,47 +132,6 @@ def make_optimizer(params: list[nn.Parameter], lr: float, cfg: Config, device: t
                              fused=device.type == "cuda")
 
 
-class EMA:
-    """Exponential moving average of the trainable floating-point parameters (and a copy of the
-    buffers, e.g. the latent scale), kept as a full state dict of the model.
-
-    The decay warms up as min(decay, (1 + t)/(10 + t)) over update t, so a short run (the demo)
-    is not evaluated on weights that have barely left their initialisation.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.tracked = {name for name, p in model.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for name, value in model.state_dict().items():
-            if name in self.tracked and decay > 0:
-                self.state[name].lerp_(value, 1 - decay)
-            else:
-                self.state[name].copy_(value)
-
-
-@contextlib.contextmanager
-def ema_weights(model: nn.Module, ema_state: dict) -> Iterator[nn.Module]:
-    """``model`` with the EMA weights loaded and in eval mode; its own weights and mode come back
-    on exit (the parameter tensors stay the optimiser's). In place rather than on a
-    ``copy.deepcopy``: no second model in memory (5 GB at the paper's flow size), and no deep copy
-    of ``torch.compile`` d blocks (``train.compile``), which PyTorch does not document (with torch
-    2.14 such a copy does run its own weights, without recompiling)."""
-    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    was_training = model.training
-    model.load_state_dict(ema_state)
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.load_state_dict(own)
-        model.train(was_training)
-
-
 def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -200,13 +160,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def autocast(cfg: Config, device: torch.device):
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 # ------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------
@@ -223,12 +176,6 @@ LATENT_SCALE_IMAGES = 1024
 
 #: gFID probe of the training loop (Figure 2): (model, EMA state) → FID of a small sample set.
 FidProbe = Callable[[SimFlowModel, dict], float]
-
-#: The rate-monitor metrics kept in the training summary (last log window), see simflow.rate.
-RATE_KEYS = ("rate_per_dim", "rate_bits_per_image", "entropy_per_dim", "nll_per_dim", "mu_spread",
-             "mu_spread_rel", "active_fraction", "posterior_std", "recon_mae", "decoder_scale", "nll_weight",
-             "psnr")
-
 
 class DecoderScale:
     """The calibrated decoder scale b of ``model.decoder_scale: calibrated`` (end-to-end mode).
@@ -591,15 +538,3 @@ def sample_grid(model: SimFlowModel, ema_state: dict, n: int = 16) -> np.ndarray
     with ema_weights(model, ema_state):
         images = images_to_uint8(model.generate(noise, labels)).cpu().numpy()
     return make_grid(images)
-
-
-def make_grid(images: np.ndarray, ncol: int | None = None) -> np.ndarray:
-    """uint8 (N, H, W, C) → one uint8 image (rows·H, ncol·W, C)."""
-    n, h, w, c = images.shape
-    ncol = ncol or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / ncol))
-    grid = np.zeros((rows * h, ncol * w, c), dtype=np.uint8)
-    for i in range(n):
-        r, k = divmod(i, ncol)
-        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = images[i]
-    return grid

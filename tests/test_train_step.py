@@ -10,8 +10,8 @@ from simflow.distributed import DistEnv
 from simflow.fid import train_feature_extractor
 from simflow.flow import TransformerFlow
 from simflow.model import build_model
-from simflow.train import (StepBatches, accumulate_gradients, collate, ema_weights, make_train_loader,
-                           train)
+from simflow.train import StepBatches, accumulate_gradients, collate, make_train_loader, train
+from simflow.weights import ema_weights
 
 TINY = ["data.name=digits", "data.image_size=8", "vae.channel_mult=[1,2]", "vae.base_channels=8",
         "vae.latent_channels=4", "flow.channels=32", "flow.layers_per_block=[1,1]", "flow.head_dim=16"]
