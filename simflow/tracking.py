@@ -588,18 +588,21 @@ def init_variant_run(
     tracking_uri: str,
     experiment_name: str,
     parent_run_id_file: Path,
-    variant: str,
+    run_name: str,
     run_id_file: Path,
+    *,
+    variant: str,
     tags: dict[str, Any] | None = None,
     known_run_id: str | None = None,
 ) -> str:
-    """Create (once) the child run of ``variant`` under the study's parent run; return its id.
+    """Create (once) the child run of a unit of ``variant`` under the study's parent run; return
+    its id.
 
     Idempotent like :func:`init_study`; when ``run_id_file`` is missing, ``known_run_id`` (the
     unit's last run, see :func:`simflow.study.setup_unit`) is reused if the store still holds
-    it. The child is named ``variant``, tagged ``mlflow.parentRunId`` (so the UI nests it),
-    ``variant``, the parent's ``study``, ``tags`` and :func:`provenance_tags`, and lives in the
-    parent's experiment, which must be ``experiment_name``.
+    it. The child is named ``run_name`` (a unit's name: variant and seed), tagged
+    ``mlflow.parentRunId`` (so the UI nests it), ``variant``, the parent's ``study``, ``tags`` and
+    :func:`provenance_tags`, and lives in the parent's experiment, which must be ``experiment_name``.
     """
     # The study's parent run must be in this store: a mismatch is an error, not a new parent.
     parent_id = check_run_in_store(tracking_uri, parent_run_id_file, fix=(
@@ -625,14 +628,14 @@ def init_variant_run(
         }
         if "study" in parent.data.tags:
             all_tags.setdefault("study", parent.data.tags["study"])
-        run = client.create_run(exp.experiment_id, tags=all_tags, run_name=variant)
-        log.info("created MLflow variant run %s (%s) under %s", run.info.run_id, variant, parent_id)
+        run = client.create_run(exp.experiment_id, tags=all_tags, run_name=run_name)
+        log.info("created MLflow variant run %s (%s) under %s", run.info.run_id, run_name, parent_id)
         return run
 
     return _create_run_once(tracking_uri, Path(run_id_file), create, known_run_id)
 
 
-def init_stage_run(tracking_uri: str, experiment_name: str, study_name: str, run_name: str,
+def init_stage_run(tracking_uri: str, experiment_name: str, study_name: str, variant: str,
                    study_dir: str | Path, run_dir: str | Path) -> Path:
     """The run-id file of a stage run by hand, outside the workflow (its config names no
     ``tracking.run_id_file``): ``<run_dir>/mlflow_run_id.txt``, created with its run if missing.
@@ -661,7 +664,7 @@ def init_stage_run(tracking_uri: str, experiment_name: str, study_name: str, run
     else:
         parent = run_dir / PARENT_RUN_ID_FILE
         init_study(tracking_uri, experiment_name, study_name, parent)
-    init_variant_run(tracking_uri, experiment_name, parent, run_name, path)
+    init_variant_run(tracking_uri, experiment_name, parent, variant, path, variant=variant)
     return path
 
 

@@ -201,7 +201,7 @@ def test_mlflow_helpers(results, tmp_path, capsys):
     tracking.init_study(uri, "load-test", STUDY, parent)
     (variant, seed), unit = next(iter(res.units.items()))
     id_file = tmp_path / "unit" / "mlflow_run_id.txt"
-    tracking.init_variant_run(uri, "load-test", parent, f"{variant}_s{seed}", id_file)
+    tracking.init_variant_run(uri, "load-test", parent, f"{variant}_s{seed}", id_file, variant=variant)
     with tracking.StageRun(uri, id_file, "train") as run:
         run.log_params_once({"model": {"mode": "end_to_end"}})
         for step in (1, 2, 3):

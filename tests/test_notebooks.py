@@ -145,7 +145,7 @@ def _make_mlflow(results: Path, study_dir: Path) -> None:
         for seed in SEEDS:
             unit = study_dir / variant / f"s{seed}"
             id_file = unit / "mlflow_run_id.txt"
-            tracking.init_variant_run(uri, EXPERIMENT, parent, f"{variant}_s{seed}", id_file,
+            tracking.init_variant_run(uri, EXPERIMENT, parent, f"{variant}_s{seed}", id_file, variant=variant,
                                       tags={"unit": f"{variant}/s{seed}", "seed": seed})
             with tracking.StageRun(uri, id_file, "train") as run:
                 run.log_params_once({"model": {"mode": "pixel" if smooth is None else "end_to_end"},

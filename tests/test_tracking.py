@@ -48,7 +48,8 @@ def store(tmp_path_factory) -> dict:
 
 def _variant(store: dict, name: str) -> tuple[str, Path]:
     run_file = store["root"] / name / "run_id.txt"
-    rid = T.init_variant_run(store["uri"], "simflow-test", store["parent_file"], name, run_file)
+    rid = T.init_variant_run(store["uri"], "simflow-test", store["parent_file"], f"{name}_s0", run_file,
+                             variant=name)
     return rid, run_file
 
 
@@ -88,7 +89,7 @@ def test_study_and_variant_are_idempotent(store):
     assert run.data.tags["mlflow.parentRunId"] == store["parent"]
     assert run.data.tags["variant"] == "idem"
     assert run.data.tags["study"] == "study-a"
-    assert run.info.run_name == "idem"
+    assert run.info.run_name == "idem_s0"  # the unit's name; the variant tag carries the variant
     parent = client.get_run(store["parent"])
     assert parent.data.tags["dataset"] == "digits"
     assert parent.info.status == "FINISHED"  # a container, not left RUNNING forever
@@ -104,9 +105,10 @@ def test_study_and_variant_are_idempotent(store):
 
 def test_variant_in_another_experiment_is_refused(store, tmp_path):
     with pytest.raises(ValueError, match="belongs to experiment 'simflow-test'"):
-        T.init_variant_run(store["uri"], "other-exp", store["parent_file"], "v", tmp_path / "run_id.txt")
+        T.init_variant_run(store["uri"], "other-exp", store["parent_file"], "v", tmp_path / "run_id.txt", variant="v")
     with pytest.raises(FileNotFoundError, match="init_study"):
-        T.init_variant_run(store["uri"], "simflow-test", tmp_path / "missing.txt", "v", tmp_path / "r.txt")
+        T.init_variant_run(store["uri"], "simflow-test", tmp_path / "missing.txt", "v", tmp_path / "r.txt",
+                           variant="v")
 
 
 def test_params_once_survive_a_second_stage_and_conflicts_are_named(store):

@@ -33,6 +33,7 @@ import pandas as pd
 from simflow.analysis.latent_stats import latent_statistics
 from simflow.analysis.summary import LATENT_STAT_COLUMNS, aggregate_seeds, claim_status
 from simflow.analysis.tables import FLOOR_COLUMNS
+from simflow.contracts import RUN_ID_FILE
 
 __all__ = [
     "NOISE_COLUMNS",
@@ -449,7 +450,7 @@ def unit_runs(client: Any | None, units: Mapping[tuple[str, int], Path]) -> dict
 
     found, missing = {}, []
     for key, unit in units.items():
-        id_file = Path(unit) / "mlflow_run_id.txt"
+        id_file = Path(unit) / RUN_ID_FILE
         if not id_file.is_file():
             missing.append(f"{key[0]}/s{key[1]}")
             continue

@@ -167,7 +167,7 @@ def setup_unit(cfg: Mapping[str, Any], config_path: str | Path, run_id_path: str
     if full.tracking.enabled:
         run_id = tracking.init_variant_run(
             _tracking_uri(full.tracking.tracking_uri, full.results_root), full.tracking.experiment,
-            Path(parent_run_id_path), run_name, Path(run_id_path),
+            Path(parent_run_id_path), run_name, Path(run_id_path), variant=full.variant,
             tags={**(tags or {}), "config_sha256": fingerprint},
             # the same config as last time: its run, unless the store no longer holds it
             known_run_id=state.get("run_id") if old == fingerprint else None)
