@@ -16,6 +16,7 @@ __all__ = [
     "MODEL_MODES",
     "PARENT_RUN_ID_FILE",
     "RUN_ID_FILE",
+    "RUN_ID_PATTERN",
     "SHARED_DIR",
     "SHARED_UNITS",
     "STAGES",
@@ -60,6 +61,8 @@ CONFIG_FILE = "config.yaml"
 #: A unit folder's MLflow run id; the study folder's parent run id.
 RUN_ID_FILE = "mlflow_run_id.txt"
 PARENT_RUN_ID_FILE = "mlflow_parent_run_id.txt"
+#: What a run-id file holds when it names a run: an MLflow run id (32 hex digits).
+RUN_ID_PATTERN = r"[0-9a-f]{32}"
 #: The study folder's record of its last parent run (id, store, experiment), kept beside the
 #: parent run-id file, which Snakemake removes before it re-runs the rule that writes it.
 PARENT_RUN_RECORD = ".mlflow_parent_run.json"

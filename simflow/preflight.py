@@ -843,16 +843,7 @@ def log_report(paths: list[str | Path], tracking_uri: str, parent_run_id_file: s
     """Attach the report files to the study's MLflow parent run (artifacts under ``preflight/``,
     tag ``simflow.preflight`` = the verdict, metric ``preflight/device_hours``); returns the run
     id, or None when tracking is disabled (the parent file holds no run id)."""
-    run_id = Path(parent_run_id_file).read_text().strip()
-    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
-        return None
-    from mlflow import MlflowClient
-
-    from simflow.tracking import init_tracking_store
-    init_tracking_store(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    for path in paths:
-        client.log_artifact(run_id, str(path), "preflight")
-    client.set_tag(run_id, "simflow.preflight", report["verdict"])
-    client.log_metric(run_id, "preflight/device_hours", float(report["totals"]["device_hours"]))
-    return run_id
+    from simflow.tracking import log_run_outputs
+    return log_run_outputs(tracking_uri, Path(parent_run_id_file), artifacts={"preflight": paths},
+                           metrics={"preflight/device_hours": float(report["totals"]["device_hours"])},
+                           tags={"simflow.preflight": report["verdict"]})

@@ -47,7 +47,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from simflow.contracts import PARENT_RUN_ID_FILE, RUN_ID_FILE, TRACKING_DISABLED
+from simflow.contracts import PARENT_RUN_ID_FILE, RUN_ID_FILE, RUN_ID_PATTERN, TRACKING_DISABLED
 from simflow.io import atomic_write
 
 __all__ = [
@@ -94,9 +94,8 @@ os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_EXPERIMENT_KIND = "custom_model_development"
 
-# Limits of MLflow's REST/SQL stores (mlflow/utils/validation.py in 3.17).
-_MAX_PARAMS_PER_BATCH = 100
-_MAX_METRICS_PER_BATCH = 1000
+# Limits of MLflow's REST/SQL stores (mlflow/utils/validation.py in 3.17); its client splits a
+# log_batch into batches of the store's size itself.
 _MAX_PARAM_VALUE_LEN = 6000
 _MAX_NOTE_LEN = 5000  # tag values: 8000 characters in 3.17; a run description is a tag
 
@@ -193,7 +192,7 @@ def read_run_id(run_id_file: str | Path) -> str:
             "(simflow.tracking.init_study / init_variant_run, i.e. the workflow's mlflow init rules)"
         )
     run_id = path.read_text().strip()
-    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+    if not re.fullmatch(RUN_ID_PATTERN, run_id):
         raise ValueError(
             f"MLflow run id file {path} holds {run_id!r}, not a 32-hex-digit run id; delete the file "
             "to create a new run"
@@ -679,7 +678,7 @@ def _open_marked_run(tracking_uri: str, run_id_file: str | Path) -> tuple[str, A
     """(run id, client) of the run named by ``run_id_file``, or None when the file does not exist
     or holds no run id (tracking disabled: a marker)."""
     path = Path(run_id_file)
-    if not path.is_file() or not re.fullmatch(r"[0-9a-f]{32}", path.read_text().strip()):
+    if not path.is_file() or not re.fullmatch(RUN_ID_PATTERN, path.read_text().strip()):
         return None
     init_tracking_store(tracking_uri)
     return read_run_id(path), _client(tracking_uri)
@@ -733,14 +732,11 @@ def log_run_outputs(
     now_ms = int(time.time() * 1000)
     batch = [Metric(k, float(v), now_ms, 0) for k, v in (metrics or {}).items()
              if v is not None and math.isfinite(float(v))]
-    for i in range(0, len(batch), _MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=batch[i:i + _MAX_METRICS_PER_BATCH])
+    client.log_batch(run_id, metrics=batch)  # MLflow's client splits a batch to its store's limits
     all_tags = _str_tags(tags)
     if description is not None:
         all_tags["mlflow.note.content"] = description[:_MAX_NOTE_LEN]
-    items = [RunTag(k, v) for k, v in all_tags.items()]
-    for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, tags=items[i:i + _MAX_PARAMS_PER_BATCH])
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
     return run_id
 
 
@@ -934,9 +930,7 @@ class StageRun:
             return
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, v) for k, v in _str_tags(tags).items()]
-        for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, tags=items[i:i + _MAX_PARAMS_PER_BATCH])
+        self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in _str_tags(tags).items()])
 
     def log_params_once(self, params: Mapping[str, Any]) -> None:
         """Log ``flatten(params)``, skipping keys the run already has (a requeued or later stage
@@ -963,8 +957,7 @@ class StageRun:
                 + f". Delete {self.run_id_file} to track this configuration in a new run, or "
                 "restore the old values."
             )
-        for i in range(0, len(new), _MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=new[i:i + _MAX_PARAMS_PER_BATCH])
+        self._client.log_batch(self.run_id, params=new)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log the finite values of ``metrics`` at ``step`` (0 if None) in one batch."""
@@ -982,8 +975,7 @@ class StageRun:
                               RuntimeWarning, stacklevel=2)
                 continue
             batch.append(Metric(key, v, now_ms, int(step or 0)))
-        for i in range(0, len(batch), _MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self.run_id, metrics=batch[i:i + _MAX_METRICS_PER_BATCH])
+        self._client.log_batch(self.run_id, metrics=batch)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy the file or folder ``path`` into the run's artifacts (under ``artifact_path``)."""
