@@ -5,11 +5,10 @@
 #   snakemake -n                                    # what would run (config/config.yaml)
 #   snakemake --configfile config/demo.yaml --report report.html   # figures + summary, one HTML file
 #   snakemake --profile slurm preflight             # rehearse every training run first (report in
-#                                                   # results/<study>/preflight/)
+#                                                   # results/<study>/preflight/); the target goes
+#                                                   # before --configfile, which takes every word after it
 #
 # Rules: workflow/rules/*.smk; keys of the study config: config/README.md.
-from pathlib import Path
-
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -21,12 +20,6 @@ min_version("9.0")
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
-
-
-# `--configfile <study>.yaml preflight`: Snakemake reads a target written after --configfile as one
-# more config file; the repository's `preflight` file (an empty mapping) is that file, and asks
-# for the preflight target instead of `all` (see its comment).
-PREFLIGHT_BY_CONFIGFILE = any(Path(f).name == "preflight" for f in workflow.overwrite_configfiles or [])
 
 
 # common.smk loads the study with simflow.study.load_study, the one validation of a study (its
@@ -71,17 +64,8 @@ include: "workflow/rules/preflight.smk"
 
 
 rule all:
-    default_target: not PREFLIGHT_BY_CONFIGFILE
+    default_target: True
     input:
         all_targets(),
         NOTEBOOK_TARGETS,
         OUTPUT_TARGETS,
-
-
-# The preflight (workflow/rules/preflight.smk): `snakemake --profile slurm preflight`. Defined here,
-# not in the included file, because only the main Snakefile can make it the default target (for
-# `--configfile <study>.yaml preflight`, see PREFLIGHT_BY_CONFIGFILE).
-rule preflight:
-    default_target: PREFLIGHT_BY_CONFIGFILE
-    input:
-        rules.preflight_report.output,

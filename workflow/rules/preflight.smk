@@ -5,7 +5,7 @@
 # study's MLflow parent run. Nothing here depends on the real training outputs, and `all` does not
 # depend on the preflight. A rehearsal that finds a problem still succeeds: the problem is its
 # (red) row. After fixing something outside the config (a file on the nodes), re-run the
-# rehearsals with `--forcerun preflight_unit`. The target rule `preflight` is in the Snakefile.
+# rehearsals with `--forcerun preflight_unit`.
 
 PREFLIGHT_UNITS = list(sf.preflight_units(STUDY))
 PREFLIGHT_ROWS = [stage_file("preflight", "row", f"{SD}/{unit}") for unit in PREFLIGHT_UNITS]
@@ -52,3 +52,7 @@ rule preflight_report:
     script:
         "../scripts/preflight_report.py"
 
+
+rule preflight:
+    input:
+        rules.preflight_report.output,
