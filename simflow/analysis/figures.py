@@ -34,11 +34,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from simflow.analysis.summary import (
-    LATENT_STAT_COLUMNS,
-    _require_columns,
-    aggregate_seeds,
-)
+from simflow.analysis.latent_stats import BY_NAME, LATENT_STAT_COLUMNS
+from simflow.analysis.summary import _require_columns, aggregate_seeds
 
 __all__ = [
     "SAVE_RC",
@@ -70,12 +67,6 @@ _STYLE_RC: dict[str, object] = {
     "axes.spines.right": False,
 }
 
-_STAT_TITLES: dict[str, str] = {
-    "spectral_entropy": "Spectral entropy\n(lower = smoother)",
-    "high_frequency_ratio": "High-frequency ratio, r > 0.25\n(lower = smoother)",
-    "total_variation": "Total variation / std\n(lower = smoother)",
-    "autocorrelation": "Autocorrelation, lag 1\n(higher = smoother)",
-}
 
 _SWEEP_GROUP = "sigma_sweep"
 _RATE_SWEEP_GROUP = "rate_sweep"
@@ -435,7 +426,7 @@ def fig_latent_stats(df: pd.DataFrame) -> Figure:
         fig = _new_figure(max(7.0, 0.45 * len(order) * 4 + 2), 3.2)
         axes = fig.subplots(1, len(LATENT_STAT_COLUMNS))
         for ax, column in zip(axes, LATENT_STAT_COLUMNS, strict=True):
-            ax.set_title(_STAT_TITLES[column])
+            ax.set_title(BY_NAME[column].title)
             if not order or not _bar_panel(ax, agg, column, order, colors):
                 _no_data(ax, "no data" if column in present else "not computed")
     return fig

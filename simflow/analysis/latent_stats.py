@@ -34,11 +34,16 @@ Expected values on reference signals (tested in ``tests/test_latent_stats.py``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "LATENT_STAT_COLUMNS",
+    "LatentStatistic",
+    "STATISTICS",
     "spectral_entropy",
     "high_frequency_ratio",
     "total_variation",
@@ -250,21 +255,48 @@ def autocorrelation(z: Any, lag: int = 1) -> float:
     return float(per_map.mean())
 
 
-def latent_statistics(z: Any) -> dict[str, float]:
-    """All four smoothness statistics of latent maps ``z`` (shape ``(N, C, H, W)``).
+@dataclass(frozen=True)
+class LatentStatistic:
+    """One smoothness statistic of latent maps: the one registry that the latents stage, the
+    summary table, the claims, the figures and the notebooks read.
 
-    Uses the default parameters (``cutoff=0.25`` cycles/token, ``lag=1`` token).
-
-    Returns:
-        ``{"spectral_entropy", "high_frequency_ratio", "total_variation", "autocorrelation"}``
-        mapped to floats, each a mean over the non-constant maps.
+    ``name``: its column in the tables; ``compute``: maps ``(N, C, H, W)`` → a float (the mean over
+    the non-constant maps); ``smoother``: ``"lower"`` or ``"higher"``, the direction of a smoother
+    latent; ``label``: the table's column header; ``title``: the figure panel's title; ``unit``.
     """
-    # Convert once (a torch tensor on the GPU would otherwise be copied four times).
-    maps = _as_maps(z)
-    z4 = maps[:, None]
-    return {
-        "spectral_entropy": spectral_entropy(z4),
-        "high_frequency_ratio": high_frequency_ratio(z4),
-        "total_variation": total_variation(z4),
-        "autocorrelation": autocorrelation(z4),
-    }
+
+    name: str
+    compute: Callable[[Any], float]
+    smoother: str
+    label: str
+    title: str
+    unit: str
+
+    @property
+    def sign(self) -> int:
+        """+1 when a larger value is smoother, −1 when a smaller one is."""
+        return 1 if self.smoother == "higher" else -1
+
+
+#: The statistics, in table and figure order (default parameters: ``cutoff=0.25`` cycles/token,
+#: ``lag=1`` token).
+STATISTICS: tuple[LatentStatistic, ...] = (
+    LatentStatistic("spectral_entropy", spectral_entropy, "lower", "spectral entropy",
+                    "Spectral entropy\n(lower = smoother)", "normalised entropy, 0–1"),
+    LatentStatistic("high_frequency_ratio", high_frequency_ratio, "lower", "HF ratio",
+                    "High-frequency ratio, r > 0.25\n(lower = smoother)", "fraction of power"),
+    LatentStatistic("total_variation", total_variation, "lower", "TV",
+                    "Total variation / std\n(lower = smoother)", "per token, in map stds"),
+    LatentStatistic("autocorrelation", autocorrelation, "higher", "autocorr.",
+                    "Autocorrelation, lag 1\n(higher = smoother)", "correlation, −1–1"),
+)
+LATENT_STAT_COLUMNS: tuple[str, ...] = tuple(s.name for s in STATISTICS)
+BY_NAME: dict[str, LatentStatistic] = {s.name: s for s in STATISTICS}
+
+
+def latent_statistics(z: Any) -> dict[str, float]:
+    """Every statistic of :data:`STATISTICS` of latent maps ``z`` (shape ``(N, C, H, W)``), by
+    name, each a mean over the non-constant maps."""
+    # Convert once (a torch tensor on the GPU would otherwise be copied once per statistic).
+    z4 = _as_maps(z)[:, None]
+    return {s.name: s.compute(z4) for s in STATISTICS}

@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from simflow.analysis.latent_stats import latent_statistics
-from simflow.analysis.summary import LATENT_STAT_COLUMNS, aggregate_seeds, claim_status
+from simflow.analysis.latent_stats import LATENT_STAT_COLUMNS
+from simflow.analysis.summary import aggregate_seeds, claim_status
 from simflow.analysis.tables import FLOOR_COLUMNS
 from simflow.contracts import RUN_ID_FILE
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from simflow.analysis.latent_stats import BY_NAME, LATENT_STAT_COLUMNS, STATISTICS
 from simflow.analysis.stats import ALPHA, PairedTest, holm, holm_confidence, paired_t, t_interval
 
 __all__ = [
@@ -42,12 +43,6 @@ __all__ = [
     "VERDICTS",
 ]
 
-LATENT_STAT_COLUMNS: tuple[str, ...] = (
-    "spectral_entropy",
-    "high_frequency_ratio",
-    "total_variation",
-    "autocorrelation",
-)
 
 #: Published numbers, keyed by the model name used in the papers. ``fid`` is the class-conditional
 #: generation FID with guidance as reported in the abstracts (SimFlow arXiv abstract; TarFlow
@@ -80,10 +75,7 @@ _TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("active_fraction", "active dims", "{:.2f}"),
     ("posterior_std", "posterior σ", "{:.3f}"),
     ("nll_bpd", "NLL (bpd, own latent space)", "{:.3f}"),
-    ("spectral_entropy", "spectral entropy", "{:.3f}"),
-    ("high_frequency_ratio", "HF ratio", "{:.3f}"),
-    ("total_variation", "TV", "{:.3f}"),
-    ("autocorrelation", "autocorr.", "{:.3f}"),
+    *((stat.name, stat.label, "{:.3f}") for stat in STATISTICS),
     ("total_updates", "updates", "{:.0f}"),
     ("total_train_pflops", "train PFLOP", "{:.4f}"),
     ("total_train_time_s", "train time (s)", "{:.0f}"),
@@ -597,8 +589,8 @@ def _claim_smoothness(df: pd.DataFrame, e2e: str, frozen: str) -> _PendingClaim:
         "lower total variation and higher autocorrelation."
     )
     pending = _PendingClaim(claim, (e2e, frozen))
-    measures = [_column_measure(df, "total variation", "total_variation", e2e, frozen, -1, "{:.3f}"),
-                _column_measure(df, "autocorrelation", "autocorrelation", e2e, frozen, +1, "{:.3f}")]
+    measures = [_column_measure(df, stat.name.replace("_", " "), stat.name, e2e, frozen, stat.sign, "{:.3f}")
+                for stat in (BY_NAME["total_variation"], BY_NAME["autocorrelation"])]
     reasons = [m for m in measures if isinstance(m, str)]
     if reasons:
         pending.reason = "; ".join(reasons)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from simflow.analysis import latent_statistics
 from simflow.analysis.load import NOISE_COLUMNS
-from simflow.analysis.summary import LATENT_STAT_COLUMNS
+from simflow.analysis.latent_stats import LATENT_STAT_COLUMNS
 from simflow.analysis.tables import number, per_seed_row, write_study_tables
 
 
