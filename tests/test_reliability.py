@@ -102,7 +102,7 @@ def tracked_study(tmp_path, monkeypatch, blank_store) -> dict:
     unit = S.variant_unit("simflow", 0)
     unit_dir = Path(study.unit_dir(unit))
     files = (unit_dir / CONFIG_FILE, unit_dir / RUN_ID_FILE, parent_file)
-    S.setup_unit(study.units[unit], *files, run_name=S.unit_run_name(study, unit),
+    S.setup_unit(study.units[unit], *files, run_name=S.unit_run_name(unit),
                  tags=S.unit_tags(study, unit))
     return {"study": study, "uri": uri, "parent": parent, "parent_file": parent_file,
             "unit": unit, "files": files, "root": tmp_path}

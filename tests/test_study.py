@@ -262,12 +262,11 @@ def test_unknown_variant_and_seed_are_errors():
 
 def test_run_names_and_tags():
     study = S.load_study(_tiny())
-    assert S.unit_run_name(study, "frozen/s3") == "frozen_s3"  # two seeds: the seed is in the name
-    assert S.unit_run_name(study, "_shared/pretrain_vae/s0") == "shared:pretrain_vae_s0"
+    assert S.unit_run_name("frozen/s3") == "frozen_s3"  # two seeds: the seed is in the name
+    assert S.unit_run_name("_shared/pretrain_vae/s0") == "shared:pretrain_vae_s0"
     assert S.unit_tags(study, "simflow/s0") == {"unit": "simflow/s0", "group": "latent",
                                                 "sigma": 0.5, "seed": 0}
-    single = S.load_study(_tiny(seeds=[0]))
-    assert S.unit_run_name(single, "frozen/s0") == "frozen_s0"  # adding seeds must not rename it
+    assert S.unit_run_name("frozen/s0") == "frozen_s0"  # one seed or several: the same name
 
 
 # ------------------------------------------------------------------------------------------

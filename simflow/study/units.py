@@ -215,12 +215,12 @@ def _check_frozen_vae(study: Study, units: dict[str, dict]) -> None:
                 "agree")
 
 
-def unit_run_name(study: Study, unit: str) -> str:
+def unit_run_name(unit: str) -> str:
     """MLflow run name of a unit: ``<variant>_s<seed>``, or ``shared:<stage>`` for a shared unit.
 
-    The seed is always in the name (not only when a study has several seeds): the name is a
-    parameter of the unit's set-up rule, so a name that changed when seeds are added would make
-    Snakemake retrain every finished seed-0 unit."""
+    The seed is always in the name (not only when a study has several seeds), so that adding
+    seeds renames nothing. The set-up rule derives it from the unit, not from a tracked
+    parameter: renaming runs never re-runs a unit."""
     if unit.startswith(f"{SHARED_DIR}/"):
         return "shared:" + unit[len(SHARED_DIR) + 1:].replace("/", "_")
     variant, seed = unit.rsplit("/", 1)

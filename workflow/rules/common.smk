@@ -154,10 +154,6 @@ def setup_params(wildcards):
     return STUDY.units[wildcards.unit]
 
 
-def run_name(wildcards):
-    return sf.unit_run_name(STUDY, wildcards.unit)
-
-
 def run_tags(wildcards):
     return sf.unit_tags(STUDY, wildcards.unit)
 

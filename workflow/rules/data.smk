@@ -29,7 +29,9 @@ rule mlflow_init:
 # A unit (one variant and seed, or a shared stage) gets its resolved stage config and its MLflow
 # child run. The unit's explicit config is a params value: when it changes this rule re-runs,
 # and everything of this unit downstream of config.yaml re-runs with it; other units do not.
-# The parent run id is ancient(): re-creating the parent run does not re-run the study.
+# The parent run id is ancient(): re-creating the parent run does not re-run the study. The run
+# name comes from the unit (simflow.study.unit_run_name), not a params value: renaming runs
+# re-runs nothing.
 rule setup_unit:
     input:
         parent=ancient(STUDY.parent_run_id_file),
@@ -38,7 +40,6 @@ rule setup_unit:
         run_id=f"{SD}/{{unit}}/{RUN_ID_FILE}",
     params:
         config=setup_params,
-        run_name=run_name,
         tags=run_tags,
     log:
         f"{LOGS}/{{unit}}/setup.log",

@@ -3,7 +3,7 @@
 import logging
 import sys
 
-from simflow.study import setup_unit
+from simflow.study import setup_unit, unit_run_name
 
 with open(snakemake.log[0], "w") as log_file:  # noqa: F821 (snakemake is injected)
     sys.stderr = sys.stdout = log_file
@@ -13,7 +13,7 @@ with open(snakemake.log[0], "w") as log_file:  # noqa: F821 (snakemake is inject
         snakemake.output.config,  # noqa: F821
         snakemake.output.run_id,  # noqa: F821
         snakemake.input.parent,  # noqa: F821
-        run_name=snakemake.params.run_name,  # noqa: F821
+        run_name=unit_run_name(snakemake.wildcards.unit),  # noqa: F821
         tags=snakemake.params.tags,  # noqa: F821
     )
     print(f"{snakemake.wildcards.unit}: config {snakemake.output.config}, MLflow run {run_id}")  # noqa: F821
