@@ -2,7 +2,7 @@
 
 Fashion-MNIST at 32x32 grayscale has no meaningful Inception features, and the weights are not
 available offline. The demo therefore trains :class:`SmallClassifier` (a small CNN) on the data
-set (:func:`simflow.fid.train_feature_extractor`), and uses it twice: registered with
+set (:func:`train_feature_extractor`), and uses it twice: registered with
 torch-fidelity as the FID/IS feature extractor (:func:`simflow.fid.register_classifier_extractor`),
 and, frozen, as the REPA target encoder (:func:`classifier_patch_tokens`, its intermediate conv
 map). Building the model needs this module only, not the FID machinery.
@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from simflow.io import atomic_write
 
@@ -27,6 +28,7 @@ __all__ = [
     "load_classifier",
     "match_input",
     "save_classifier",
+    "train_feature_extractor",
 ]
 
 _CHECKPOINT_FORMAT = "simflow-classifier-v1"
@@ -96,7 +98,7 @@ def match_input(x: Tensor, in_channels: int, image_size: int) -> Tensor:
 
 
 def load_classifier(checkpoint_path: str | Path, map_location: str | torch.device = "cpu") -> SmallClassifier:
-    """Load a :class:`SmallClassifier` written by :func:`simflow.fid.train_feature_extractor` (eval
+    """Load a :class:`SmallClassifier` written by :func:`train_feature_extractor` (eval
     mode, frozen)."""
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -154,3 +156,70 @@ class ClassifierPatchTokens(nn.Module):
 def classifier_patch_tokens(checkpoint_path: str | Path, grid_size: int | None = None) -> ClassifierPatchTokens:
     """The demo's frozen REPA target encoder: see :class:`ClassifierPatchTokens`."""
     return ClassifierPatchTokens(load_classifier(checkpoint_path), grid_size)
+
+
+def train_feature_extractor(
+    dataset: Dataset,
+    out_path: str | Path,
+    steps: int = 2000,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    *,
+    eval_dataset: Dataset | None = None,
+    width: int = 32,
+    feature_dim: int = 128,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Train a :class:`SmallClassifier` on ``dataset`` ((float image, label) items) and save its checkpoint.
+
+    AdamW with a cosine learning-rate decay over ``steps`` steps of ``batch_size`` images drawn with
+    replacement (seeded), loaded by ``num_workers`` worker processes (``data.num_workers``). Returns
+    ``{"accuracy", "accuracy_split", "final_loss", "steps", "num_params", "checkpoint"}``; accuracy is on ``eval_dataset`` when given, else on (up to 5000 of) the training images.
+    """
+    if steps <= 0 or batch_size <= 0:
+        raise ValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    image, _ = dataset[0]
+    if image.dim() != 3 or image.shape[-1] != image.shape[-2]:
+        raise ValueError(f"train_feature_extractor expects square (C, S, S) images, got {tuple(image.shape)}")
+    num_classes = int(getattr(dataset, "num_classes", 10))
+    torch.manual_seed(seed)
+    model = SmallClassifier(image.shape[0], num_classes, width, feature_dim, image.shape[-1]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    gen = torch.Generator().manual_seed(seed)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=steps * batch_size, generator=gen)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=num_workers)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+
+    if eval_dataset is None:
+        split, eval_ds = "train", torch.utils.data.Subset(dataset, range(min(5000, len(dataset))))
+    else:
+        split, eval_ds = "eval", eval_dataset
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(eval_ds, batch_size=512, num_workers=num_workers):
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+            total += len(y)
+    result = {
+        "accuracy": correct / total,
+        "accuracy_split": split,
+        "final_loss": float(loss.item()),
+        "steps": steps,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "checkpoint": str(out_path),
+    }
+    save_classifier(model, out_path, metrics={k: v for k, v in result.items() if k != "checkpoint"})
+    return result

@@ -117,27 +117,19 @@ def step_flops(cfg: Config, vae_only: bool = False) -> float:
     return flops * cfg.train.global_batch_size / COUNT_BATCH
 
 
-def pipeline_flops(study, variant: str, seed: int | None = None) -> dict[str, float]:
-    """Counted training FLOPs of ``variant``'s whole pipeline: its own ``train.steps`` steps and,
-    for the frozen modes, the shared VAE's pre-training (``pretrain_vae``). Keys ``train``,
-    ``pretrain_vae`` (0 for end-to-end variants) and ``total``."""
-    from simflow.contracts import FROZEN_MODES
-    from simflow.study import resolved_config, shared_config, variant_config
-
-    seed = study.seeds[0] if seed is None else seed
-    cfg = resolved_config(variant_config(study, variant, seed))
+def pipeline_flops(cfg: Config, pretrain: Config | None = None) -> dict[str, float]:
+    """Counted training FLOPs of a whole pipeline: ``cfg``'s own ``train.steps`` steps and, for
+    the frozen modes, the shared VAE's pre-training (``pretrain``, its ``pretrain-vae`` config;
+    :func:`simflow.study.pipeline_configs` gives both). Keys ``train``, ``pretrain_vae`` (0 without
+    ``pretrain``) and ``total``."""
     out = {"train": cfg.train.steps * step_flops(cfg), "pretrain_vae": 0.0}
-    if cfg.model.mode in FROZEN_MODES:
-        pre = resolved_config(shared_config(study, "pretrain_vae", seed))
-        out["pretrain_vae"] = pre.train.steps * step_flops(pre, vae_only=True)
+    if pretrain is not None:
+        out["pretrain_vae"] = pretrain.train.steps * step_flops(pretrain, vae_only=True)
     out["total"] = out["train"] + out["pretrain_vae"]
     return out
 
 
-def compute_matched_steps(study, variant: str, reference: str) -> int:
-    """The ``train.steps`` at which ``variant``'s pipeline costs the FLOPs of ``reference``'s
-    (VAE pre-training included), rounded to the nearest step."""
-    from simflow.study import resolved_config, variant_config
-
-    cfg = resolved_config(variant_config(study, variant, study.seeds[0]))
-    return round(pipeline_flops(study, reference)["total"] / step_flops(cfg))
+def compute_matched_steps(cfg: Config, total_flops: float) -> int:
+    """The ``train.steps`` at which ``cfg``'s training costs ``total_flops`` (another pipeline's
+    :func:`pipeline_flops` total), rounded to the nearest step."""
+    return round(total_flops / step_flops(cfg))

@@ -139,7 +139,7 @@ def batched(n: int, size: int):
 # Stages
 # ------------------------------------------------------------------------------------------
 def stage_feature_extractor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
-    from simflow.fid import train_feature_extractor
+    from simflow.classifier import train_feature_extractor
     if not env.is_main:
         return {}
     train_set = stage_dataset(cfg, "train")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from simflow import fid
-from simflow.classifier import classifier_patch_tokens, load_classifier
+from simflow.classifier import classifier_patch_tokens, load_classifier, train_feature_extractor
 from simflow.data import build_dataset
 from simflow.fid import (
     FeatureExtractorWeightsError,
@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("clf") / "classifier.pt"
     train = build_dataset("digits", None, "train", 16)
     test = build_dataset("digits", None, "test", 16)
-    result = fid.train_feature_extractor(train, ckpt, steps=80, batch_size=64, lr=3e-3, seed=0,
+    result = train_feature_extractor(train, ckpt, steps=80, batch_size=64, lr=3e-3, seed=0,
                                          eval_dataset=test, width=8, feature_dim=32, device="cpu")
     register_classifier_extractor(ckpt, TRAINED)
     return ckpt, result

@@ -11,7 +11,7 @@ import yaml
 from simflow.config import deep_merge, load_config
 from simflow.flops import compute_matched_steps, pipeline_flops, step_flops, train_flops
 from simflow.flow import TransformerFlow
-from simflow.study import load_study
+from simflow.study import load_study, pipeline_configs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.name=digits", "data.image_size=8", "vae.channel_mult=[1,2]", "vae.base_channels=8",
@@ -38,15 +38,18 @@ def test_the_claims_study_compute_matched_variant_costs_the_frozen_pipeline():
                      yaml.safe_load((REPO / "config" / "claims.yaml").read_text()))
     study = load_study(raw)
     configured = study.variants["simflow_compute_matched"].overrides["train"]["steps"]
-    assert configured == compute_matched_steps(study, "simflow_compute_matched", "frozen_vae"), (
+    frozen = pipeline_flops(*pipeline_configs(study, "frozen_vae"))
+    matched_cfg, no_pretrain = pipeline_configs(study, "simflow_compute_matched")
+    assert no_pretrain is None
+    assert configured == compute_matched_steps(matched_cfg, frozen["total"]), (
         "config/claims.yaml: simflow_compute_matched's train.steps no longer matches the frozen "
         "pipeline's FLOPs; set it to what `python -m simflow.study flops config/demo.yaml "
         "config/claims.yaml --match simflow_compute_matched=frozen_vae` prints")
-    frozen, matched = pipeline_flops(study, "frozen_vae"), pipeline_flops(study, "simflow_compute_matched")
+    matched = pipeline_flops(matched_cfg)
     assert frozen["pretrain_vae"] > 0 and matched["pretrain_vae"] == 0
     assert matched["total"] == pytest.approx(frozen["total"], rel=1e-3)
     # equal updates is not equal compute: it costs more than the frozen pipeline
-    assert pipeline_flops(study, "simflow_equal_updates")["total"] > 1.5 * frozen["total"]
+    assert pipeline_flops(*pipeline_configs(study, "simflow_equal_updates"))["total"] > 1.5 * frozen["total"]
 
 
 def test_flops_command_rejects_an_unknown_variant_in_one_line():

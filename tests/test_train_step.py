@@ -7,7 +7,7 @@ import torch
 from simflow.config import load_config
 from simflow.data import build_dataset
 from simflow.distributed import DistEnv
-from simflow.fid import train_feature_extractor
+from simflow.classifier import train_feature_extractor
 from simflow.flow import TransformerFlow
 from simflow.model import build_model
 from simflow.train import StepBatches, accumulate_gradients, collate, make_train_loader, train

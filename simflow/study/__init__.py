@@ -58,6 +58,7 @@ from simflow.study.unit_folder import (
     write_stage_config,
 )
 from simflow.study.units import (
+    pipeline_configs,
     resolved_config,
     shared_config,
     unit_run_name,
@@ -82,6 +83,7 @@ __all__ = [
     "launcher_sets",
     "load_study",
     "main",
+    "pipeline_configs",
     "preflight_launcher",
     "preflight_launcher_sets",
     "preflight_plan",

@@ -107,6 +107,7 @@ def print_flops(configs: Sequence[str], matches: Sequence[str]) -> int:
     """The ``flops`` command: a Markdown table of every variant's counted pipeline FLOPs, then
     one line per ``VARIANT=REFERENCE`` match."""
     from simflow.flops import compute_matched_steps, pipeline_flops  # torch: only this command
+    from simflow.study.units import pipeline_configs
 
     raw: dict = {}
     try:
@@ -126,13 +127,14 @@ def print_flops(configs: Sequence[str], matches: Sequence[str]) -> int:
     for variant in study.variants:
         steps = get_key(study.units[variant_unit(variant, study.seeds[0])], "train.steps")
         try:
-            flops = pipeline_flops(study, variant)
+            flops = pipeline_flops(*pipeline_configs(study, variant))
         except FileNotFoundError as err:  # e.g. a REPA target that an earlier stage writes
             print(f"| {variant} | {steps} | not counted: {err} | | |")
             continue
         print(f"| {variant} | {steps} | {flops['train'] / 1e15:.4g} | {flops['pretrain_vae'] / 1e15:.4g} "
               f"| {flops['total'] / 1e15:.4g} |")
     for variant, reference in pairs:
+        total = pipeline_flops(*pipeline_configs(study, reference))["total"]
         print(f"{variant} at the FLOPs of {reference}: train.steps = "
-              f"{compute_matched_steps(study, variant, reference)}")
+              f"{compute_matched_steps(pipeline_configs(study, variant)[0], total)}")
     return 0

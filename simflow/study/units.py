@@ -28,6 +28,7 @@ __all__ = [
     "pretrained_vae_path",
     "resolved_config",
     "shared_config",
+    "pipeline_configs",
     "unit_run_name",
     "unit_tags",
     "variant_config",
@@ -242,3 +243,13 @@ def unit_tags(study: Study, unit: str) -> dict[str, Any]:
 def resolved_config(cfg: Mapping[str, Any]) -> Config:
     """The full :class:`Config` of an explicit unit config (defaults filled in)."""
     return from_dict(Config, copy.deepcopy(dict(cfg)))
+
+
+def pipeline_configs(study: Study, variant: str, seed: int | None = None) -> tuple[Config, Config | None]:
+    """The resolved configs of ``variant``'s training pipeline (seed ``seed``, default the first):
+    its own, and that of the VAE pre-training it consumes (None for modes without one)."""
+    seed = study.seeds[0] if seed is None else seed
+    cfg = resolved_config(variant_config(study, variant, seed))
+    pretrain = (resolved_config(shared_config(study, "pretrain_vae", seed))
+                if cfg.model.mode in FROZEN_MODES else None)
+    return cfg, pretrain
