@@ -14,6 +14,7 @@ are options here, with the documented default named in their help text.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -484,7 +485,9 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise ConfigError(f"unknown config key '{where}'; valid keys{' of ' + path if path else ''}: "
+        close = difflib.get_close_matches(str(unknown[0]), names, n=1)
+        hint = f" (did you mean '{f'{path}.{close[0]}' if path else close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{where}'{hint}; valid keys{' of ' + path if path else ''}: "
                           f"{', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     for f in dataclasses.fields(cls):

@@ -107,7 +107,7 @@ def test_bad_config_key_and_value_give_one_clear_error(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
     assert main(["train", "-c", str(cfg), "--set", "train.lrr=1"]) == 2
     err = capsys.readouterr().err
-    assert "unknown config key 'train.lrr'" in err and "valid keys of train" in err
+    assert "unknown config key 'train.lrr' (did you mean 'train.lr'?)" in err and "valid keys of train" in err
     assert main(["train", "-c", str(cfg), "--set", "vae.posterior=wide"]) == 2
     assert "vae.posterior: 'wide' is not one of" in capsys.readouterr().err
 
