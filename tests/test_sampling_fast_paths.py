@@ -11,13 +11,16 @@ error is bounded below. No test measures time.
 import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from simflow import bench
 from simflow.flow import TransformerFlow
-from simflow.sampling import LinearGuidance, StaticKVCache, resolve_mode, sample
+from simflow.sampling import (GPU_VERIFIED_MODES, SAMPLING_MODES, LinearGuidance, StaticKVCache,
+                             resolve_mode, sample)
+from simflow.sampling import sampler as sampler_module
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -277,13 +280,30 @@ def test_incompatible_sampling_options_raise_clear_errors():
         sample(model, z, y, mode="jacobi")  # Jacobi has no default chunk
 
 
-def test_auto_mode_is_the_fastest_exact_path_of_the_device():
+def test_auto_mode_is_cached_until_a_gpu_run_verifies_a_fast_mode(monkeypatch):
     assert resolve_mode("auto", torch.device("cpu")) == "cached"
-    assert resolve_mode("auto", torch.device("cuda")) == "cuda_graph"
+    assert resolve_mode("auto", torch.device("cuda")) == ("cached" if not GPU_VERIFIED_MODES
+                                                          else GPU_VERIFIED_MODES[0])
     assert resolve_mode("static", torch.device("cpu")) == "static"
+    # The registry is the one switch: a verified mode becomes auto on CUDA, never on CPU.
+    monkeypatch.setattr(sampler_module, "GPU_VERIFIED_MODES", ("cuda_graph",))
+    assert resolve_mode("auto", torch.device("cuda")) == "cuda_graph"
+    assert resolve_mode("auto", torch.device("cpu")) == "cached"
+    monkeypatch.undo()
     model = make("adaln")
     z, y = inputs(model)
     torch.testing.assert_close(sample(model, z, y, mode="auto"), sample(model, z, y), atol=0, rtol=0)
+
+
+def test_gpu_verified_modes_are_exact_modes_with_a_gpu_report():
+    """auto may only pick an exact mode, and only one the committed GPU report shows passing."""
+    assert set(GPU_VERIFIED_MODES) <= set(SAMPLING_MODES) - {"jacobi", "uncached", "cached"}
+    report = Path(__file__).resolve().parents[1] / "docs" / "gpu_report.md"
+    if GPU_VERIFIED_MODES:
+        assert report.exists(), "GPU_VERIFIED_MODES needs docs/gpu_report.md (scripts/gpu_check.sh)"
+        text = report.read_text()
+        for mode in GPU_VERIFIED_MODES:
+            assert f"| {mode} | passed |" in text, f"docs/gpu_report.md does not show {mode} passing"
 
 
 # --------------------------------------------------------------------------------------------

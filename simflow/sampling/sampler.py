@@ -21,12 +21,23 @@ for a tolerance > 0; ``uncached``: a full causal pass per token, the slow refere
 
 CUDA_ONLY_MODES = ("cuda_graph",)
 
+GPU_VERIFIED_MODES: tuple[str, ...] = ()
+"""The fast sampling modes a GPU run of this project has verified (equal to ``cached`` on the
+GPU and faster there), fastest first: ``auto`` on CUDA picks the first of them, ``cached`` when
+there is none. Updated by hand from ``docs/gpu_report.md`` (written by ``scripts/gpu_check.sh``);
+until a report exists no GPU has run the fast paths, so a CUDA run takes the plain cached path,
+the same one as on CPU. Switching ``auto`` to a verified mode is this one line, e.g.
+``("cuda_graph",)``."""
+
 
 def resolve_mode(mode: str, device: torch.device) -> str:
-    """The sampling mode to run on ``device``: ``"auto"`` is the fastest exact path there
-    (``cuda_graph`` on CUDA, ``cached`` elsewhere); other modes are checked and returned."""
+    """The sampling mode to run on ``device``: ``"auto"`` is ``cached`` on CPU, and on CUDA the
+    first of :data:`GPU_VERIFIED_MODES` (``cached`` while that is empty); other modes are checked
+    and returned."""
     if mode == "auto":
-        return "cuda_graph" if device.type == "cuda" else "cached"
+        if device.type == "cuda" and GPU_VERIFIED_MODES:
+            return GPU_VERIFIED_MODES[0]
+        return "cached"
     if mode not in SAMPLING_MODES:
         raise ValueError(f"unknown sampling mode {mode!r}; known: auto, {', '.join(SAMPLING_MODES)}")
     if mode in CUDA_ONLY_MODES and device.type != "cuda":
