@@ -19,10 +19,11 @@ What is measured (all on synthetic inputs; weights are random, see ``--weights``
   concatenating cache and separate conditional / unconditional passes). Append ``+cfg`` to run a
   mode with classifier-free guidance. Every mode's output is compared with the ``cached`` output of
   the same noise (``max_abs_diff_vs_cached``); Jacobi also reports its iterations.
-* **train against a reference** (``--reference MODULE:FACTORY``): the same training step of another
-  implementation at the same config, timed side by side in this process (steps alternate between
-  the two, medians reported), e.g. apple/ml-tarflow's model through a small adapter that the user
-  writes (the project ships no reference code). See :func:`bench_train_pair` for the protocol.
+* **train / sample against a reference** (``--reference MODULE:FACTORY``): the same training step,
+  and the sample stage's sampler (``mode="auto"``), of another implementation at the same config,
+  timed side by side in this process (calls alternate between the two, medians reported), e.g.
+  apple/ml-tarflow's model through a small adapter that the user writes (the project ships no
+  reference code). See :func:`bench_train_pair` and :func:`bench_sample_pair` for the protocol.
 * **attention**: causal SDPA at the model's training shape (forward + backward) with
   ``is_causal=True``, as the flow calls it, against TarFlow's explicit boolean mask.
 * **fid**: images/s of feature extraction through torch-fidelity with the demo's registered
@@ -48,11 +49,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simflow.flops import bf16_peak_tflops, train_flops
 from simflow.flow import TransformerFlow, patchify, unpatchify
-from simflow.sampling import SAMPLING_MODES, GuidanceStrategy, KVCache, build_guidance, sample
+from simflow.sampling import (SAMPLING_MODES, GuidanceStrategy, KVCache, build_guidance,
+                              resolve_mode, sample)
 
 # --------------------------------------------------------------------------------------------
 # Model presets
@@ -91,8 +94,7 @@ BASE_MODES = (*SAMPLING_MODES, "baseline")
 class ConcatKVCache(KVCache):
     """TarFlow's key/value cache: per layer, the new (B, heads, 1, head_dim) keys and values are
     appended with ``torch.cat`` at every token, reallocating and copying the whole cache (O(T²)
-    copies per block). Attends as :class:`simflow.sampling.KVCache` does (its ``attend``), over
-    everything written so far. Reference for benchmarks and tests; production sampling uses the
+    copies per block). Attends through SDPA over everything written so far. Reference for benchmarks and tests; production sampling uses the
     preallocated cache."""
 
     def __init__(self, layers: int):
@@ -110,6 +112,10 @@ class ConcatKVCache(KVCache):
             self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
             self.values[layer] = torch.cat([self.values[layer], v], dim=2)
         return self.keys[layer], self.values[layer]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        keys, values = self.write(layer, k, v)
+        return F.scaled_dot_product_attention(q, keys, values)  # one new position: no mask
 
 
 @torch.no_grad()
@@ -454,6 +460,72 @@ def bench_train_pair(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.
     }
 
 
+def bench_sample_pair(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.Namespace,
+                      device: torch.device, amp: str) -> dict[str, Any]:
+    """The sample stage's sampler (:func:`simflow.sampling.sample`, ``mode="auto"``) against a
+    reference implementation's, side by side, at the same config and batch.
+
+    Protocol: the ``--reference`` factory of :func:`bench_train_pair`; the module it returns also
+    has ``sample(z, y, guidance)``, which inverts noise z (B, C, H, W) with labels y (B,) (None
+    for unconditional models) under CFG weight ``guidance`` (0: none) and returns x (B, C, H, W).
+    Both run the ``--guidance`` weight (simflow: both branches batched; ``--guidance 0`` samples
+    without guidance). After ``--sample-warmup`` calls of each, ``--pair-repeats`` rounds run one
+    call of each, alternating which goes first, timed in wall and process CPU time; reported as
+    medians and ``speed_ratio`` = reference / simflow (> 1: simflow is faster). The weights of
+    the two models differ (each its own random init), which does not change the work."""
+    factory = load_reference(args.reference, args.reference_path)
+    ref_cfg = reference_config(cfg)
+    torch.manual_seed(args.seed)
+    reference = factory(dict(ref_cfg))
+    if not callable(getattr(reference, "sample", None)):
+        raise ValueError(f"--reference {args.reference}: the factory's module has no "
+                         "sample(z, y, guidance) method (needed by --parts sample)")
+    if isinstance(reference, nn.Module):
+        reference = reference.to(device).eval()
+    flow.eval()
+    b = cfg["sample_batch"]
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    z = torch.randn(b, flow.in_channels, flow.img_size, flow.img_size, generator=gen).to(device)
+    y = (torch.arange(b) % flow.num_classes).to(device) if flow.num_classes else None
+    w = args.guidance
+    guide: dict[str, Any] = {} if w == 0 else dict(guidance=w, guidance_method=args.guidance_method)
+    if w and flow.num_classes == 0:
+        guide["attn_temp"] = args.attn_temp
+    calls = {"simflow": lambda: sample(flow, z, y, mode="auto", **guide),
+             "reference": lambda: reference.sample(z.clone(), y, w)}
+    with autocast_context(device, amp):
+        for name, fn in calls.items():
+            for _ in range(max(args.sample_warmup, 1)):
+                x = fn()
+            if tuple(x.shape) != tuple(z.shape) or not torch.isfinite(x).all():
+                raise ValueError(f"--reference {args.reference}: the {name} sampler returned "
+                                 f"{tuple(x.shape)} (finite: {bool(torch.isfinite(x).all())}), "
+                                 f"expected finite {tuple(z.shape)}")
+        synchronize(device)
+        wall: dict[str, list[float]] = {name: [] for name in calls}
+        cpu: dict[str, list[float]] = {name: [] for name in calls}
+        order = list(calls)
+        for r in range(args.pair_repeats):
+            for name in (order if r % 2 == 0 else order[::-1]):
+                ws, cs, _ = timed(calls[name], device, 1, 0)
+                wall[name] += ws
+                cpu[name] += cs
+    med = {kind: {name: statistics.median(v[name]) for name in calls}
+           for kind, v in (("wall", wall), ("cpu", cpu))}
+    per_round = [r / s for r, s in zip(cpu["reference"], cpu["simflow"], strict=True)]
+    return {
+        "reference": args.reference, "reference_config": ref_cfg, "sample_batch": b,
+        "guidance": w, "simflow_mode": resolve_mode("auto", device), "amp": amp,
+        "rounds": args.pair_repeats, "order": "alternating, one call of each per round",
+        "call_s_median": med["wall"], "call_cpu_s_median": med["cpu"],
+        "call_s_all": wall, "call_cpu_s_all": cpu,
+        "speed_ratio_cpu": med["cpu"]["reference"] / med["cpu"]["simflow"],
+        "speed_ratio_wall": med["wall"]["reference"] / med["wall"]["simflow"],
+        "speed_ratio_cpu_per_round_median": statistics.median(per_round),
+        "note": "speed_ratio = reference call time / simflow call time (> 1: simflow is faster)",
+    }
+
+
 def parse_mode(mode: str) -> tuple[str, bool]:
     base, _, suffix = mode.partition("+")
     if base not in BASE_MODES or suffix not in ("", "cfg"):
@@ -699,12 +771,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="torch.compile mode for --compile-train (default, max-autotune, …)")
     t.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: bf16 table)")
     t.add_argument("--reference", metavar="MODULE:FACTORY",
-                   help="also time another implementation's training step side by side: FACTORY(config) "
-                        "returns an nn.Module whose forward(x, y) is the loss (see docs/performance.md)")
+                   help="also time another implementation side by side: FACTORY(config) returns an "
+                        "nn.Module whose forward(x, y) is the training loss (--parts train) and whose "
+                        "sample(z, y, guidance) inverts noise (--parts sample; see docs/performance.md)")
     t.add_argument("--reference-path", action="append", default=[], metavar="DIR",
                    help="prepended to sys.path before importing --reference (repeatable)")
     t.add_argument("--pair-repeats", type=int, default=10,
-                   help="rounds of the side-by-side timing (one step of each per round)")
+                   help="rounds of the side-by-side timing (one step or sampling call of each per round)")
     s = parser.add_argument_group("sampling")
     s.add_argument("--sample-batch", type=int, help="sampling batch (preset default)")
     s.add_argument("--modes", help="comma list of " + ", ".join(BASE_MODES)
@@ -736,6 +809,10 @@ def summary_line(result: dict[str, Any]) -> str:
     if pair:
         parts.append(f"train vs {pair['reference']}: {pair['speed_ratio_cpu']:.3f}x (CPU time), "
                      f"{pair['speed_ratio_wall']:.3f}x (wall)")
+    pair = result.get("sample_vs_reference")
+    if pair:
+        parts.append(f"sampling (auto, w={pair['guidance']}) vs {pair['reference']}: "
+                     f"{pair['speed_ratio_cpu']:.3f}x (CPU time), {pair['speed_ratio_wall']:.3f}x (wall)")
     train = result.get("train")
     if train:
         text = f"train {train['img_per_s']:.1f} img/s, {train['achieved_tflops']:.3g} TFLOP/s"
@@ -793,6 +870,8 @@ def main(args: argparse.Namespace) -> int:
                    "python": platform.python_version()},
     }
     if "sample" in parts:  # before training, so the sampled weights are the built ones
+        if args.reference:
+            result["sample_vs_reference"] = bench_sample_pair(flow, cfg, args, device, amp)
         result["sample"] = bench_sampling(flow, cfg, args, device, amp)
     if "train" in parts and args.reference:  # before bench_train, which may compile the flow
         result["train_vs_reference"] = bench_train_pair(flow, cfg, args, device, amp)

@@ -262,9 +262,10 @@ class SampleConfig:
     use_ema: bool = option(True, "Sample from the EMA weights.")
     seed: int = option(0, "Base seed; sample i's noise is seeded by (seed, i), independent of GPUs.")
     mode: Literal["auto", "cached", "static", "compiled", "cuda_graph", "jacobi", "uncached"] = option(
-        "auto", "Sampler (simflow.sampling). `auto`: the fastest exact path of the device: on CUDA "
-        "`cuda_graph` (the static-shape token step captured as one CUDA graph per block and replayed "
-        "per token), on CPU `cached` (the KV-cached token loop). `static`: the static-shape step, "
+        "auto", "Sampler (simflow.sampling). `auto`: `cached` (the KV-cached token loop) on CPU, and on "
+        "CUDA too until a GPU run verifies a faster mode (simflow.sampling.GPU_VERIFIED_MODES, from "
+        "docs/gpu_report.md). `cuda_graph`: the static-shape token step captured as one CUDA graph "
+        "per block and replayed per token. `static`: the static-shape step, "
         "eager; `compiled`: it through torch.compile (a compilation per process; on CPU it needs a "
         "C++ compiler); `jacobi`: block-wise Jacobi (STARFlow), approximate within sample.jacobi_tol; "
         "`uncached`: a full causal pass per token (the slow reference). `cuda_graph` on a CPU run is "

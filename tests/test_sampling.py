@@ -36,6 +36,40 @@ def test_cached_reverse_equals_uncached(name):
         assert torch.allclose(guided_cached, guided_uncached, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["conditional_adaln", "conditional_add_exp"])
+@pytest.mark.parametrize("options", [dict(), dict(guide="shift"), dict(guide="scale", annealed=True)],
+                         ids=["both", "shift", "scale_annealed"])
+def test_the_sample_stage_path_with_linear_guidance_equals_the_uncached_reference(name, options):
+    """mode="auto" (cached on CPU: inference mode, narrowed cache writes, lerp guidance, fused
+    affine update) against a full causal pass per token, to float error: 1e-4, the guided tolerance
+    (guidance amplifies rounding by up to 1 + w; the "add"/exp model reaches |x| ≈ 20 here, and its
+    deviation was 1.8e-5 before the speed work too)."""
+    model = make(name)
+    z = torch.randn(3, model.in_channels, model.img_size, model.img_size)
+    y = labels_for(model, 3)
+    fast = sample(model, z, y, guidance=1.5, mode="auto", **options)
+    plain = sample(model, z, y, guidance=1.5, mode="uncached", **options)
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
+    # an ordinary tensor, not an inference-mode one: the Tweedie step takes its gradient
+    assert not fast.is_inference()
+    fast.requires_grad_(True)
+
+
+def test_kv_cache_layouts_attend_alike():
+    """The CPU layout (keys transposed, two matmuls for one query) equals SDPA over the plain
+    layout, for single positions and for a causal multi-position chunk (Jacobi)."""
+    torch.manual_seed(0)
+    caches = [KVCache(1, 2, 3, 12, 8, torch.device("cpu"), torch.float32, transposed_keys=t)
+              for t in (True, False)]
+    assert caches[0].keys[0].shape == (2, 3, 8, 12) and caches[1].keys[0].shape == (2, 3, 12, 8)
+    for n in (1, 1, 4, 1, 3):
+        q, k, v = (torch.randn(2, 3, n, 8) for _ in range(3))
+        out_t, out_plain = (cache.attend(0, q, k, v) for cache in caches)
+        torch.testing.assert_close(out_t, out_plain, atol=1e-6, rtol=1e-6)
+        for cache in caches:
+            cache.length += n
+
+
 def test_guidance_zero_equals_unguided():
     model = make("conditional_adaln")
     z = torch.randn(4, 4, 4, 4)
@@ -108,6 +142,8 @@ def test_guidance_strategies_on_known_values():
     annealed = LinearGuidance(guide="shift", annealed=True)(cond, uncond, 2.0, 1, 4)
     assert annealed.shift.item() == pytest.approx(1.0 + 2.0 * 2 / 4)
     assert annealed.log_scale.item() == pytest.approx(math.log(0.5))
+    negative = LinearGuidance()(cond, uncond, -0.75, 0, 4)  # lerp's other branch (weight < ½)
+    assert negative.shift.item() == pytest.approx(1.0 - 0.75 * 1.0)
     # precision form: s = (0.5/1)² = 0.25, denom = 1 + 2 − 0.5 = 2.5
     prec = PrecisionGuidance()(cond, uncond, 2.0, 0, 4)
     assert prec.shift.item() == pytest.approx(3.0 / 2.5)

@@ -11,13 +11,16 @@ error is bounded below. No test measures time.
 import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from simflow import bench
 from simflow.flow import TransformerFlow
-from simflow.sampling import LinearGuidance, StaticKVCache, resolve_mode, sample
+from simflow.sampling import (GPU_VERIFIED_MODES, SAMPLING_MODES, LinearGuidance, StaticKVCache,
+                             resolve_mode, sample)
+from simflow.sampling import sampler as sampler_module
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -277,13 +280,30 @@ def test_incompatible_sampling_options_raise_clear_errors():
         sample(model, z, y, mode="jacobi")  # Jacobi has no default chunk
 
 
-def test_auto_mode_is_the_fastest_exact_path_of_the_device():
+def test_auto_mode_is_cached_until_a_gpu_run_verifies_a_fast_mode(monkeypatch):
     assert resolve_mode("auto", torch.device("cpu")) == "cached"
-    assert resolve_mode("auto", torch.device("cuda")) == "cuda_graph"
+    assert resolve_mode("auto", torch.device("cuda")) == ("cached" if not GPU_VERIFIED_MODES
+                                                          else GPU_VERIFIED_MODES[0])
     assert resolve_mode("static", torch.device("cpu")) == "static"
+    # The registry is the one switch: a verified mode becomes auto on CUDA, never on CPU.
+    monkeypatch.setattr(sampler_module, "GPU_VERIFIED_MODES", ("cuda_graph",))
+    assert resolve_mode("auto", torch.device("cuda")) == "cuda_graph"
+    assert resolve_mode("auto", torch.device("cpu")) == "cached"
+    monkeypatch.undo()
     model = make("adaln")
     z, y = inputs(model)
     torch.testing.assert_close(sample(model, z, y, mode="auto"), sample(model, z, y), atol=0, rtol=0)
+
+
+def test_gpu_verified_modes_are_exact_modes_with_a_gpu_report():
+    """auto may only pick an exact mode, and only one the committed GPU report shows passing."""
+    assert set(GPU_VERIFIED_MODES) <= set(SAMPLING_MODES) - {"jacobi", "uncached", "cached"}
+    report = Path(__file__).resolve().parents[1] / "docs" / "gpu_report.md"
+    if GPU_VERIFIED_MODES:
+        assert report.exists(), "GPU_VERIFIED_MODES needs docs/gpu_report.md (scripts/gpu_check.sh)"
+        text = report.read_text()
+        for mode in GPU_VERIFIED_MODES:
+            assert f"| {mode} | passed |" in text, f"docs/gpu_report.md does not show {mode} passing"
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,6 +390,18 @@ class PlainFlowLoss(torch.nn.Module):
         z = (tokens - shift) * torch.exp(-log_scale)
         return 0.5 * z.pow(2).mean() + log_scale.mean()
 
+    @torch.no_grad()
+    def sample(self, z, y=None, guidance=0.0):
+        seen["guidance"] = guidance
+        tokens = z.flatten(2).transpose(1, 2)
+        shift, log_scale = self.net(tokens).chunk(2, -1)
+        return (tokens * torch.exp(log_scale) + shift).transpose(1, 2).reshape(z.shape)
+
+
+class NoSampler(torch.nn.Module):
+    def forward(self, x, y=None):
+        return x.sum()
+
 
 def build(cfg):
     seen.update(cfg)
@@ -378,6 +410,10 @@ def build(cfg):
 
 def not_a_module(cfg):
     return 42
+
+
+def no_sampler(cfg):
+    return NoSampler()
 '''
 
 
@@ -399,6 +435,27 @@ def test_bench_times_the_training_step_against_a_reference_side_by_side(tmp_path
     assert all(math.isfinite(v) for v in pair["loss_after_warmup"].values())
     assert "train vs ref_impl:build" in result["summary"]
     assert result["config"]["conditioning"] == "add"
+
+
+def test_bench_sample_part_runs_the_sample_stage_sampler_against_a_reference_side_by_side(tmp_path):
+    (tmp_path / "ref_impl3.py").write_text(REFERENCE_MODULE)
+    result = run_bench(tmp_path, "--preset", "tarflow-cpu", "--img-size", "4", "--channels", "64",
+                       "--layers", "1,1", "--parts", "sample", "--modes", "cached+cfg",
+                       "--sample-repeats", "1", "--device", "cpu", "--guidance", "2.0",
+                       "--reference", "ref_impl3:build", "--reference-path", str(tmp_path),
+                       "--pair-repeats", "3")
+    pair = result["sample_vs_reference"]
+    assert pair["simflow_mode"] == "cached" and pair["guidance"] == 2.0 and pair["sample_batch"] == 8
+    assert pair["rounds"] == 3 and all(len(v) == 3 for v in pair["call_cpu_s_all"].values())
+    assert pair["speed_ratio_cpu"] > 0 and pair["speed_ratio_wall"] > 0
+    import ref_impl3
+    assert ref_impl3.seen["guidance"] == 2.0  # the reference samples at the same weight
+    assert "sampling (auto, w=2.0) vs ref_impl3:build" in result["summary"]
+    (tmp_path / "ref_impl4.py").write_text(REFERENCE_MODULE)
+    with pytest.raises(ValueError, match=r"no sample\(z, y, guidance\) method"):
+        run_bench(tmp_path, "--preset", "tarflow-cpu", "--img-size", "4", "--channels", "64",
+                  "--layers", "1", "--parts", "sample", "--device", "cpu",
+                  "--reference", "ref_impl4:no_sampler", "--reference-path", str(tmp_path))
 
 
 def test_bench_reference_errors_name_the_problem(tmp_path):

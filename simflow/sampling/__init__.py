@@ -2,7 +2,8 @@
 token, with guidance and the fast paths.
 
 * :mod:`~simflow.sampling.sampler`: :func:`sample`, the entry point, and its modes
-  (:data:`SAMPLING_MODES`, :func:`resolve_mode`; ``auto`` is the fastest exact path per device).
+  (:data:`SAMPLING_MODES`, :func:`resolve_mode`; ``auto`` is ``cached``, or on CUDA the fastest
+  mode a GPU run has verified, :data:`GPU_VERIFIED_MODES`).
 * :mod:`~simflow.sampling.inverse`: one block's inverse: the KV-cached token loop, block-wise
   Jacobi and the uncached reference.
 * :mod:`~simflow.sampling.static`: the static-shape step, its ``torch.compile`` d form and
@@ -18,8 +19,9 @@ sample through :func:`sample` (the stage's mode is ``sample.mode``).
 from simflow.sampling.cache import KVCache, StaticKVCache
 from simflow.sampling.guidance import (GUIDANCE_STRATEGIES, GuidanceStrategy, LinearGuidance,
                                        PrecisionGuidance, annealed_weight, build_guidance)
-from simflow.sampling.sampler import CUDA_ONLY_MODES, SAMPLING_MODES, resolve_mode, sample
+from simflow.sampling.sampler import (CUDA_ONLY_MODES, GPU_VERIFIED_MODES, SAMPLING_MODES,
+                                      resolve_mode, sample)
 
-__all__ = ["CUDA_ONLY_MODES", "GUIDANCE_STRATEGIES", "GuidanceStrategy", "KVCache", "LinearGuidance",
+__all__ = ["CUDA_ONLY_MODES", "GPU_VERIFIED_MODES", "GUIDANCE_STRATEGIES", "GuidanceStrategy", "KVCache", "LinearGuidance",
            "PrecisionGuidance", "SAMPLING_MODES", "StaticKVCache", "annealed_weight",
            "build_guidance", "resolve_mode", "sample"]

@@ -44,9 +44,8 @@ class SamplingContext:
         """The guided parameters (B rows) of the 2B-row ``p``; ``p`` itself without guidance."""
         if not self.guided:
             return p
-        b = p.shift.shape[0] // 2
-        cond = StepParams(p.shift[:b], p.log_scale[:b])
-        uncond = StepParams(p.shift[b:], p.log_scale[b:])
+        (shift_c, shift_u), (log_scale_c, log_scale_u) = p.shift.chunk(2), p.log_scale.chunk(2)
+        cond, uncond = StepParams(shift_c, log_scale_c), StepParams(shift_u, log_scale_u)
         return self.strategy(cond, uncond, self.weight, position, num_tokens)
 
     def combine_chunk(self, p: StepParams, start: int, num_tokens: int) -> StepParams:
@@ -82,10 +81,12 @@ def token_loop(block: FlowBlock, z_tokens: Tensor, token_in: Tensor,
     z_ord = block.order(z_tokens).float()
     t = z_ord.shape[1]
     x_ord = torch.empty_like(z_ord)
+    # Per-position views made once (the loop is bound by per-op overhead on CPU); each x_i is
+    # written straight into its slot of x_ord.
+    z_steps, x_steps = z_ord.split(1, dim=1), x_ord.split(1, dim=1)
     for i in range(t):
         p = ctx.combine(step(token_in, i), i, t)
-        x_i = z_ord[:, i:i + 1] * torch.exp(p.log_scale) + p.shift
-        x_ord[:, i:i + 1] = x_i
+        x_i = torch.addcmul(p.shift, z_steps[i], p.log_scale.exp(), out=x_steps[i])
         if i + 1 < t:
             token_in = ctx.embed(block, x_i)
     return block.order(x_ord).to(z_tokens.dtype)

@@ -21,12 +21,23 @@ for a tolerance > 0; ``uncached``: a full causal pass per token, the slow refere
 
 CUDA_ONLY_MODES = ("cuda_graph",)
 
+GPU_VERIFIED_MODES: tuple[str, ...] = ()
+"""The fast sampling modes a GPU run of this project has verified (equal to ``cached`` on the
+GPU and faster there), fastest first: ``auto`` on CUDA picks the first of them, ``cached`` when
+there is none. Updated by hand from ``docs/gpu_report.md`` (written by ``scripts/gpu_check.sh``);
+until a report exists no GPU has run the fast paths, so a CUDA run takes the plain cached path,
+the same one as on CPU. Switching ``auto`` to a verified mode is this one line, e.g.
+``("cuda_graph",)``."""
+
 
 def resolve_mode(mode: str, device: torch.device) -> str:
-    """The sampling mode to run on ``device``: ``"auto"`` is the fastest exact path there
-    (``cuda_graph`` on CUDA, ``cached`` elsewhere); other modes are checked and returned."""
+    """The sampling mode to run on ``device``: ``"auto"`` is ``cached`` on CPU, and on CUDA the
+    first of :data:`GPU_VERIFIED_MODES` (``cached`` while that is empty); other modes are checked
+    and returned."""
     if mode == "auto":
-        return "cuda_graph" if device.type == "cuda" else "cached"
+        if device.type == "cuda" and GPU_VERIFIED_MODES:
+            return GPU_VERIFIED_MODES[0]
+        return "cached"
     if mode not in SAMPLING_MODES:
         raise ValueError(f"unknown sampling mode {mode!r}; known: auto, {', '.join(SAMPLING_MODES)}")
     if mode in CUDA_ONLY_MODES and device.type != "cuda":
@@ -35,7 +46,6 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
-@torch.no_grad()
 def sample(flow: TransformerFlow, z: Tensor, y: Tensor | None = None, guidance: float | None = None,
            guidance_method: str | GuidanceStrategy = "linear", attn_temp: float | None = None, *,
            mode: str = "cached", compile_mode: str | None = None,
@@ -60,7 +70,23 @@ def sample(flow: TransformerFlow, z: Tensor, y: Tensor | None = None, guidance: 
       the chunk changes by more than ``jacobi_tol`` or after ``min(jacobi_max_iter, chunk)``
       iterations (exact for ``jacobi_tol = 0``); one host sync per iteration (the stopping test).
     * ``stats``: a dict to receive sampler statistics (Jacobi: iterations per chunk per block).
+
+    The token loop runs under ``torch.inference_mode`` (no view or version-counter tracking: 12%
+    of the CPU time of a guided call at the ml-tarflow comparison size, docs/performance.md); the
+    result is cloned out of it, so callers get an ordinary tensor (the Tweedie step takes its
+    gradient).
     """
+    with torch.inference_mode():
+        x = _sample(flow, z, y, guidance, guidance_method, attn_temp, mode, compile_mode,
+                    jacobi_block_size, jacobi_tol, jacobi_max_iter, stats, guidance_options)
+    return x.clone()
+
+
+def _sample(flow: TransformerFlow, z: Tensor, y: Tensor | None, guidance: float | None,
+            guidance_method: str | GuidanceStrategy, attn_temp: float | None, mode: str,
+            compile_mode: str | None, jacobi_block_size: int | None, jacobi_tol: float,
+            jacobi_max_iter: int, stats: dict | None, guidance_options: dict) -> Tensor:
+    """:func:`sample`'s body, under inference mode."""
     mode = resolve_mode(mode, z.device)
     if compile_mode is not None and mode != "compiled":
         raise ValueError(f"compile_mode is an option of mode 'compiled', not of mode {mode!r}")
