@@ -54,5 +54,7 @@ if [ "$local_data" = 1 ]; then
     configs+=(config/local_data.yaml)
 fi
 
+# Snakemake reports a config file it cannot parse without naming it: check them first (file:line).
+"$PYTHON" -m simflow.study check --merged "${configs[@]}" >/dev/null
 say "snakemake -c$CORES --configfile ${configs[*]}"
 exec "$PYTHON" -m snakemake -c"$CORES" --configfile "${configs[@]}"

@@ -69,7 +69,9 @@ def test_as_root_without_sudo(tmp_path):
     assert calls[0] == "apt-get update -qq"
     assert calls[1].startswith("apt-get install -y") and "dataset-fashion-mnist" in calls[1]
     assert calls[2] == 'python -m pip install -q -e .[test]'
-    assert calls[3] == "python -m snakemake -c2 --configfile config/smoke.yaml"
+    # the configs are checked first: Snakemake reports an unparsable one without naming it
+    assert calls[3] == "python -m simflow.study check --merged config/smoke.yaml"
+    assert calls[4] == "python -m snakemake -c2 --configfile config/smoke.yaml"
     assert not any(c.startswith("sudo") for c in calls)
 
 
@@ -94,14 +96,15 @@ def test_without_apt_the_dataset_comes_from_torchvision_or_a_local_copy(tmp_path
     assert len(notes) == 1 and "torchvision downloads it" in notes[0] and "offline" in notes[0]
     assert calls[0] == 'python -m pip install -q -e .[test]'
     assert calls[1].startswith("python [download] -c")  # one download, before the workflow
-    assert calls[2] == "python -m snakemake -c2 --configfile config/demo.yaml config/local_data.yaml"
+    assert calls[2] == "python -m simflow.study check --merged config/demo.yaml config/local_data.yaml"
+    assert calls[3] == "python -m snakemake -c2 --configfile config/demo.yaml config/local_data.yaml"
 
 
 def test_an_os_managed_interpreter_installs_into_a_venv(tmp_path):
     proc, calls = run_demo(tmp_path, managed=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "python -m venv .venv" in calls
-    assert calls[-2] == 'python -m pip install -q -e .[test]'  # .venv/bin/python
+    assert calls[-3] == 'python -m pip install -q -e .[test]'  # .venv/bin/python
     assert (tmp_path / "repo" / ".venv" / "bin" / "python").is_file()
     assert ". .venv/bin/activate" in proc.stdout
 

@@ -430,5 +430,13 @@ def test_cli_check_and_schema(capsys, tmp_path):
     bad.write_text(yaml.safe_dump(raw))
     assert S.main(["check", str(bad)]) == 2
     assert "variants.simflow.overrides: vae.posterior: 'sometimes'" in capsys.readouterr().err
+    # a study and its overlays, merged as Snakemake merges --configfile; a broken overlay names
+    # its file and line (Snakemake's own parse error does not)
+    assert S.main(["check", "--merged", str(CONFIGS["demo"]), str(CONFIGS["demo"].parent / "claims.yaml")]) == 0
+    assert "study claims: 6 variants x 5 seed(s)" in capsys.readouterr().out
+    broken = tmp_path / "overlay.yaml"
+    broken.write_text("study: x\nbase:\n  train: {steps: 3\n")
+    assert S.main(["check", "--merged", str(CONFIGS["demo"]), str(broken)]) == 2
+    assert capsys.readouterr().err.startswith(f"{broken}:4:1: study config is not valid YAML")
     assert S.main(["schema"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["title"] == "SimFlow study config"

@@ -33,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="validate study configs; list their variants and units")
     p.add_argument("configs", nargs="+")
+    p.add_argument("--merged", action="store_true",
+                   help="the files are one study, merged in order as Snakemake's --configfile "
+                   "merges them (a study and its overlays)")
     p = sub.add_parser("init-study", help="create the MLflow store, experiment and parent run")
     p.add_argument("--study", required=True)
     p.add_argument("--results-root", required=True)
@@ -59,6 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "check":
+        if args.merged:
+            try:
+                study = load_study(_merged(args.configs))
+            except (StudyError, ConfigError) as err:
+                print(err, file=sys.stderr)  # a file's syntax error names it (file:line:column: ...)
+                return 2
+            print(f"{' + '.join(args.configs)}: study {study.name}: {len(study.variants)} variants x "
+                  f"{len(study.seeds)} seed(s); units: {', '.join(study.units)}")
+            return 0
         status = 0
         for path in args.configs:
             try:
@@ -109,11 +121,8 @@ def print_flops(configs: Sequence[str], matches: Sequence[str]) -> int:
     from simflow.flops import compute_matched_steps, pipeline_flops  # torch: only this command
     from simflow.study.units import pipeline_configs
 
-    raw: dict = {}
     try:
-        for path in configs:
-            raw = deep_merge(raw, read_yaml(path, "study config") or {})
-        study = load_study(raw)
+        study = load_study(_merged(configs))
         pairs = [m.split("=", 1) for m in matches]
         for pair in pairs:
             if len(pair) != 2 or not all(v in study.variants for v in pair):
@@ -138,3 +147,12 @@ def print_flops(configs: Sequence[str], matches: Sequence[str]) -> int:
         print(f"{variant} at the FLOPs of {reference}: train.steps = "
               f"{compute_matched_steps(pipeline_configs(study, variant)[0], total)}")
     return 0
+
+
+def _merged(configs: Sequence[str]) -> dict:
+    """Study config files read strictly (a syntax error or a duplicated key names file and line)
+    and merged in order, as Snakemake merges its --configfile arguments."""
+    raw: dict = {}
+    for path in configs:
+        raw = deep_merge(raw, read_yaml(path, "study config") or {})
+    return raw
