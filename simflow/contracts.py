@@ -13,12 +13,17 @@ __all__ = [
     "CONFIG_FILE",
     "DECODER_TRAINING_MODES",
     "FROZEN_MODES",
+    "GROUPS",
+    "LATENT_GROUP",
     "MODEL_MODES",
     "PARENT_RUN_ID_FILE",
+    "PIXEL_GROUP",
+    "RATE_SWEEP",
     "RUN_ID_FILE",
     "RUN_ID_PATTERN",
     "SHARED_DIR",
     "SHARED_UNITS",
+    "SIGMA_SWEEP",
     "STAGES",
     "STAGE_FILES",
     "TRACKING_DISABLED",
@@ -80,6 +85,13 @@ MODEL_MODES: tuple[str, ...] = ("end_to_end", "frozen_vae", "frozen_encoder", "p
 FROZEN_MODES: tuple[str, ...] = ("frozen_vae", "frozen_encoder")
 #: Modes whose decoder is trained (so they take the perceptual and adversarial losses).
 DECODER_TRAINING_MODES: tuple[str, ...] = ("end_to_end", "frozen_encoder")
+
+#: Variant groups (a study's ``variants.<name>.group``): ``latent`` variants are the paper's
+#: latent-space models; ``sigma_sweep`` variants form the σ̄ curve of Figure 5; ``rate_sweep``
+#: variants the curve over the decoder scale (the rate weight); ``pixel`` variants have no VAE
+#: latents.
+LATENT_GROUP, SIGMA_SWEEP, RATE_SWEEP, PIXEL_GROUP = "latent", "sigma_sweep", "rate_sweep", "pixel"
+GROUPS: tuple[str, ...] = (LATENT_GROUP, SIGMA_SWEEP, RATE_SWEEP, PIXEL_GROUP)
 
 #: ``launcher.backend``: in this process, a submitit subprocess, or a SLURM job via submitit.
 BACKENDS: tuple[str, ...] = ("local", "submitit-local", "slurm")

@@ -35,6 +35,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from simflow.analysis.latent_stats import BY_NAME, LATENT_STAT_COLUMNS
+from simflow.contracts import RATE_SWEEP, SIGMA_SWEEP
 from simflow.analysis.summary import _require_columns, aggregate_seeds
 
 __all__ = [
@@ -68,8 +69,6 @@ _STYLE_RC: dict[str, object] = {
 }
 
 
-_SWEEP_GROUP = "sigma_sweep"
-_RATE_SWEEP_GROUP = "rate_sweep"
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -290,7 +289,7 @@ def fig_rate_sweep(df: pd.DataFrame, reference: str | None = "simflow") -> Figur
     """
     _require_df(df, ["variant", "group", "nll_weight"], "the summary table")
     df = _numeric(df, ["nll_weight", "fid", "rfid", "rate_per_dim"])
-    rows = df[(df["group"].astype(str) == _RATE_SWEEP_GROUP) | (df["variant"].astype(str) == str(reference))]
+    rows = df[(df["group"].astype(str) == RATE_SWEEP) | (df["variant"].astype(str) == str(reference))]
     rows = rows[_finite_mask(rows["nll_weight"])]
     panels = [("fid", "gFID"), ("rfid", "rFID"), ("rate_per_dim", "rate (nats / latent dim)")]
     panels = [(c, t) for c, t in panels if c in rows.columns]
@@ -474,10 +473,10 @@ def fig_fid(df: pd.DataFrame, sweep_reference: str | None = "simflow",
     df = _numeric(df, ["fid", "rfid", "sigma"] + (["kid"] if "kid" in df.columns else []))
     floor = floor or {}
     group = df["group"].astype(str) if "group" in df.columns else pd.Series("", index=df.index)
-    is_sweep = group == _SWEEP_GROUP
-    main_rows = df[~is_sweep & (group != _RATE_SWEEP_GROUP)]
+    is_sweep = group == SIGMA_SWEEP
+    main_rows = df[~is_sweep & (group != RATE_SWEEP)]
     main_rows = main_rows if not main_rows.empty else df
-    df = df[group != _RATE_SWEEP_GROUP]
+    df = df[group != RATE_SWEEP]
     is_sweep = is_sweep[df.index]
     sweep_rows = pd.DataFrame()
     if "sigma" in df.columns:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from simflow.config import Config, ConfigError, LauncherSection, deep_merge, from_dict, option, to_dict
-from simflow.contracts import PARENT_RUN_ID_FILE, SHARED_UNITS, STAGES
+from simflow.contracts import GROUPS, PARENT_RUN_ID_FILE, SHARED_UNITS, STAGES
 
 __all__ = [
     "AnalysisSection",
@@ -36,10 +36,6 @@ __all__ = [
     "stage_key",
 ]
 
-#: Variant groups: ``sigma_sweep`` variants form the σ̄ curve of Figure 5; ``rate_sweep``
-#: variants the curve over the decoder scale (the rate weight); ``pixel`` variants have no VAE
-#: latents.
-GROUPS: tuple[str, ...] = ("latent", "sigma_sweep", "rate_sweep", "pixel")
 DEFAULT_CLI = "python3 -m simflow"  # python3: plain Debian has no `python`
 
 # Names: a study or variant becomes a folder, a Snakemake wildcard value and an MLflow run name.

@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from simflow.analysis import figures
+from simflow.contracts import RATE_SWEEP
 
 
 def not_applicable(text: str) -> Figure:
@@ -41,9 +42,9 @@ def main(sm) -> None:
     curves = pd.read_csv(sm.input.fid_curves)
     save(figures.fig_gfid_training(curves) if len(curves)
          else not_applicable("no gFID probes during training (train.fid_every: 0)"), "fig2")
-    has_sweep = (per_seed["group"].astype(str) == "rate_sweep").any()
+    has_sweep = (per_seed["group"].astype(str) == RATE_SWEEP).any()
     save(figures.fig_rate_sweep(per_seed, reference=sm.params.sweep_reference) if has_sweep
-         else not_applicable("no rate_sweep variants in this study"), "rate_sweep")
+         else not_applicable(f"no {RATE_SWEEP} variants in this study"), "rate_sweep")
     save(figures.fig_noise_robustness(noise) if len(noise)
          else not_applicable("no VAE latents in this study: no noise sweep"), "fig3a")
     save(figures.fig_interpolations(interpolations) if interpolations
