@@ -27,6 +27,7 @@ if not workflow.overwrite_configfiles:
 # workflow/schemas/config.schema.yaml is generated from the same typed sections, for editors and
 # CI checks of study files; the workflow does not check it a second time.
 include: "workflow/rules/common.smk"
+include: "workflow/rules/stage.smk"
 
 
 include: "workflow/rules/data.smk"

@@ -76,6 +76,11 @@ def preflight_args(wildcards):
     return " ".join(f"--set {shlex.quote(s)}" for s in sf.preflight_sets(STUDY, wildcards.unit))
 
 
+def stage_params(stage):
+    """A stage rule's params: the command running ``stage`` and its launcher arguments."""
+    return {"cmd": stage_cmd(stage), "launcher": launcher_args(stage)}
+
+
 def threads_of(stage):
     return sf.stage_threads(STUDY, stage)
 

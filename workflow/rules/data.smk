@@ -50,58 +50,40 @@ rule setup_unit:
         "../scripts/setup_unit.py"
 
 
-rule feature_extractor:
+use rule stage as feature_extractor with:
     input:
         **unit_files(SHARED_UNITS["feature-extractor"]),
     output:
         **stage_outputs("feature-extractor", CLASSIFIER_DIR),
     params:
-        cmd=stage_cmd("feature-extractor"),
-        launcher=launcher_args("feature-extractor"),
+        **stage_params("feature-extractor"),
     log:
         f"{LOGS}/{SHARED_UNITS['feature-extractor']}.log",
     threads: threads_of("feature-extractor")
-    localrule: True
-    conda:
-        ENV
-    shell:
-        "{params.cmd} --config {input.config} {params.launcher} > {log} 2>&1"
 
 
-rule fid_ref:
+use rule stage as fid_ref with:
     input:
         **unit_files(SHARED_UNITS["fid-ref"]),
         **_classifier_input(STUDY.units.get(SHARED_UNITS["fid-ref"], {}), "eval.classifier_path"),
     output:
         **stage_outputs("fid-ref", FIDREF_DIR),
     params:
-        cmd=stage_cmd("fid-ref"),
-        launcher=launcher_args("fid-ref"),
+        **stage_params("fid-ref"),
     log:
         f"{LOGS}/{SHARED_UNITS['fid-ref']}.log",
     threads: threads_of("fid-ref")
-    localrule: True
-    conda:
-        ENV
-    shell:
-        "{params.cmd} --config {input.config} {params.launcher} > {log} 2>&1"
 
 
 # The real-vs-real floor, once per study: as many real test images as a variant generates,
 # scored like samples against the reference (FID's small-sample bias; KID's, near 0).
-rule fid_floor:
+use rule stage as fid_floor with:
     input:
         unpack(fid_floor_inputs),
     output:
         **stage_outputs("fid-floor", FIDFLOOR_DIR),
     params:
-        cmd=stage_cmd("fid-floor"),
-        launcher=launcher_args("fid-floor"),
+        **stage_params("fid-floor"),
     log:
         f"{LOGS}/{SHARED_UNITS['fid-floor']}.log",
     threads: threads_of("fid-floor")
-    localrule: True
-    conda:
-        ENV
-    shell:
-        "{params.cmd} --config {input.config} {params.launcher} > {log} 2>&1"

@@ -3,73 +3,49 @@
 # validation latents that the analysis turns into smoothness statistics.
 
 
-rule fid:
+use rule stage as fid with:
     input:
         unpack(fid_inputs),
     output:
         **stage_outputs("fid", VDIR),
     params:
-        cmd=stage_cmd("fid"),
-        launcher=launcher_args("fid"),
+        **stage_params("fid"),
     log:
         f"{VLOG}/fid.log",
     threads: threads_of("fid")
-    localrule: True
-    conda:
-        ENV
-    shell:
-        "{params.cmd} --config {input.config} {params.launcher} > {log} 2>&1"
 
 
-rule reconstruct:
+use rule stage as reconstruct with:
     input:
         unpack(eval_inputs),
     output:
         **stage_outputs("reconstruct", VDIR),
     params:
-        cmd=stage_cmd("reconstruct"),
-        launcher=launcher_args("reconstruct"),
+        **stage_params("reconstruct"),
     log:
         f"{VLOG}/reconstruct.log",
     threads: threads_of("reconstruct")
-    localrule: True
-    conda:
-        ENV
-    shell:
-        "{params.cmd} --config {input.config} {params.launcher} > {log} 2>&1"
 
 
-rule nll:
+use rule stage as nll with:
     input:
         unpack(model_inputs),
     output:
         **stage_outputs("nll", VDIR),
     params:
-        cmd=stage_cmd("nll"),
-        launcher=launcher_args("nll"),
+        **stage_params("nll"),
     log:
         f"{VLOG}/nll.log",
     threads: threads_of("nll")
-    localrule: True
-    conda:
-        ENV
-    shell:
-        "{params.cmd} --config {input.config} {params.launcher} > {log} 2>&1"
 
 
-rule latents:
+use rule stage as latents with:
     input:
         unpack(model_inputs),
     output:
         **stage_outputs("latents", VDIR),
     params:
-        cmd=stage_cmd("latents"),
-        launcher=launcher_args("latents"),
+        **stage_params("latents"),
     log:
         f"{VLOG}/latents.log",
     threads: threads_of("latents")
-    localrule: True
-    conda:
-        ENV
-    shell:
-        "{params.cmd} --config {input.config} {params.launcher} > {log} 2>&1"

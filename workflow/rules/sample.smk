@@ -2,19 +2,13 @@
 # saved as the ADM-style npz (arr_0 uint8 NHWC) plus a preview grid.
 
 
-rule sample:
+use rule stage as sample with:
     input:
         unpack(model_inputs),
     output:
         **stage_outputs("sample", VDIR),
     params:
-        cmd=stage_cmd("sample"),
-        launcher=launcher_args("sample"),
+        **stage_params("sample"),
     log:
         f"{VLOG}/sample.log",
     threads: threads_of("sample")
-    localrule: True
-    conda:
-        ENV
-    shell:
-        "{params.cmd} --config {input.config} {params.launcher} > {log} 2>&1"
