@@ -461,7 +461,8 @@ def rehearse(cfg, env, run) -> dict:
         return {}
 
     # 3. measurements
-    _measure(row, findings, cfg, rcfg, env, collector, result, real_layout, vae_only, on_cpu, reduced)
+    _measure(row, findings, cfg, rcfg, env, collector, result, real_layout, vae_only, on_cpu, reduced,
+             standin_vae=bool(standins.get("pretrained_vae")))
     if rdir.joinpath("checkpoints").exists():
         shutil.rmtree(rdir / "checkpoints", ignore_errors=True)  # never resumed; its size is recorded
     for name in ("standin_vae.pt", "standin_classifier.pt"):
@@ -506,7 +507,8 @@ def _training_failure(findings: Findings, err: Exception, real: dict, row: dict)
                  key=None, path=None).update(traceback=traceback.format_exc()[-3000:])
 
 
-def _measure(row, findings, cfg, rcfg, env, collector, result, real, vae_only, on_cpu, reduced) -> None:
+def _measure(row, findings, cfg, rcfg, env, collector, result, real, vae_only, on_cpu, reduced,
+             standin_vae: bool = False) -> None:
     import torch
     points = collector.points
     curve = [[s, m["train/total"]] for s, m in points if "train/total" in m]
@@ -526,14 +528,23 @@ def _measure(row, findings, cfg, rcfg, env, collector, result, real, vae_only, o
     row.setdefault("nonfinite_step", None)
     rate = (row["rate"] or {}).get("rate_per_dim")
     threshold = cfg.train.collapse_threshold
-    if row["collapse_alarm_step"] is not None:
-        findings.add("collapse", "fail", f"collapse alarm at step {row['collapse_alarm_step']}: the rate stayed "
-                     f"below {threshold} nats/dim for {cfg.train.collapse_patience} log steps (last "
-                     f"{rate:.4f}); the encoder carries almost nothing about the image",
-                     key="model.decoder_scale / train.collapse_threshold")
+    if standin_vae and (row["collapse_alarm_step"] is not None or row["collapsed"]):
+        # a frozen variant rehearsed on a random stand-in of the VAE the workflow will pre-train:
+        # its latents say nothing about the real one's, so neither does their rate
+        findings.add("collapse", "skipped", "not judged: rehearsed on a randomly initialised stand-in of "
+                     f"the pretrained VAE (rate {rate:.4f} nats/dim); the real run's latents come from "
+                     "the pre-trained one")
+    elif row["collapse_alarm_step"] is not None:
+        reason = summary.get("collapse_alarm_reason") or f"rate below {threshold} nats/dim"
+        findings.add("collapse", "fail", f"collapse alarm at step {row['collapse_alarm_step']}: {reason} for "
+                     f"{cfg.train.collapse_patience} log steps (last rate {rate:.4f} nats/dim); the encoder "
+                     "carries almost nothing about the image",
+                     key="model.decoder_scale / train.collapse_threshold / train.collapse_min_active_fraction")
     elif row["collapsed"]:
-        findings.add("collapse", "fail", f"collapsed at the end of the rehearsal: rate {rate:.4f} nats/dim < "
-                     f"train.collapse_threshold {threshold}", key="model.decoder_scale")
+        reasons = "; ".join(summary.get("collapse_final_reasons") or
+                            [f"rate {rate:.4f} nats/dim < train.collapse_threshold {threshold}"])
+        findings.add("collapse", "fail", f"collapsed at the end of the rehearsal: {reasons}",
+                     key="model.decoder_scale")
     elif rate is not None:
         findings.add("collapse", "ok", f"rate {rate:.4f} nats/dim ≥ {threshold}")
 
@@ -732,10 +743,12 @@ def _row_cells(r: dict) -> list[str]:
     trend = (f"{loss['first']:.3g} → {loss['last']:.3g} {'↓' if loss['falls'] else '↑'}"
              if "first" in loss else "–")
     rate = (r.get("rate") or {}).get("rate_per_dim")
-    if r.get("collapse_alarm_step") is not None:
+    if any(c["check"] == "collapse" and c["status"] == "skipped" for c in r.get("checks", [])):
+        collapse = "– (stand-in VAE)"
+    elif r.get("collapse_alarm_step") is not None:
         collapse = f"**yes** (alarm, step {r['collapse_alarm_step']})"
     elif r.get("collapsed"):
-        collapse = "**yes** (final rate)"
+        collapse = "**yes** (end of rehearsal)"
     else:
         collapse = "no" if r.get("collapsed") is False else "–"
     nonfinite = f"**step {r['nonfinite_step']}**" if r.get("nonfinite_step") is not None else (
