@@ -166,6 +166,15 @@ def stage_fid_ref(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     return {"reference_stats": str(out), "num_images": len(subset)}
 
 
+def require_reference(cfg: Config) -> None:
+    """The reference statistics that generated (or real test) images are scored against, and
+    their feature extractor registered with torch-fidelity."""
+    if not cfg.eval.reference_stats:
+        raise ValueError("eval.reference_stats is not set: run `simflow fid-ref` and point it at the "
+                         "reference_stats.npz (or at ADM's VIRTUAL_imagenet256_labeled.npz)")
+    register_extractor(cfg)
+
+
 def stage_fid_floor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     """The real-vs-real floor: ``sample.num_samples`` real **test** images (as many as a variant's
     generated samples, a fixed subset) scored like samples against the reference (train-set)
@@ -173,11 +182,8 @@ def stage_fid_floor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     from simflow.fid import compute_metrics
     if not env.is_main:
         return {}
-    if not cfg.eval.reference_stats:
-        raise ValueError("eval.reference_stats is not set: run `simflow fid-ref` and point it at the "
-                         "reference_stats.npz (or at ADM's VIRTUAL_imagenet256_labeled.npz)")
-    register_extractor(cfg)
-    test_set = build_dataset(cfg.data.name, cfg.data.root, "test", cfg.data.image_size)
+    require_reference(cfg)
+    test_set = stage_dataset(cfg, "test")
     n = cfg.sample.num_samples
     if n > len(test_set):
         raise ValueError(f"the real-vs-real floor needs sample.num_samples = {n} test images, but "
@@ -342,10 +348,7 @@ def stage_fid(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     from simflow.fid import compute_metrics, load_reference_features
     if not env.is_main:
         return {}
-    if not cfg.eval.reference_stats:
-        raise ValueError("eval.reference_stats is not set: run `simflow fid-ref` and point it at the "
-                         "reference_stats.npz (or at ADM's VIRTUAL_imagenet256_labeled.npz)")
-    register_extractor(cfg)
+    require_reference(cfg)
     reference_images = None
     # KID reads the per-image features that fid-ref stored with its statistics; the images are
     # extracted again only for precision/recall, or for a reference file without features.
