@@ -1,6 +1,7 @@
 # Evaluation of every (variant, seed): generation FID against the shared reference statistics,
-# reconstruction (rFID, PSNR under latent noise, interpolations), NLL in bits/dim, and the
-# validation latents that the analysis turns into smoothness statistics.
+# reconstruction (rFID, PSNR under latent noise, interpolations), NLL in bits/dim with the flow's
+# Bayes-classifier accuracy, the validation latents that the analysis turns into smoothness
+# statistics, and, for units with eval.guidance_weights, samples and gFID against the CFG weight.
 
 
 rule fid:
@@ -14,6 +15,24 @@ rule fid:
     log:
         f"{VLOG}/fid.log",
     threads: threads_of("fid")
+    localrule: True
+    conda:
+        ENV
+    shell:
+        "{params.cmd} --config {input.config} {params.launcher} > {log} 2>&1"
+
+
+rule guidance:
+    input:
+        unpack(eval_inputs),
+    output:
+        **stage_outputs("guidance", VDIR),
+    params:
+        cmd=stage_cmd("guidance"),
+        launcher=launcher_args("guidance"),
+    log:
+        f"{VLOG}/guidance.log",
+    threads: threads_of("guidance")
     localrule: True
     conda:
         ENV
