@@ -473,17 +473,23 @@ def stage_nll(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     model = load_trained(cfg, env.device)
     images, labels = eval_images(cfg, cfg.eval.num_nll)
     y_all = labels if model.flow.num_classes else None
-    nlls = []
+    nlls, marginals = [], []
     gen_state = torch.get_rng_state()
     torch.manual_seed(0)  # the posterior noise / dequantisation noise of this evaluation
     for sl in batched(len(images), 128):
         x = images[sl].to(env.device)
-        y = None if y_all is None else y_all[sl].to(env.device)
         if model.vae is None:
             x = dequantise(x)  # TarFlow's evaluate_bpd.py: one draw of U[0, 1) per pixel
         else:
             _, x = model.encode_latents(x, sample=True)
-        nlls.append(model.flow.nll(x.float(), y).cpu())
+        if y_all is None:
+            nlls.append(model.flow.nll(x.float()).cpu())
+            continue
+        # −log p(x | c) for every class: the true label's, and the label-free density
+        # p(x) = (1/K) Σ_c p(x | c) (uniform prior), comparable with an unconditional model's
+        by_class = model.flow.class_nll(x.float()).cpu()
+        nlls.append(by_class.gather(1, y_all[sl][:, None]).squeeze(1))
+        marginals.append(math.log(by_class.shape[1]) - torch.logsumexp(-by_class, dim=1))
     torch.set_rng_state(gen_state)
     nll = torch.cat(nlls)
     d = model.flow.num_dims
@@ -492,6 +498,10 @@ def stage_nll(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     result: dict[str, Any] = {
         "nll_bpd": float(bits_per_dim(nll, d, correction).mean()),
         "nll_nats_per_dim": float(nll.mean() / d),
+        "density": "p(x | y), the test label y" if y_all is not None else "p(x)",
+        # bits/dim of p(x): the label-free density (an unconditional flow's nll_bpd)
+        "nll_bpd_marginal": float(bits_per_dim(torch.cat(marginals) if marginals else nll, d,
+                                               correction).mean()),
         "space": "pixels (uniform dequantisation, 8-bit bits/dim)" if model.vae is None
         else "latents (bits per latent dimension; not comparable to pixel bits/dim)",
         "protocol": protocol, "protocol_description": protocol_text,

@@ -87,6 +87,8 @@ def test_bits_per_dim_of_the_identity_flow_is_the_standard_normal_density_by_tar
     assert main(["nll", "-c", str(config_path)]) == 0
     reported = json.loads((tmp_path / "run" / "metrics" / "nll.json").read_text())
     assert reported["nll_bpd"] == pytest.approx(expected, rel=1e-6)
+    # the label-blind identity flow: p(x) = (1/K) Σ_c p(x | c) = p(x | y)
+    assert reported["nll_bpd_marginal"] == pytest.approx(expected, rel=1e-6)
     # a Gaussian-noise model's score is labelled as the bound it is, not as TarFlow's protocol
     assert reported["protocol"] == "uniform_dequantisation_bound"
     assert "σ=0.1" in reported["protocol_description"]
