@@ -29,8 +29,9 @@ STAGE_HELP = {
     "train": "train one variant (resumes from its latest checkpoint)",
     "sample": "generate samples (npz in the ADM evaluator's format + PNG grid)",
     "fid": "FID/IS(/KID/PR) of the samples with torch-fidelity",
+    "guidance": "samples and gFID against the CFG weight (eval.guidance_weights), from the trained model",
     "reconstruct": "rFID, PSNR and reconstruction under latent noise (Figure 3a/3b)",
-    "nll": "test-set bits/dim",
+    "nll": "test-set bits/dim and the flow's Bayes-classifier accuracy (argmin over classes of the NLL)",
     "latents": "encode a validation set and save the latent maps",
 }
 BENCH_HELP = "benchmark training and sampling throughput (`simflow bench --help` lists its options)"

@@ -294,6 +294,13 @@ class EvalConfig:
     noise_levels: list[float] = option([0.0, 0.25, 0.5, 0.75, 1.0], "Latent-noise stds of "
                                        "Figure 3a (reconstruction under latent noise).", ge=0)
     num_nll: int = option(1000, "Test images for `nll` (bits/dim).", ge=1)
+    num_classify: int = option(500, "Test images that `nll` classifies by Bayes' rule, the argmin "
+                               "over classes of the flow's conditional NLL (class-conditional "
+                               "flows; accuracy in nll.json; binomial std error ≤ 2.3 points at "
+                               "500); 0 = skip.", ge=0)
+    guidance_weights: list[float] = option([], "CFG weights of the `guidance` stage's sweep (samples "
+                                           "and gFID per weight from the one trained model); empty: "
+                                           "no sweep.", ge=0)
     num_latents: int = option(512, "Validation images encoded by `latents`.", ge=1)
     classifier_steps: int = option(1500, "Training steps of the demo feature extractor.", ge=1)
 

@@ -33,8 +33,8 @@ __all__ = [
 #: The stages of ``simflow <stage>``, in DAG order (``preflight`` rehearses the training stages
 #: before anything else runs).
 STAGES: tuple[str, ...] = (
-    "preflight", "feature-extractor", "fid-ref", "fid-floor", "pretrain-vae", "train", "sample", "fid", "reconstruct",
-    "nll", "latents",
+    "preflight", "feature-extractor", "fid-ref", "fid-floor", "pretrain-vae", "train", "sample", "fid",
+    "guidance", "reconstruct", "nll", "latents",
 )
 #: The final files of each stage, relative to its unit folder, by the name the workflow's rule
 #: gives the output. Their existence means the stage finished (each is written atomically).
@@ -47,6 +47,7 @@ STAGE_FILES: dict[str, dict[str, str]] = {
     "train": {"model": "model.pt", "summary": "train_summary.json"},
     "sample": {"samples": "samples.npz", "grid": "samples.png"},
     "fid": {"metrics": "metrics/fid.json"},
+    "guidance": {"metrics": "metrics/guidance.json", "samples": "guidance_samples.npz"},
     "reconstruct": {"metrics": "metrics/reconstruct.json", "interpolation": "interpolation.npz"},
     "nll": {"metrics": "metrics/nll.json"},
     "latents": {"latents": "latents.npz"},

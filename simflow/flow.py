@@ -482,6 +482,19 @@ class TransformerFlow(nn.Module):
         z, logdet = self(x, y)
         return self.nll_from(z, logdet)
 
+    def class_nll(self, x: Tensor) -> Tensor:
+        """−log p(x | y = c) in nats for every class c, shape (B, num_classes): the conditional
+        densities that Bayes' rule turns into a classifier (TarFlow's MNIST notebook). One pass
+        over the K·B (image, label) pairs. Needs eval mode: training mode drops labels."""
+        if not self.num_classes:
+            raise ValueError("class_nll needs a class-conditional flow (num_classes > 0)")
+        if self.training:
+            raise RuntimeError("class_nll in training mode would drop labels at rate label_drop; "
+                               "call .eval() first")
+        b, k = x.shape[0], self.num_classes
+        labels = torch.arange(k, device=x.device).repeat_interleave(b)
+        return self.nll(x.repeat(k, *([1] * (x.dim() - 1))), labels).view(k, b).t()
+
     def score(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """∇ₓ log p(x) per sample, (B, C, H, W), computed in fp32 (no label dropout)."""
         was_training = self.training
@@ -522,7 +535,7 @@ def bits_per_dim(nll_nats: Tensor, num_dims: int, log_scale_correction: float = 
     """Per-sample NLL in nats → bits per dimension.
 
     ``log_scale_correction`` (nats per dimension) converts a density of rescaled data back to the
-    original discrete scale, e.g. ``log(127.5)`` for 8-bit pixels mapped to [−1, 1] with uniform
-    dequantisation (TarFlow's convention).
+    original discrete scale, e.g. ``log(128)`` for 8-bit pixels dequantised onto [−1, 1) as TarFlow
+    does (``simflow.model.dequantise``).
     """
     return (nll_nats / num_dims + log_scale_correction) / math.log(2)

@@ -14,7 +14,7 @@ which parts learn and where gradients go:
     decoder fine-tuning); the flow learns the noisy latents.
 ``pixel``
     TarFlow itself: the flow on image patches with Gaussian noise augmentation (generation) or
-    uniform dequantisation (likelihood), no VAE.
+    uniform dequantisation (likelihood, :func:`dequantise`), no VAE.
 
 The balance of rate and distortion (``model.decoder_scale``; the paper's value is NOT
 PUBLISHED). The pixel terms are per-pixel means; the flow NLL is in nats per latent dimension.
@@ -56,6 +56,22 @@ from simflow.losses import (PatchDiscriminator, REPAProjector, adversarial_weigh
                             repa_alignment_loss, resample_tokens)
 from simflow.rate import rate_statistics
 from simflow.vae import VAE, DiagonalGaussian
+
+
+#: nats per dimension from a density of :func:`dequantise` d pixels on [−1, 1) to one on the 0..256
+#: scale of the 8-bit values: the change of variables of TarFlow's ``evaluate_bpd.py`` (its
+#: ``−log 128`` per dimension), so bits/dim = (NLL/D + log 128)/ln 2.
+DEQUANTISED_LOG_SCALE = math.log(128.0)
+
+
+def dequantise(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """TarFlow's uniform dequantisation of 8-bit pixels x = v/127.5 − 1 (v ∈ 0..255): v + u with
+    u ~ U[0, 1), mapped onto [−1, 1) by (v + u)/128 − 1, as its ``train.py`` (noise_type uniform)
+    and ``evaluate_bpd.py`` do. A density of the result is one of v + u scaled by 1/128 per
+    dimension (:data:`DEQUANTISED_LOG_SCALE`)."""
+    u = torch.rand_like(x) if generator is None else torch.rand(
+        x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+    return ((x + 1.0) * 127.5 + u) / 128.0 - 1.0
 
 
 @dataclass
@@ -182,8 +198,7 @@ class SimFlowModel(nn.Module):
         """Noise augmentation of the flow's input (frozen and pixel modes)."""
         std = self.cfg.latent_noise_std
         if self.mode == "pixel" and self.cfg.noise_type == "uniform":
-            # Dequantise 8-bit pixels: x ∈ {−1 + 2k/255}; add U[0, 1) on the 0..255 scale.
-            return x + torch.rand_like(x) * (2.0 / 255.0)
+            return dequantise(x)
         return x + std * torch.randn_like(x) if std > 0 else x
 
     # ---- the objective -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ through the launcher (``launcher.backend``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import Subset
 
 from simflow.config import Config, ConfigError, save_config, to_dict
@@ -26,7 +28,7 @@ from simflow.data import build_dataset, read_skipped_files, skipped_files_log, s
 from simflow.distributed import DistEnv, barrier
 from simflow.flow import bits_per_dim
 from simflow.io import save_npz, write_json, write_png
-from simflow.model import SimFlowModel, build_model, psnr
+from simflow.model import DEQUANTISED_LOG_SCALE, SimFlowModel, build_model, dequantise, psnr
 from simflow.tracking import StageRun, flatten
 
 
@@ -365,6 +367,60 @@ def stage_fid(cfg: Config, env: DistEnv, run: StageRun) -> dict:
 
 
 @torch.no_grad()
+def stage_guidance(cfg: Config, env: DistEnv, run: StageRun) -> dict:
+    """The CFG sweep (TarFlow's guided-samples figure): for each weight of ``eval.guidance_weights``,
+    ``sample.num_samples`` samples of the one trained model, drawn as `sample` draws them (the same
+    seeded noise and labels at every weight; the other ``sample.*`` keys as set), and their gFID at
+    that equal count. Keeps the first two samples of each class per weight for the figure. One
+    process: the sweep is a few small sample sets."""
+    from simflow.fid import compute_metrics, images_to_uint8, save_samples_npz
+    if not env.is_main:
+        return {}
+    weights = list(cfg.eval.guidance_weights)
+    if not weights:
+        raise ConfigError("eval.guidance_weights is empty: give the CFG weights of the sweep, e.g. "
+                          "[0, 0.5, 1, 2, 3]")
+    if not cfg.eval.reference_stats:
+        raise ConfigError("eval.reference_stats is not set: the guidance sweep scores gFID against it "
+                          "(run `simflow fid-ref`)")
+    sampling_mode(cfg, env.device)
+    register_extractor(cfg)
+    model = load_trained(cfg, env.device)
+    if not model.flow.num_classes and cfg.sample.attn_temp is None:
+        raise ConfigError("an unconditional flow has no null class to guide against: set "
+                          "sample.attn_temp (TarFlow's attention-temperature guidance)")
+    keep = 2 * max(model.flow.num_classes, 1)
+    tmp = Path(cfg.run_dir) / "guidance_tmp_samples.npz"
+    rows, kept = [], []
+    for k, weight in enumerate(weights):
+        wcfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, guidance=float(weight)))
+        images, non_finite = [], 0
+        for sl in batched(cfg.sample.num_samples, cfg.sample.batch_size):
+            noise, y = sample_noise_and_labels(wcfg, model, range(sl.start, sl.stop))
+            out = generate_images(wcfg, model, noise.to(env.device), None if y is None else y.to(env.device))
+            non_finite += int((~torch.isfinite(out.float()).flatten(1).all(1)).sum())
+            images.append(images_to_uint8(torch.nan_to_num(out.float())).cpu().numpy())
+        all_images = np.concatenate(images)
+        save_samples_npz(tmp, all_images)
+        fid = compute_metrics(tmp, cfg.eval.reference_stats, None, cfg.eval.feature_extractor,
+                              cfg.eval.feature_extractor_weights_path, isc=False, kid=False, prc=False,
+                              cuda=env.device.type == "cuda")["fid"]
+        tmp.unlink()
+        rows.append({"guidance": float(weight), "fid": float(fid), "non_finite": non_finite})
+        kept.append(all_images[:keep])
+        run.log_metrics({"eval/guidance_fid": float(fid), "eval/guidance_weight": float(weight)}, step=k)
+        print(f"guidance {weight:g}: gFID {fid:.2f} ({non_finite} non-finite samples)", flush=True)
+    save_npz(stage_file(cfg, "guidance", "samples"), images=np.stack(kept),
+             weights=np.asarray(weights, dtype=np.float64))
+    result = {"sweep": rows, "num_samples": cfg.sample.num_samples,
+              "guidance_method": cfg.sample.guidance_method, "guide": cfg.sample.guide,
+              "annealed": cfg.sample.annealed, "denoise": cfg.sample.denoise,
+              "feature_extractor": cfg.eval.feature_extractor}
+    write_json(stage_file(cfg, "guidance", "metrics"), result)
+    return result
+
+
+@torch.no_grad()
 def stage_reconstruct(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     from simflow.fid import compute_metrics, images_to_uint8, save_samples_npz
     run_dir = Path(cfg.run_dir)
@@ -428,6 +484,35 @@ def stage_reconstruct(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     return result
 
 
+def nll_protocol(cfg: Config) -> tuple[str, str]:
+    """(protocol key, what it means) of this variant's bits/dim: TarFlow's protocol only for a
+    pixel model trained on what it is scored on, uniformly dequantised pixels."""
+    if cfg.model.mode != "pixel":
+        return "latent_posterior_samples", ("bits per latent dimension of posterior samples (not "
+                                            "comparable to pixel bits/dim)")
+    if cfg.model.noise_type == "uniform":
+        return "tarflow_uniform_dequantisation", ("TarFlow's protocol (evaluate_bpd.py): a model "
+                                                  "trained on uniformly dequantised pixels, scored on them")
+    return "uniform_dequantisation_bound", (
+        f"a model trained on Gaussian-noised pixels (σ={cfg.model.latent_noise_std:g}) scored on uniformly "
+        "dequantised pixels: a valid upper bound on its 8-bit NLL, looser than TarFlow's protocol")
+
+
+def bayes_predictions(model: SimFlowModel, images: Tensor, device: torch.device) -> Tensor:
+    """Bayes' rule with the flow's conditional densities and a uniform class prior (the test sets
+    are balanced): argmin over classes c of −log p(x | c), as TarFlow's MNIST notebook classifies.
+
+    x is the clean image for a pixel flow (the notebook scores clean pixels with its noise-trained
+    model) and the posterior mean for a latent flow: the latent analogue of the clean image (the
+    flow models the mean plus posterior or augmentation noise), and deterministic, so the accuracy
+    carries no posterior-sampling noise."""
+    preds = []
+    for sl in batched(len(images), 128):
+        x, _ = model.encode_latents(images[sl].to(device), sample=False)
+        preds.append(model.flow.class_nll(x.float()).argmin(1).cpu())
+    return torch.cat(preds)
+
+
 @torch.no_grad()
 def stage_nll(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     if not env.is_main:
@@ -435,32 +520,53 @@ def stage_nll(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     model = load_trained(cfg, env.device)
     images, labels = eval_images(cfg, cfg.eval.num_nll)
     y_all = labels if model.flow.num_classes else None
-    nlls = []
+    nlls, marginals = [], []
     gen_state = torch.get_rng_state()
     torch.manual_seed(0)  # the posterior noise / dequantisation noise of this evaluation
     for sl in batched(len(images), 128):
         x = images[sl].to(env.device)
-        y = None if y_all is None else y_all[sl].to(env.device)
         if model.vae is None:
-            x = x + torch.rand_like(x) * (2.0 / 255.0)  # uniform dequantisation (TarFlow's bpd)
+            x = dequantise(x)  # TarFlow's evaluate_bpd.py: one draw of U[0, 1) per pixel
         else:
             _, x = model.encode_latents(x, sample=True)
-        nlls.append(model.flow.nll(x.float(), y).cpu())
+        if y_all is None:
+            nlls.append(model.flow.nll(x.float()).cpu())
+            continue
+        # −log p(x | c) for every class: the true label's, and the label-free density
+        # p(x) = (1/K) Σ_c p(x | c) (uniform prior), comparable with an unconditional model's
+        by_class = model.flow.class_nll(x.float()).cpu()
+        nlls.append(by_class.gather(1, y_all[sl][:, None]).squeeze(1))
+        marginals.append(math.log(by_class.shape[1]) - torch.logsumexp(-by_class, dim=1))
     torch.set_rng_state(gen_state)
     nll = torch.cat(nlls)
     d = model.flow.num_dims
-    correction = math.log(127.5) if model.vae is None else 0.0
-    result = {"nll_bpd": float(bits_per_dim(nll, d, correction).mean()),
-              "nll_nats_per_dim": float(nll.mean() / d),
-              "space": "pixels (uniform dequantisation, 8-bit bits/dim)" if model.vae is None
-              else "latents (bits per latent dimension; not comparable to pixel bits/dim)",
-              # TarFlow reports bits/dim of models trained with uniform dequantisation; a model
-              # trained with Gaussian noise is scored with the same protocol but is not that model.
-              "trained_with": (f"{cfg.model.noise_type} noise σ={cfg.model.latent_noise_std:g}"
-                               if model.vae is None and cfg.model.noise_type == "gaussian" else
-                               "uniform dequantisation" if model.vae is None else "posterior samples"),
-              "num_images": len(images)}
-    run.log_metrics({"eval/nll_bpd": result["nll_bpd"]})
+    correction = DEQUANTISED_LOG_SCALE if model.vae is None else 0.0
+    protocol, protocol_text = nll_protocol(cfg)
+    result: dict[str, Any] = {
+        "nll_bpd": float(bits_per_dim(nll, d, correction).mean()),
+        "nll_nats_per_dim": float(nll.mean() / d),
+        "density": "p(x | y), the test label y" if y_all is not None else "p(x)",
+        # bits/dim of p(x): the label-free density (an unconditional flow's nll_bpd)
+        "nll_bpd_marginal": float(bits_per_dim(torch.cat(marginals) if marginals else nll, d,
+                                               correction).mean()),
+        "space": "pixels (uniform dequantisation, 8-bit bits/dim)" if model.vae is None
+        else "latents (bits per latent dimension; not comparable to pixel bits/dim)",
+        "protocol": protocol, "protocol_description": protocol_text,
+        "trained_with": (f"{cfg.model.noise_type} noise σ={cfg.model.latent_noise_std:g}"
+                         if model.vae is None and cfg.model.noise_type == "gaussian" else
+                         "uniform dequantisation" if model.vae is None else "posterior samples"),
+        "num_images": len(images)}
+    metrics = {"eval/nll_bpd": result["nll_bpd"]}
+    if model.flow.num_classes and cfg.eval.num_classify:
+        test_images, test_labels = eval_images(cfg, cfg.eval.num_classify)
+        correct = bayes_predictions(model, test_images, env.device) == test_labels
+        result["bayes_accuracy"] = float(correct.float().mean())
+        result["bayes_num_images"] = len(test_labels)
+        result["bayes_input"] = "clean pixels" if model.vae is None else "posterior mean"
+        metrics["eval/bayes_accuracy"] = result["bayes_accuracy"]
+    else:
+        result["bayes_accuracy"] = None  # an unconditional flow has no p(x | y); or eval.num_classify: 0
+    run.log_metrics(metrics)
     write_json(stage_file(cfg, "nll", "metrics"), result)
     return result
 
@@ -501,6 +607,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Config, DistEnv, StageRun], dict]] = {
     "train": stage_train,
     "sample": stage_sample,
     "fid": stage_fid,
+    "guidance": stage_guidance,
     "reconstruct": stage_reconstruct,
     "nll": stage_nll,
     "latents": stage_latents,

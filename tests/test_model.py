@@ -84,12 +84,17 @@ def test_entropy_term_is_constant_for_the_fixed_posterior():
     assert out.terms["nll_per_dim"] - out.terms["rate_per_dim"] == pytest.approx(entropy_per_dim.item(), abs=1e-4)
 
 
-def test_pixel_mode_has_no_vae_and_uniform_dequantisation_stays_within_one_level():
+def test_pixel_mode_has_no_vae_and_uniform_dequantisation_is_tarflows():
     model = tiny_model("model.mode=pixel", "model.noise_type=uniform")
     assert model.vae is None
-    images = torch.linspace(-1, 1, 64).reshape(1, 1, 8, 8)
+    levels = torch.arange(256.0)
+    images = (levels / 127.5 - 1).reshape(1, 1, 16, 16)  # every 8-bit value
     noisy = model.add_noise(images)
-    assert torch.all(noisy >= images) and torch.all(noisy < images + 2 / 255)
+    # TarFlow's train.py: v + U[0, 1) on the 0..255 scale, then /256·2 − 1: level v fills the
+    # bin [v/128 − 1, (v+1)/128 − 1), the bins tile [−1, 1) and never overlap
+    v = levels.reshape(1, 1, 16, 16)
+    assert torch.all(noisy >= v / 128 - 1 - 1e-6) and torch.all(noisy < (v + 1) / 128 - 1)
+    assert float(noisy.max()) < 1.0 and float(noisy.min()) >= -1.0
 
 
 @pytest.mark.slow

@@ -152,13 +152,17 @@ def test_stages_run_end_to_end_on_digits_through_submitit(tmp_path):
                        cwd=tmp_path, env=env, check=True, capture_output=True)
     samples = np.load(tmp_path / "run" / "samples.npz")["arr_0"]
     assert samples.shape == (20, 8, 8, 1) and samples.dtype == np.uint8
-    assert (tmp_path / "run" / "metrics" / "nll.json").exists()
+    nll = json.loads((tmp_path / "run" / "metrics" / "nll.json").read_text())
+    # the latent flow's Bayes classifier scores the posterior means of the test images
+    assert nll["bayes_input"] == "posterior mean" and 0.0 <= nll["bayes_accuracy"] <= 1.0
+    assert nll["protocol"] == "latent_posterior_samples"
     import mlflow
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run_id = (tmp_path / "run" / "mlflow_run_id.txt").read_text().strip()
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert "eval/nll_bpd" in run.data.metrics and "train/total" in run.data.metrics
+    assert run.data.metrics["eval/bayes_accuracy"] == pytest.approx(nll["bayes_accuracy"])
     assert any(k.startswith("job_id.sample") for k in run.data.tags)
 
 

@@ -88,6 +88,30 @@ def test_paper_and_demo_study_have_the_same_variants():
     assert sweep == {0.1, 0.25, 0.75, 1.0}
 
 
+def _overlay(*names: str) -> dict:
+    raw = yaml.safe_load(CONFIGS["demo"].read_text())
+    for name in names:
+        raw = deep_merge(raw, yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text()))
+    return raw
+
+
+def test_tarflow_overlay_is_tarflows_recipe_beside_latent_flows_at_the_same_updates():
+    study = S.load_study(_overlay("tarflow"))
+    assert list(study.variants) == ["frozen_vae", "simflow", "tarflow_pixel", "tarflow_pixel_uniform"]
+    units = {v: S.resolved_config(study.units[f"{v}/s0"]) for v in study.variants}
+    pixel, uniform = units["tarflow_pixel"], units["tarflow_pixel_uniform"]
+    for cfg in (pixel, uniform):  # TarFlow's MNIST notebook: patch 4, width 128, 4 blocks x 4 layers
+        assert (cfg.model.mode, cfg.flow.patch_size, cfg.flow.channels) == ("pixel", 4, 128)
+        assert (cfg.flow.layers_per_block, cfg.flow.head_dim, cfg.flow.conditioning) == ([4] * 4, 64, "add")
+    assert (pixel.model.noise_type, uniform.model.noise_type) == ("gaussian", "uniform")
+    assert pixel.sample.denoise and pixel.eval.guidance_weights and not uniform.eval.guidance_weights
+    # the gFID comparison is at the same update count and batch
+    assert len({(c.train.steps, c.train.global_batch_size) for c in units.values()}) == 1
+    sweep = S.load_study(_overlay("tarflow", "tarflow_sweep"))
+    assert {S.resolved_config(u).model.latent_noise_std for k, u in sweep.units.items()
+            if not k.startswith("_")} == {0.05, 0.1, 0.2}
+
+
 def test_paper_config_values():
     study = S.load_study(CONFIGS["config"])
     cfg = S.resolved_config(study.units["simflow/s0"])

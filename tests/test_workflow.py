@@ -102,6 +102,17 @@ def test_dry_run_of_each_study(name, tmp_path):
         assert {"feature_extractor", "fid_ref", "pretrain_vae"} <= rules
 
 
+def test_dry_run_of_the_tarflow_overlay_sweeps_guidance_only_where_asked(tmp_path):
+    proc = snakemake("-n", "--configfile", str(REPO / "config" / "demo.yaml"),
+                     str(REPO / "config" / "tarflow.yaml"), "--config", f"results_root={tmp_path}/results",
+                     cwd=tmp_path)
+    jobs = scheduled(proc.stdout)
+    assert {wc["variant"] for rule, wc in jobs if rule == "train"} == {
+        "frozen_vae", "simflow", "tarflow_pixel", "tarflow_pixel_uniform"}
+    for rule in ("guidance", "guidance_figure"):
+        assert [wc["variant"] for r, wc in jobs if r == rule] == ["tarflow_pixel"], rule
+
+
 def test_default_study_is_the_paper_study_and_configfile_replaces_it(tmp_path):
     paper = scheduled(snakemake("-n", "--config", f"results_root={tmp_path}", cwd=REPO).stdout)
     assert {wc.get("variant") for r, wc in paper if r == "train"} >= {"simflow_repa", "tarflow_pixel_uncond"}

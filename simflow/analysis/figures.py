@@ -665,3 +665,37 @@ def fig_sample_grids(d: Mapping[str, np.ndarray], nrow: int = 8) -> Figure:
             _show(ax, grid)
             ax.set_title(name)
     return fig
+
+
+def fig_guidance_sweep(weights: Sequence[float], fids: Sequence[float], images: np.ndarray,
+                       title: str = "", ncol: int = 10) -> Figure:
+    """The CFG sweep of one model (TarFlow's guided-samples figure): a row of samples per weight,
+    the same prior noise and labels in every row, beside gFID against the weight.
+
+    Args:
+        weights, fids: the sweep's CFG weights and their gFIDs (same length).
+        images: uint8 ``(len(weights), K, H, W, C)``, the same K samples at every weight.
+        title: the model's name.
+        ncol: images per grid row (10: one column per class of a class-balanced set).
+    """
+    if len(weights) != len(fids) or len(weights) != len(images):
+        raise ValueError(f"guidance sweep: {len(weights)} weights, {len(fids)} gFIDs and "
+                         f"{len(images)} image sets must have the same length")
+    sets = _check_images({f"w={w:g}": arr for w, arr in zip(weights, images)}, "guidance samples")
+    grids = [_tile(arr, ncol=ncol) for arr in sets.values()]
+    aspect = grids[0].shape[0] / grids[0].shape[1]
+    with matplotlib.rc_context(_STYLE_RC):
+        fig = _new_figure(8.0, max(2.5, 3.4 * aspect * len(grids) + 0.4))
+        left, right = fig.subfigures(1, 2, width_ratios=[2.2, 1.0])
+        axes = left.subplots(len(grids), 1, squeeze=False).ravel()
+        for ax, (name, grid) in zip(axes, zip(sets, grids)):
+            _show(ax, grid)
+            ax.set_ylabel(name, rotation=0, ha="right", va="center")
+        ax = right.subplots()
+        ax.plot(list(weights), list(fids), marker="o", color="C0")
+        ax.set_xlabel("CFG weight w")
+        ax.set_ylabel("gFID")
+        ax.grid(alpha=0.3)
+        if title:
+            fig.suptitle(title)
+    return fig

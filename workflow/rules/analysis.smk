@@ -67,3 +67,20 @@ rule figures:
         ENV
     script:
         "../scripts/figures.py"
+
+
+# The CFG sweep of one unit (TarFlow's guided-samples figure): samples per weight and gFID.
+rule guidance_figure:
+    input:
+        metrics=stage_file("guidance", "metrics", VDIR),
+        samples=stage_file("guidance", "samples", VDIR),
+    output:
+        report(GUIDANCE_FIGURE, category="Figures",
+               labels={"figure": "guidance {variant} s{seed}", "what": "samples and gFID against the CFG weight"}),
+    log:
+        f"{VLOG}/guidance_figure.log",
+    localrule: True
+    conda:
+        ENV
+    script:
+        "../scripts/guidance_figure.py"

@@ -217,12 +217,22 @@ FIGURES = ["fig2_gfid_training", "fig3a_noise_robustness", "fig3b_interpolations
            "fig5_fid", "fig_rate_sweep", "samples_grid"]
 
 
+def guidance_units():
+    """[variant, seed] of every unit with a CFG sweep (eval.guidance_weights set)."""
+    return [[v, s] for v in STUDY.variants for s in STUDY.seeds
+            if sf.get_key(STUDY.units[sf.variant_unit(v, s)], "eval.guidance_weights")]
+
+
+GUIDANCE_FIGURE = f"{SD}/figures/guidance_{{variant}}_s{{seed}}.png"
+
+
 def all_targets():
     stage_files = [path for stage in ("train", "sample", "fid", "reconstruct", "nll", "latents")
                    for path in stage_outputs(stage, VDIR).values()]
+    guidance = [GUIDANCE_FIGURE.format(variant=v, seed=s) for v, s in guidance_units()]
     return ([f for p in stage_files for f in per_unit(p)]
             + [f"{SD}/summary.csv", f"{SD}/summary.md"]
-            + [f"{SD}/figures/{name}.png" for name in FIGURES])
+            + [f"{SD}/figures/{name}.png" for name in FIGURES] + guidance)
 
 
 def tracking_args():

@@ -1,6 +1,7 @@
 # Evaluation of every (variant, seed): generation FID against the shared reference statistics,
-# reconstruction (rFID, PSNR under latent noise, interpolations), NLL in bits/dim, and the
-# validation latents that the analysis turns into smoothness statistics.
+# reconstruction (rFID, PSNR under latent noise, interpolations), NLL in bits/dim with the flow's
+# Bayes-classifier accuracy, the validation latents that the analysis turns into smoothness
+# statistics, and, for units with eval.guidance_weights, samples and gFID against the CFG weight.
 
 
 use rule stage as fid with:
@@ -13,6 +14,18 @@ use rule stage as fid with:
     log:
         f"{VLOG}/fid.log",
     threads: threads_of("fid")
+
+
+use rule stage as guidance with:
+    input:
+        unpack(eval_inputs),
+    output:
+        **stage_outputs("guidance", VDIR),
+    params:
+        **stage_params("guidance"),
+    log:
+        f"{VLOG}/guidance.log",
+    threads: threads_of("guidance")
 
 
 use rule stage as reconstruct with:
