@@ -257,7 +257,7 @@ def test_the_paper_study_rehearses_each_variant_on_one_gpu_of_the_train_launcher
 
 
 def test_the_preflight_section_is_validated():
-    for bad, message in [({"steps": 0}, "preflight.steps"), ({"stepz": 3}, "unknown config key .preflight.stepz.; valid keys of preflight: steps"),
+    for bad, message in [({"steps": 0}, "preflight.steps"), ({"stepz": 3}, r"unknown config key .preflight.stepz. \(did you mean .preflight.steps.\?\); valid keys of preflight: steps"),
                          ({"cpu_overrides": {"data": {"root": "/x"}}}, "preflight.cpu_overrides.data.root"),
                          ({"cpu_overrides": {"flow": {"channels": "wide"}}}, "flow.channels")]:
         raw = copy.deepcopy(SMOKE)
