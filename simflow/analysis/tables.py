@@ -56,8 +56,8 @@ def collapse_flag(train: Mapping[str, Any]) -> str:
     alarm fired at any point of training (``collapse_alarm_step`` set), so that an encoder that
     collapsed and recovered late is still marked. A summary written before the alarm's step was
     recorded falls back to its final ``collapsed`` flag (the last rate window)."""
-    if train.get("collapsed") is None and not train.get("rate"):
-        return ""  # no latent to monitor (pixel space)
+    if train.get("collapsed") is None and "rate_per_dim" not in (train.get("rate") or {}):
+        return ""  # no latent to monitor (pixel space: its last window has the NLL, not a rate)
     if "collapse_alarm_step" in train:
         return "true" if train["collapse_alarm_step"] is not None else "false"
     return "" if train.get("collapsed") is None else str(bool(train["collapsed"])).lower()
