@@ -363,9 +363,6 @@ def test_bench_rejects_unknown_modes_and_parts(tmp_path):
 
 
 def test_bench_fid_feature_throughput(tmp_path):
-    fid = pytest.importorskip("simflow.fid")
-    if not all(hasattr(fid, n) for n in ("SmallClassifier", "register_classifier_extractor", "save_classifier")):
-        pytest.skip("simflow.fid has no classifier extractor yet")
     result = run_bench(tmp_path, "--parts", "fid", "--fid-images", "64", "--fid-batch", "32", "--device", "cpu")
     assert result["fid"]["classifier"]["images"] == 64
     assert result["fid"]["classifier"]["img_per_s"] > 0
