@@ -25,8 +25,8 @@ absolute reconstruction error, the maximum-likelihood Laplace scale (a calibrate
 et al., "σ-VAE", arXiv 2006.13202), so the rate is weighed as the ELBO of the best-fitting decoder
 would weigh it: measured on the previous step's whole global batch, so that every rank and
 micro-batch uses the same b (``simflow.train.DecoderScale``), and floored at the data's
-quantisation step (:data:`QUANTISATION_STEP`). ``decoder_scale: null`` uses the raw ``nll_weight`` instead, reduced per
-``nll_reduction``. A weight of 1 on the per-dim NLL is b = D_pix/D_lat (4 in the demo, 12 for
+quantisation step (:data:`QUANTISATION_STEP`). ``decoder_scale: null`` uses the raw
+``nll_weight`` instead, reduced per ``nll_reduction``. A weight of 1 on the per-dim NLL is b = D_pix/D_lat (4 in the demo, 12 for
 ImageNet-256 at f16d64): a β-VAE with β ≈ 40 that collapses the encoder (README, "Choosing the
 rate weight"). The weighting matters only where the NLL's gradient meets the pixel losses'
 (``end_to_end``); in the other modes the flow NLL has weight 1 unless ``nll_weight`` is given.
