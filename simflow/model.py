@@ -26,9 +26,9 @@ et al., "σ-VAE", arXiv 2006.13202), so the rate is weighed as the ELBO of the b
 would weigh it: measured on the previous step's whole global batch, so that every rank and
 micro-batch uses the same b (``simflow.train.DecoderScale``), and floored at the data's
 quantisation step (:data:`QUANTISATION_STEP`). ``decoder_scale: null`` uses the raw
-``nll_weight`` instead, reduced per ``nll_reduction``. A weight of 1 on the per-dim NLL is b = D_pix/D_lat (4 in the demo, 12 for
-ImageNet-256 at f16d64): a β-VAE with β ≈ 40 that collapses the encoder (README, "Choosing the
-rate weight"). The weighting matters only where the NLL's gradient meets the pixel losses'
+``nll_weight`` instead, reduced per ``nll_reduction``. A weight of 1 on the per-dim NLL is
+b = D_pix/D_lat (4 in the demo, 12 for ImageNet-256 at f16d64): a β-VAE with β ≈ 40 that
+collapses the encoder (README, "Choosing the rate weight"). The weighting matters only where the NLL's gradient meets the pixel losses'
 (``end_to_end``); in the other modes the flow NLL has weight 1 unless ``nll_weight`` is given.
 
 Terms weighed against the NLL move with w (REPA-E's balance, arXiv 2504.10483): the flow's REPA
