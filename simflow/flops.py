@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from simflow.config import Config
 from simflow.flow import TransformerFlow
 
-__all__ = ["BF16_PEAK_TFLOPS", "bf16_peak_tflops", "compute_matched_steps", "counted_step_flops",
+__all__ = ["BF16_PEAK_TFLOPS", "bf16_peak_tflops", "counted_step_flops", "matched_steps",
            "pipeline_flops", "step_flops", "train_flops"]
 
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor datasheets, without sparsity). The first
@@ -129,7 +129,7 @@ def pipeline_flops(cfg: Config, pretrain: Config | None = None) -> dict[str, flo
     return out
 
 
-def compute_matched_steps(cfg: Config, total_flops: float) -> int:
-    """The ``train.steps`` at which ``cfg``'s training costs ``total_flops`` (another pipeline's
+def matched_steps(step_flops: float, total_flops: float) -> int:
+    """The number of steps of ``step_flops`` each that costs ``total_flops`` (another pipeline's
     :func:`pipeline_flops` total), rounded to the nearest step."""
-    return round(total_flops / step_flops(cfg))
+    return round(total_flops / step_flops)

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from simflow.config import deep_merge, load_config
-from simflow.flops import compute_matched_steps, pipeline_flops, step_flops, train_flops
+from simflow.flops import matched_steps, pipeline_flops, step_flops, train_flops
 from simflow.flow import TransformerFlow
 from simflow.study import load_study, pipeline_configs
 
@@ -41,7 +41,7 @@ def test_the_claims_study_compute_matched_variant_costs_the_frozen_pipeline():
     frozen = pipeline_flops(*pipeline_configs(study, "frozen_vae"))
     matched_cfg, no_pretrain = pipeline_configs(study, "simflow_compute_matched")
     assert no_pretrain is None
-    assert configured == compute_matched_steps(matched_cfg, frozen["total"]), (
+    assert configured == matched_steps(step_flops(matched_cfg), frozen["total"]), (
         "config/claims.yaml: simflow_compute_matched's train.steps no longer matches the frozen "
         "pipeline's FLOPs; set it to what `python -m simflow.study flops config/demo.yaml "
         "config/claims.yaml --match simflow_compute_matched=frozen_vae` prints")
@@ -99,3 +99,13 @@ def test_counting_the_first_step_leaves_the_training_bit_identical(tmp_path, mon
     monkeypatch.setattr(training, "counted_step_flops", lambda *args: 0.0)
     uncounted = weights("uncounted")
     assert all(torch.equal(counted[k], uncounted[k]) for k in counted)
+
+
+def test_flops_command_says_which_match_it_could_not_count():
+    """The smoke study's REPA target is written by an earlier stage: its row and any match on it
+    say "not counted", with exit status 2 and no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "simflow.study", "flops", "config/smoke.yaml", "--match",
+                           "simflow_repa=simflow"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "| simflow_repa |" in proc.stdout and "not counted" in proc.stdout
+    assert "--match simflow_repa=simflow: not counted (above)" in proc.stderr

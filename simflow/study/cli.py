@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def print_flops(configs: Sequence[str], matches: Sequence[str]) -> int:
     """The ``flops`` command: a Markdown table of every variant's counted pipeline FLOPs, then
     one line per ``VARIANT=REFERENCE`` match."""
-    from simflow.flops import compute_matched_steps, pipeline_flops  # torch: only this command
+    from simflow.flops import matched_steps, pipeline_flops  # torch: only this command
     from simflow.study.units import pipeline_configs
 
     try:
@@ -133,20 +133,27 @@ def print_flops(configs: Sequence[str], matches: Sequence[str]) -> int:
         return 2
     print("| variant | train.steps | train PFLOP | VAE pre-training PFLOP | total PFLOP |")
     print("|---|---|---|---|---|")
+    counted: dict[str, dict[str, float]] = {}
     for variant in study.variants:
         steps = get_key(study.units[variant_unit(variant, study.seeds[0])], "train.steps")
         try:
-            flops = pipeline_flops(*pipeline_configs(study, variant))
+            counted[variant] = flops = pipeline_flops(*pipeline_configs(study, variant))
         except FileNotFoundError as err:  # e.g. a REPA target that an earlier stage writes
             print(f"| {variant} | {steps} | not counted: {err} | | |")
             continue
         print(f"| {variant} | {steps} | {flops['train'] / 1e15:.4g} | {flops['pretrain_vae'] / 1e15:.4g} "
               f"| {flops['total'] / 1e15:.4g} |")
+    status = 0
     for variant, reference in pairs:
-        total = pipeline_flops(*pipeline_configs(study, reference))["total"]
+        if variant not in counted or reference not in counted:
+            print(f"--match {variant}={reference}: not counted (above)", file=sys.stderr)
+            status = 2
+            continue
+        cfg = pipeline_configs(study, variant)[0]
+        step = counted[variant]["train"] / cfg.train.steps  # the counted FLOPs of one step
         print(f"{variant} at the FLOPs of {reference}: train.steps = "
-              f"{compute_matched_steps(pipeline_configs(study, variant)[0], total)}")
-    return 0
+              f"{matched_steps(step, counted[reference]['total'])}")
+    return status
 
 
 def _merged(configs: Sequence[str]) -> dict:
