@@ -101,11 +101,15 @@ def test_counting_the_first_step_leaves_the_training_bit_identical(tmp_path, mon
     assert all(torch.equal(counted[k], uncounted[k]) for k in counted)
 
 
-def test_flops_command_says_which_match_it_could_not_count():
+def test_flops_command_says_which_match_it_could_not_count(tmp_path):
     """The smoke study's REPA target is written by an earlier stage: its row and any match on it
-    say "not counted", with exit status 2 and no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "simflow.study", "flops", "config/smoke.yaml", "--match",
-                           "simflow_repa=simflow"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    say "not counted", with exit status 2 and no traceback. The results root is a fresh folder, as
+    CI runs the smoke study in the checkout (which writes that target) before the tests."""
+    overlay = tmp_path / "fresh_results.yaml"
+    overlay.write_text(f"results_root: {tmp_path / 'results'}\n")
+    proc = subprocess.run([sys.executable, "-m", "simflow.study", "flops", "config/smoke.yaml", str(overlay),
+                           "--match", "simflow_repa=simflow"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "| simflow_repa |" in proc.stdout and "not counted" in proc.stdout
     assert "--match simflow_repa=simflow: not counted (above)" in proc.stderr
