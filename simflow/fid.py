@@ -4,6 +4,7 @@ Formats and conventions
 -----------------------
 * Samples are ``.npz`` files whose key ``arr_0`` holds uint8 NHWC images (C = 1 or 3), the format of
   the ADM evaluator (openai/guided-diffusion ``evaluations/``); optional ``arr_1`` holds the labels.
+  :func:`simflow.io.save_samples_npz` writes them and :func:`simflow.io.load_npz_array` reads them.
 * Float images in [-1, 1] become uint8 with DiT's formula ``clamp(127.5 * x + 128, 0, 255).to(uint8)``,
   which truncates: -1 -> 0 (0.5 truncated), 0 -> 128, 1 -> 255 (255.5 clamped). Reference images from
   a simflow dataset go through the same conversion, so samples and references are quantised alike.
@@ -30,7 +31,6 @@ classifier's intermediate conv map also serves as the frozen REPA target encoder
 
 from __future__ import annotations
 
-import struct
 import sys
 import urllib.error
 import warnings
@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from simflow.classifier import load_classifier, match_input
-from simflow.io import atomic_write
+from simflow.io import atomic_write, check_nhwc_uint8, load_npz_array
 
 __all__ = [
     "CLASSIFIER_EXTRACTOR_NAME",
@@ -60,7 +60,6 @@ __all__ = [
     "load_reference_features",
     "load_reference_statistics",
     "register_classifier_extractor",
-    "save_samples_npz",
 ]
 
 INCEPTION_EXTRACTOR_NAME = "inception-v3-compat"
@@ -77,7 +76,7 @@ class FeatureExtractorWeightsError(FileNotFoundError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Conversions and sample files
+# Conversions and sample datasets
 # --------------------------------------------------------------------------------------------------
 
 
@@ -91,79 +90,6 @@ def images_to_uint8(images: Tensor) -> Tensor:
     if not images.is_floating_point():
         raise ValueError(f"images_to_uint8 expects float images in [-1, 1], got dtype {images.dtype}")
     return torch.clamp(127.5 * images.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
-
-
-def _check_nhwc_uint8(array: np.ndarray, what: str) -> None:
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
-        raise ValueError(
-            f"{what} must be uint8 NHWC with 1 or 3 channels (the ADM npz format), "
-            f"got dtype {array.dtype} and shape {array.shape}"
-        )
-
-
-def save_samples_npz(path: str | Path, uint8_nhwc: np.ndarray, labels: np.ndarray | None = None) -> Path:
-    """Write samples as an uncompressed ``.npz`` with ``arr_0`` = uint8 NHWC images and ``arr_1`` = labels.
-
-    This is the layout written by guided-diffusion's sampling scripts and read by the ADM evaluator.
-    The file is uncompressed, so :class:`NpzImages` can memory-map it; it is written atomically.
-    """
-    path = Path(path)
-    images = np.asarray(uint8_nhwc)
-    _check_nhwc_uint8(images, "samples")
-    arrays = {"arr_0": images}
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (len(images),):
-            raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
-        arrays["arr_1"] = labels.astype(np.int64)
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object keeps numpy from appending ".npz" to the name
-            np.savez(f, **arrays)
-
-    return atomic_write(path, write)
-
-
-def _npz_member_memmap(path: Path, key: str) -> np.ndarray | None:
-    """Memory-map member ``key`` of an uncompressed npz (None when it is compressed or absent).
-
-    50k ImageNet samples are ~10 GB, so reading them lazily matters. An uncompressed zip member is
-    stored contiguously after its local header, so the .npy payload can be mapped in place.
-    """
-    with zipfile.ZipFile(path) as zf:
-        try:
-            info = zf.getinfo(f"{key}.npy")
-        except KeyError:
-            return None
-        if info.compress_type != zipfile.ZIP_STORED:
-            return None
-        with open(path, "rb") as f:
-            f.seek(info.header_offset)
-            local = f.read(30)
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            f.seek(info.header_offset + 30 + name_len + extra_len)
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            offset = f.tell()
-    if dtype.hasobject:
-        return None
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
-
-
-def load_npz_array(path: str | Path, key: str = "arr_0") -> np.ndarray:
-    """Array ``key`` of an npz: memory-mapped when stored uncompressed, else read into memory."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"npz file not found: {path}")
-    mapped = _npz_member_memmap(path, key)
-    if mapped is not None:
-        return mapped
-    with np.load(path) as npz:
-        if key not in npz.files:
-            raise KeyError(f"{path} has no array {key!r} (it has {npz.files})")
-        return npz[key]
 
 
 def _as_rgb(x: Tensor) -> Tensor:
@@ -190,7 +116,7 @@ class NpzImages(Dataset):
             with zipfile.ZipFile(self.path) as zf:
                 has_labels = "arr_1.npy" in zf.namelist()
             self.labels = load_npz_array(self.path, "arr_1") if has_labels and key == "arr_0" else None
-        _check_nhwc_uint8(self.images, f"images in {self.path or 'array'}")
+        check_nhwc_uint8(self.images, f"images in {self.path or 'array'}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -260,6 +186,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     Uses scipy's matrix square root (the pytorch-fid/TTUR formulation); when the product is singular an
     ``eps`` multiple of the identity is added to both covariances. Computed in float64.
     """
+    # lazy: scipy.linalg costs ~0.2 CPU-s; only the Fréchet distance needs it
     from scipy import linalg
 
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, dtype=np.float64)), np.atleast_1d(np.asarray(mu2, dtype=np.float64))
@@ -297,6 +224,7 @@ def _classifier_extractor_base() -> type:
     global _EXTRACTOR_BASE
     if _EXTRACTOR_BASE is not None:
         return _EXTRACTOR_BASE
+    # lazy: torch_fidelity (and torchvision under it) costs ~2 CPU-s; only the FID stages need it
     from torch_fidelity import FeatureExtractorBase
     from torch_fidelity.helpers import vassert
 
@@ -351,6 +279,7 @@ def register_classifier_extractor(checkpoint_path: str | Path, name: str = CLASS
     registry entry, so the registered class's checkpoint attribute is updated instead). A name taken by
     another extractor (e.g. ``inception-v3-compat``) raises ValueError.
     """
+    # lazy: torch_fidelity (and torchvision under it) costs ~2 CPU-s; only the FID stages need it
     import torch_fidelity
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
@@ -392,6 +321,7 @@ def _default_verbose() -> bool:
 
 
 def _extractor_class(name: str) -> type:
+    # lazy: torch_fidelity (and torchvision under it) costs ~2 CPU-s; only the FID stages need it
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     if name not in FEATURE_EXTRACTORS_REGISTRY:
@@ -405,6 +335,7 @@ def _extractor_class(name: str) -> type:
 
 def _create_extractor(name: str, layers: Iterable[str], weights_path: str | Path | None, cuda: bool, verbose: bool):
     """torch-fidelity's ``create_feature_extractor``, with one clear error when weights are unavailable."""
+    # lazy: torch_fidelity (and torchvision under it) costs ~2 CPU-s; only the FID stages need it
     from torch_fidelity.utils import create_feature_extractor
 
     _extractor_class(name)
@@ -436,6 +367,7 @@ def _create_extractor(name: str, layers: Iterable[str], weights_path: str | Path
 
 def extract_features(source: Any, feat_extractor, batch_size: int = 64, cuda: bool = False, verbose: bool = False) -> dict[str, Tensor]:
     """Run a torch-fidelity extractor over ``source`` (see :func:`as_fidelity_dataset`) -> {layer: (N, D) float}."""
+    # lazy: torch_fidelity (and torchvision under it) costs ~2 CPU-s; only the FID stages need it
     from torch_fidelity.utils import get_featuresdict_from_dataset
 
     dataset = as_fidelity_dataset(source)
@@ -445,6 +377,7 @@ def extract_features(source: Any, feat_extractor, batch_size: int = 64, cuda: bo
 
 
 def _statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    # lazy: torch_fidelity (and torchvision under it) costs ~2 CPU-s; only the FID stages need it
     from torch_fidelity.metric_fid import fid_features_to_statistics
 
     stats = fid_features_to_statistics(features.double())
@@ -571,6 +504,7 @@ def compute_metrics(
     Returns ``{"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall",
     "num_samples", "feature_extractor"}`` (``num_reference_images`` too when reference images are used).
     """
+    # lazy: torch_fidelity (and torchvision under it) costs ~2 CPU-s; only the FID stages need it
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric

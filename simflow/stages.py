@@ -22,14 +22,22 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
+from simflow.checkpoints import CheckpointError, atomic_save, check_resume_early, load_checkpoint
+from simflow.classifier import train_feature_extractor
 from simflow.config import Config, ConfigError, save_config, to_dict
 from simflow.contracts import STAGE_FILES
 from simflow.data import build_dataset, read_skipped_files, skipped_files_log, subset_indices
 from simflow.distributed import DistEnv, barrier
+from simflow.fid import (compute_metrics, compute_reference_statistics, images_to_uint8,
+                         load_reference_features, register_classifier_extractor)
 from simflow.flow import bits_per_dim
-from simflow.io import save_npz, write_json, write_png
+from simflow.io import make_grid, save_npz, save_samples_npz, write_json, write_png
 from simflow.model import DEQUANTISED_LOG_SCALE, SimFlowModel, build_model, dequantise, psnr
+from simflow.preflight import rehearse
+from simflow.sampling import resolve_mode
 from simflow.tracking import StageRun, flatten
+from simflow.train import sample_grid, train
+from simflow.weights import autocast, ema_weights
 
 
 # ------------------------------------------------------------------------------------------
@@ -67,8 +75,6 @@ def make_fid_probe(cfg: Config, env: DistEnv) -> Callable[[SimFlowModel, dict], 
     if not cfg.eval.reference_stats:
         raise ValueError("train.fid_every > 0 needs eval.reference_stats (run `simflow fid-ref` and "
                          "point it at reference_stats.npz), or set train.fid_every: 0")
-    from simflow.fid import compute_metrics, images_to_uint8, save_samples_npz
-    from simflow.weights import ema_weights
     sampling_mode(cfg, env.device)  # before training: a mode this device cannot run fails now
     register_extractor(cfg)
     path = Path(cfg.run_dir) / "fid_probe_samples.npz"
@@ -111,7 +117,6 @@ def load_trained(cfg: Config, device: torch.device) -> SimFlowModel:
     path = stage_file(cfg, "train", "model")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run `simflow train` for this variant first")
-    from simflow.checkpoints import CheckpointError, load_checkpoint
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as err:
@@ -128,7 +133,6 @@ def register_extractor(cfg: Config) -> None:
         if not cfg.eval.classifier_path:
             raise ValueError("eval.feature_extractor=simflow-classifier needs eval.classifier_path "
                              "(the classifier.pt of `simflow feature-extractor`)")
-        from simflow.fid import register_classifier_extractor
         register_classifier_extractor(cfg.eval.classifier_path)
 
 
@@ -141,7 +145,6 @@ def batched(n: int, size: int):
 # Stages
 # ------------------------------------------------------------------------------------------
 def stage_feature_extractor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
-    from simflow.classifier import train_feature_extractor
     if not env.is_main:
         return {}
     train_set = stage_dataset(cfg, "train")
@@ -156,7 +159,6 @@ def stage_feature_extractor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
 
 
 def stage_fid_ref(cfg: Config, env: DistEnv, run: StageRun) -> dict:
-    from simflow.fid import compute_reference_statistics
     if not env.is_main:
         return {}
     register_extractor(cfg)
@@ -181,7 +183,6 @@ def stage_fid_floor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     """The real-vs-real floor: ``sample.num_samples`` real **test** images (as many as a variant's
     generated samples, a fixed subset) scored like samples against the reference (train-set)
     statistics: FID's small-sample bias at the study's count, and KID's (near 0: unbiased)."""
-    from simflow.fid import compute_metrics
     if not env.is_main:
         return {}
     require_reference(cfg)
@@ -201,8 +202,6 @@ def stage_fid_floor(cfg: Config, env: DistEnv, run: StageRun) -> dict:
 
 
 def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -> dict:
-    from simflow.checkpoints import atomic_save, check_resume_early
-    from simflow.train import train
     run_dir = Path(cfg.run_dir)
     check_resume_early(cfg)  # a resume of another configuration fails before anything is written
     if env.is_main:
@@ -240,7 +239,6 @@ def _finish_training(cfg: Config, env: DistEnv, run: StageRun, vae_only: bool) -
     else:
         atomic_save({"ema": result.ema_state, "model": result.model.state_dict(), "config": to_dict(cfg),
                      "data_info": dataset_info, "summary": summary}, stage_file(cfg, "train", "model"))
-        from simflow.train import sample_grid
         RunLogger(run, run_dir).log_image(sample_grid(result.model, result.ema_state), "samples/final.png")
     run.log_metrics({"train/train_time_s": summary["train_time_s"], "train/img_per_s_mean": summary["img_per_s"]},
                     summary["steps"])
@@ -280,7 +278,6 @@ def sampling_mode(cfg: Config, device: torch.device) -> str:
     """The sampler mode ``sample.mode`` resolves to on ``device`` (see
     :func:`simflow.sampling.resolve_mode`); a CUDA-only mode on a CPU run is a :class:`ConfigError`
     raised when the stage starts, not a silent fallback."""
-    from simflow.sampling import resolve_mode
     try:
         return resolve_mode(cfg.sample.mode, device)
     except ValueError as err:
@@ -290,7 +287,6 @@ def sampling_mode(cfg: Config, device: torch.device) -> str:
 def generate_images(cfg: Config, model: SimFlowModel, noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """Images in [-1, 1] from prior noise, with the sampler mode, guidance and denoising of
     ``cfg.sample``."""
-    from simflow.weights import autocast
     s = cfg.sample
     guidance = None if s.guidance == 0 else s.guidance
     options: dict[str, Any] = {"mode": sampling_mode(cfg, noise.device)}
@@ -308,8 +304,6 @@ def generate_images(cfg: Config, model: SimFlowModel, noise: torch.Tensor, label
 
 
 def stage_sample(cfg: Config, env: DistEnv, run: StageRun) -> dict:
-    from simflow.fid import images_to_uint8, save_samples_npz
-    from simflow.io import make_grid
     run_dir = Path(cfg.run_dir)
     sampling_mode(cfg, env.device)  # a mode this device cannot run fails before any work
     model = load_trained(cfg, env.device)
@@ -347,7 +341,6 @@ def stage_sample(cfg: Config, env: DistEnv, run: StageRun) -> dict:
 
 
 def stage_fid(cfg: Config, env: DistEnv, run: StageRun) -> dict:
-    from simflow.fid import compute_metrics, load_reference_features
     if not env.is_main:
         return {}
     require_reference(cfg)
@@ -373,7 +366,6 @@ def stage_guidance(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     seeded noise and labels at every weight; the other ``sample.*`` keys as set), and their gFID at
     that equal count. Keeps the first two samples of each class per weight for the figure. One
     process: the sweep is a few small sample sets."""
-    from simflow.fid import compute_metrics, images_to_uint8, save_samples_npz
     if not env.is_main:
         return {}
     weights = list(cfg.eval.guidance_weights)
@@ -422,7 +414,6 @@ def stage_guidance(cfg: Config, env: DistEnv, run: StageRun) -> dict:
 
 @torch.no_grad()
 def stage_reconstruct(cfg: Config, env: DistEnv, run: StageRun) -> dict:
-    from simflow.fid import compute_metrics, images_to_uint8, save_samples_npz
     run_dir = Path(cfg.run_dir)
     if not env.is_main:
         return {}
@@ -593,7 +584,6 @@ def stage_latents(cfg: Config, env: DistEnv, run: StageRun) -> dict:
 
 def stage_preflight(cfg: Config, env: DistEnv, run: StageRun) -> dict:
     """A short rehearsal of this unit's training stage (see :mod:`simflow.preflight`)."""
-    from simflow.preflight import rehearse
     return rehearse(cfg, env, run)
 
 

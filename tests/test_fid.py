@@ -21,8 +21,8 @@ from simflow.fid import (
     images_to_uint8,
     load_reference_statistics,
     register_classifier_extractor,
-    save_samples_npz,
 )
+from simflow.io import save_samples_npz
 
 from helpers_fid import digits_uint8, torch_threads, write_random_classifier
 
