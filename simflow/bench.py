@@ -48,14 +48,22 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from simflow import fid as simfid
+from simflow.checkpoints import CheckpointError, load_checkpoint
+from simflow.classifier import SmallClassifier, save_classifier
+from simflow.config import Config, ModelConfig, TrainConfig
+from simflow.distributed import DistEnv
 from simflow.flops import bf16_peak_tflops, train_flops
 from simflow.flow import TransformerFlow, patchify, unpatchify
 from simflow.sampling import (SAMPLING_MODES, GuidanceStrategy, KVCache, build_guidance,
                               resolve_mode, sample)
+from simflow.model import SimFlowModel
+from simflow.train import accumulate_gradients, apply_gradients, make_optimizer
 
 # --------------------------------------------------------------------------------------------
 # Model presets
@@ -203,7 +211,6 @@ def load_flow_weights(flow: TransformerFlow, path: str, key: str) -> None:
     """Load trained flow weights: a ``simflow train`` checkpoint (``key`` = ``ema`` or ``model``; the
     flow's entries are those prefixed ``flow.``) or a plain flow state dict. The model options must
     match the checkpoint's flow (a mismatch raises, naming the differing entries)."""
-    from simflow.checkpoints import CheckpointError, load_checkpoint
 
     if not Path(path).is_file():
         raise ValueError(f"--checkpoint {path}: no such file (a train stage writes "
@@ -304,10 +311,6 @@ def study_train_step(flow: TransformerFlow, x: Tensor, y: Tensor | None, device:
     :func:`simflow.train.accumulate_gradients` and :func:`simflow.train.apply_gradients` with its
     optimiser (``train.*`` defaults, lr 1e-4). ``amp`` is ``bf16`` or ``none`` (``train.precision``
     has no fp16). Returns the step, which returns the (detached) loss."""
-    from simflow.config import Config, ModelConfig, TrainConfig
-    from simflow.distributed import DistEnv
-    from simflow.model import SimFlowModel
-    from simflow.train import accumulate_gradients, apply_gradients, make_optimizer
     if amp not in ("bf16", "none"):
         raise ValueError(f"--amp {amp}: the training stage runs in bf16 or fp32 (train.precision); "
                          "use --amp bf16 or --amp none")
@@ -676,11 +679,8 @@ def bench_attention(flow: TransformerFlow, cfg: dict[str, Any], args: argparse.N
 def bench_fid(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Feature-extraction throughput through torch-fidelity: the demo classifier's extractor, and
     Inception when its weights are available locally (skipped, with the reason, otherwise)."""
-    import numpy as np
+    # lazy: torch_fidelity (and torchvision under it) costs ~2 CPU-s; only the fid benchmark needs it
     from torch_fidelity.utils import create_feature_extractor
-
-    from simflow import fid as simfid
-    from simflow.classifier import SmallClassifier, save_classifier
 
     cuda = device.type == "cuda"
     n = args.fid_images

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from simflow.contracts import STAGES
+from simflow.io import DiskFullError, disk_full_cause
 
 STAGE_HELP = {
     "preflight": "rehearse a training stage for a few steps and check what the real stages need "
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def bench_parser() -> argparse.ArgumentParser:
     """The parser of ``simflow bench``'s options (imports :mod:`simflow.bench`, and so torch)."""
+    # lazy: simflow.bench loads torch (~2 s); only `simflow bench` needs it
     from simflow import bench
 
     parser = argparse.ArgumentParser(prog="simflow bench", description=BENCH_HELP.split(" (")[0])
@@ -73,8 +76,8 @@ def bench_parser() -> argparse.ArgumentParser:
 
 
 def config_command(args: argparse.Namespace) -> int:
+    # lazy: config and yaml cost ~50 ms, which `simflow --help` and `simflow ui` skip
     import yaml
-
     from simflow.config import describe, json_schema, load_config, to_dict
     if args.action == "describe":
         for key, type_name, default, text in describe():
@@ -88,8 +91,7 @@ def config_command(args: argparse.Namespace) -> int:
 
 def ui_command(args: argparse.Namespace) -> int:
     """Print the link to the study's runs table, then run ``mlflow ui`` on its store."""
-    import os
-
+    # lazy: tracking costs ~40 ms; only this command needs it
     from simflow.tracking import resolve_tracking_uri, runs_page_url
 
     uri = resolve_tracking_uri(args.tracking_uri, args.results_root)
@@ -106,6 +108,7 @@ def ui_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
+        # lazy: simflow.bench loads torch (~2 s); only `simflow bench` needs it
         from simflow import bench
         bench_args = bench_parser().parse_args(argv[1:])
         return guarded("bench", lambda: bench.main(bench_args))
@@ -115,8 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         return guarded(args.command, lambda: config_command(args))
     if args.command == "preflight":
+        # lazy: the runner (~0.15 s) loads only for the command that runs a stage
         from simflow.runner import run_preflight
         return guarded("preflight", lambda: run_preflight(args.config, args.overrides))
+    # lazy: the runner (~0.15 s) loads only for the command that runs a stage
     from simflow.runner import run_stage
     return guarded(args.command, lambda: (run_stage(args.command, args.config, args.overrides), 0)[1])
 
@@ -131,8 +136,8 @@ def _raised_as(err: BaseException, module: str, name: str) -> bool:
 
 def guarded(command: str, fn: Callable[[], int]) -> int:
     """Run ``fn``; known failures become one line on stderr and an exit status."""
+    # lazy: config and yaml cost ~50 ms, which `simflow --help` and `simflow ui` skip
     from simflow.config import ConfigError
-    from simflow.io import DiskFullError, disk_full_cause
     try:
         return fn()
     except Exception as err:

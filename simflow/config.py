@@ -26,6 +26,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from simflow.contracts import BACKENDS, MODEL_MODES
+from simflow.io import write_text
 
 
 class ConfigError(ValueError):
@@ -684,7 +685,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:
-    from simflow.io import write_text
     return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

@@ -9,8 +9,10 @@ Every dataset returns ``(image, label)``: ``image`` is a float32 tensor ``(C, H,
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +21,10 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
+
+from simflow.contracts import SKIPPED_FILES
 
 __all__ = [
     "DatasetInfo",
@@ -67,8 +72,6 @@ class UnreadableFileError(ValueError):
 def skipped_files_log(run_dir: str | Path, split: str) -> Path:
     """The file listing the dataset files of ``split`` that ``data.on_bad_file=skip`` left out in
     ``run_dir`` (:data:`simflow.contracts.SKIPPED_FILES`)."""
-    from simflow.contracts import SKIPPED_FILES
-
     return Path(run_dir) / SKIPPED_FILES.format(split=split)
 
 
@@ -179,14 +182,13 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     64 pixel columns and the label), which is what ``sklearn.datasets.load_digits`` does: importing
     sklearn.datasets costs about 1 CPU second per stage process, reading the file 20 ms. Falls back
     to ``load_digits`` if the file is not where this version of scikit-learn keeps it."""
-    import importlib.util
-
     spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
     for folder in (spec.submodule_search_locations or []) if spec is not None else []:
         path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
         if path.is_file():
             data = np.loadtxt(path, delimiter=",", dtype=np.float32)
             return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+    # lazy: sklearn.datasets costs ~1.5 CPU-s; only the fallback when the csv is missing needs it
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -332,6 +334,7 @@ class FashionMNISTDataset(Dataset):
 
 
 def _download_fashion_mnist(root: Path, train: bool) -> None:
+    # lazy: torchvision costs ~2 CPU-s; only the Fashion-MNIST download needs it
     import torchvision
 
     # torchvision writes root/FashionMNIST/raw/*-ubyte(.gz); the search below then finds them there.
@@ -387,8 +390,6 @@ def center_crop_arr(pil_image, image_size: int):
     Halve the image with BOX filtering while its short side is >= 2 * image_size (cheap, alias-free
     downsampling), then BICUBIC-resize so the short side equals image_size, then crop the centre square.
     """
-    from PIL import Image
-
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -419,8 +420,6 @@ _UNREADABLE = (OSError, SyntaxError, ValueError)
 
 def _load_rgb(path: str):
     """The image at ``path`` decoded completely, as RGB (what torchvision's ``pil_loader`` does)."""
-    from PIL import Image
-
     with open(path, "rb") as fh:
         image = Image.open(fh)
         return image.convert("RGB")
@@ -438,6 +437,7 @@ class CheckedImageFolder(Dataset):
 
     def __init__(self, folder: Path, image_size: int, hflip: bool, on_bad_file: str = "error",
                  skip_log: str | Path | None = None) -> None:
+        # lazy: torchvision costs ~2 CPU-s; only image-folder data sets need it
         import torchvision
 
         if on_bad_file not in ("error", "skip"):
@@ -488,10 +488,6 @@ def scan_image_files(dataset: CheckedImageFolder, workers: int = 1) -> list[tupl
     preflight's check. JPEGs are decoded in PIL's draft mode (DCT scaling to about the training
     size: the whole compressed stream is still read, so a truncated file still fails) on
     ``workers`` threads (PIL releases the GIL while decoding)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-
     size = dataset.transform.image_size
 
     def check(path: str) -> str | None:

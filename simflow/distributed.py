@@ -49,7 +49,7 @@ _PORT_LO, _PORT_HI = 20000, 60000
 
 
 def _cpu_device() -> torch.device:
-    import torch
+    import torch  # lazy: no torch on the submit host
 
     return torch.device("cpu")
 
@@ -219,6 +219,7 @@ def init_distributed(device: str | None = None) -> DistEnv:
     is NCCL on CUDA and gloo on CPU. For a plain srun step the rendezvous address and port are
     derived from SLURM and exported as MASTER_ADDR/MASTER_PORT (env:// initialisation).
     """
+    # lazy: the submit host reads the launcher's environment here without torch (see above)
     import torch
     import torch.distributed as dist
 
@@ -243,7 +244,7 @@ def init_distributed(device: str | None = None) -> DistEnv:
 
 def shutdown() -> None:
     """Leave the process group (no-op for a single process)."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: no torch on the submit host
 
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -252,7 +253,7 @@ def shutdown() -> None:
 def barrier(env: DistEnv) -> None:
     """Wait for every rank (no-op for a single process)."""
     if env.enabled:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: no torch on the submit host
 
         dist.barrier()
 
@@ -272,6 +273,7 @@ def all_reduce_mean_(tensors: list[torch.Tensor], env: DistEnv) -> None:
     if any(not (t.is_floating_point() or t.is_complex()) for t in tensors):
         raise TypeError("all_reduce_mean_ averages floating-point tensors only (an integer mean "
                         "cannot be stored in place); convert the tensor to float first")
+    # lazy: the submit host reads the launcher's environment here without torch (see above)
     import torch
     import torch.distributed as dist
 
@@ -296,7 +298,7 @@ def mean_over_ranks(values: Mapping[str, float], env: DistEnv) -> dict[str, floa
     keys = sorted(values)
     if not env.enabled or not keys:
         return {k: float(values[k]) for k in keys}
-    import torch
+    import torch  # lazy: no torch on the submit host
 
     device = env.device if env.device.type == "cuda" else torch.device("cpu")
     buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
@@ -308,7 +310,7 @@ def broadcast_object(obj: Any, env: DistEnv, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank (pickled; for small objects such as paths)."""
     if not env.enabled:
         return obj
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: no torch on the submit host
 
     box = [obj]
     dist.broadcast_object_list(box, src=src)

@@ -33,7 +33,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from simflow.config import Config
+from simflow.data import dataset_info
 from simflow.flow import TransformerFlow
+from simflow.model import build_model
 
 __all__ = ["BF16_PEAK_TFLOPS", "bf16_peak_tflops", "counted_step_flops", "matched_steps",
            "pipeline_flops", "step_flops", "train_flops"]
@@ -102,9 +104,6 @@ def step_flops(cfg: Config, vae_only: bool = False) -> float:
     """Counted FLOPs of one training step of ``cfg``'s model at ``train.global_batch_size``
     (``vae_only``: the ``pretrain-vae`` stage's step, no flow term). Random weights and inputs
     of the configured shapes; the global RNG is left as it was."""
-    from simflow.data import dataset_info
-    from simflow.model import build_model
-
     info = dataset_info(cfg.data.name)
     channels, num_classes = info.channels, info.num_classes
     size = cfg.data.image_size

@@ -157,6 +157,7 @@ class PerceptualLoss(_FrozenModule):
                 f"Unknown LPIPS net {net!r}; allowed values are {', '.join(_LPIPS_BACKBONES)}."
             )
         try:
+            # lazy: lpips loads torchvision (~2 CPU-s); only an LPIPS loss needs it
             import lpips
         except ImportError as err:  # pragma: no cover - lpips is a declared dependency
             raise ImportError(

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from simflow import sampling
+from simflow.classifier import classifier_patch_tokens
 from simflow.config import Config, ModelConfig
 from simflow.contracts import DECODER_TRAINING_MODES, FROZEN_MODES, MODEL_MODES
 from simflow.flow import TransformerFlow
@@ -429,6 +430,5 @@ def build_repa_target(cfg: Config) -> nn.Module:
         if not m.repa_target_weights_path:
             raise ValueError("model.repa_target=classifier needs model.repa_target_weights_path: the "
                              "checkpoint written by `simflow feature-extractor`")
-        from simflow.classifier import classifier_patch_tokens
         return build_target_encoder("module", module=classifier_patch_tokens(m.repa_target_weights_path))
     return build_target_encoder(m.repa_target, m.repa_target_weights_path)

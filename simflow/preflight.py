@@ -62,7 +62,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from simflow.config import Config, deep_merge, from_dict, to_dict
 from simflow.contracts import DECODER_TRAINING_MODES, FROZEN_MODES, STAGE_FILES
+from simflow.distributed import barrier, broadcast_object
+from simflow.io import write_json, write_text
+from simflow.tracking import log_run_outputs
 
 #: Fraction of the rehearsal's steps over which the learning rate warms up (at most the real warm-up).
 WARMUP_FRACTION = 0.2
@@ -152,6 +156,7 @@ def _needed_file(findings: Findings, cfg, check: str, path: str | None, key: str
 def check_dataset(findings: Findings, cfg, split: str, readers: str):
     """Build ``split`` of the configured dataset, decode every file of an image folder
     (:func:`check_image_files`), and read its first, middle and last image."""
+    # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
     from simflow.data import CheckedImageFolder, build_dataset
     t0 = time.perf_counter()
     try:
@@ -182,6 +187,7 @@ def check_image_files(findings: Findings, cfg, ds, split: str) -> None:
     ``launcher.cpus_per_task`` threads): unreadable files are a red row with
     ``data.on_bad_file=error`` (the real run would stop at the first it meets), amber with
     ``skip`` (it would leave them out); the row names them."""
+    # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
     from simflow.data import scan_image_files
     t0 = time.perf_counter()
     bad = scan_image_files(ds, cfg.launcher.cpus_per_task)
@@ -203,6 +209,7 @@ def check_image_files(findings: Findings, cfg, ds, split: str) -> None:
 
 
 def _dinov2_files(kind: str, repo: str | None) -> tuple[bool, list[Path]]:
+    # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
     from simflow.losses import _hub_checkpoint
     base = kind.removesuffix("_reg")
     filename = f"{base}_reg4_pretrain.pth" if kind.endswith("_reg") else f"{base}_pretrain.pth"
@@ -239,6 +246,7 @@ def check_inputs(findings: Findings, cfg, stage: str) -> dict[str, bool]:
                              f"{m.repa_target_weights_path!r}", key="model.repa_target_weights_path",
                              path=m.repa_target_weights_path)
     if trains_decoder and m.lpips_weight > 0:
+        # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
         from simflow.losses import PerceptualLoss
         try:
             found = PerceptualLoss._find_backbone("vgg", m.lpips_backbone_weights_path)
@@ -254,6 +262,7 @@ def check_inputs(findings: Findings, cfg, stage: str) -> dict[str, bool]:
         _needed_file(findings, cfg, "feature_extractor", e.classifier_path, "eval.classifier_path",
                      "FID feature extractor (the demo classifier)")
     elif e.feature_extractor.startswith("inception"):
+        # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
         from simflow.fid import inception_weights_cache_path
         if e.feature_extractor_weights_path:
             _needed_file(findings, cfg, "feature_extractor", e.feature_extractor_weights_path,
@@ -272,6 +281,7 @@ def check_inputs(findings: Findings, cfg, stage: str) -> dict[str, bool]:
     status = _needed_file(findings, cfg, "reference_stats", e.reference_stats, "eval.reference_stats",
                           "FID reference statistics")
     if status == "ok" and Path(e.reference_stats).is_file():
+        # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
         from simflow.fid import load_reference_statistics
         try:
             mu, _ = load_reference_statistics(e.reference_stats)
@@ -321,7 +331,6 @@ def layout(global_batch: int, world: int, micro: int | None) -> dict:
 
 def rehearsal_config(cfg, rank_count: int, on_cpu: bool, standin_dir: Path, standins: dict[str, bool]):
     """The config the rehearsal trains with, and its layout (see the module docstring)."""
-    from simflow.config import deep_merge, from_dict, to_dict, Config
     d = to_dict(cfg)
     reduced = bool(on_cpu and cfg.preflight.cpu_overrides)
     if reduced:
@@ -349,14 +358,17 @@ def rehearsal_config(cfg, rank_count: int, on_cpu: bool, standin_dir: Path, stan
 
 def write_standins(rcfg, dataset, standins: dict[str, bool]) -> None:
     """Randomly initialised stand-ins of the workflow-produced weights the training loop loads."""
+    # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
     import torch
     from simflow.checkpoints import atomic_save
     if standins.get("pretrained_vae"):
+        # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
         from simflow.model import build_vae
         torch.manual_seed(0)
         atomic_save({"vae": build_vae(rcfg, dataset.channels).state_dict(), "standin": True},
                     Path(rcfg.model.pretrained_vae))
     if standins.get("classifier"):
+        # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
         from simflow.classifier import SmallClassifier, save_classifier
         torch.manual_seed(0)
         # the architecture of the feature-extractor stage's classifier (width 16)
@@ -377,9 +389,8 @@ def _fmt_gb(n_bytes: float | None) -> float | None:
 def rehearse(cfg, env, run) -> dict:
     """The ``preflight`` stage (see the module docstring): checks, rehearsal, measurements; the
     row is written to ``<unit>/preflight/preflight.json`` by global rank 0 and returned."""
+    # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
     import torch
-    from simflow.distributed import barrier
-    from simflow.io import write_json
     t_start = time.perf_counter()
     findings = Findings()
     stage = cfg.preflight.stage
@@ -406,7 +417,6 @@ def rehearse(cfg, env, run) -> dict:
     if env.is_main and stage == "train":
         check_dataset(findings, cfg, "test", "read by reconstruct, nll and latents")
     standins = check_inputs(findings, cfg, stage) if env.is_main else {}
-    from simflow.distributed import broadcast_object
     standins = broadcast_object(standins, env)
 
     # 2. the rehearsal
@@ -441,6 +451,7 @@ def rehearse(cfg, env, run) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(env.device)
         t0 = time.perf_counter()
+        # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
         from simflow.checkpoints import NonFiniteLossError
         from simflow.train import train
         try:
@@ -489,6 +500,7 @@ def _unit_name(cfg) -> str:
 def _training_failure(findings: Findings, err: Exception, real: dict, row: dict) -> None:
     text = f"{type(err).__name__}: {err}"
     oom = "out of memory" in str(err).lower() or "can't allocate memory" in str(err).lower()
+    # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
     import torch
     if isinstance(err, torch.cuda.OutOfMemoryError) or oom:
         half = max(1, real["micro_batch"] // 2)
@@ -509,6 +521,7 @@ def _training_failure(findings: Findings, err: Exception, real: dict, row: dict)
 
 def _measure(row, findings, cfg, rcfg, env, collector, result, real, vae_only, on_cpu, reduced,
              standin_vae: bool = False) -> None:
+    # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
     import torch
     points = collector.points
     curve = [[s, m["train/total"]] for s, m in points if "train/total" in m]
@@ -520,6 +533,7 @@ def _measure(row, findings, cfg, rcfg, env, collector, result, real, vae_only, o
             findings.add("loss", "warn", f"the loss did not fall over the rehearsal ({first:.4g} → {last:.4g} "
                          f"in {curve[-1][0]} steps)", key="train.lr / train.warmup_steps / model.*")
     summary = result.summary if result is not None else {}
+    # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
     from simflow.rate import RATE_KEYS
     last = points[-1][1] if points else {}
     row["rate"] = summary.get("rate") or {k: last[f"train/{k}"] for k in RATE_KEYS if f"train/{k}" in last}
@@ -577,6 +591,7 @@ def _measure(row, findings, cfg, rcfg, env, collector, result, real, vae_only, o
         thr["img_per_s_per_device"] = img_s / env.world_size
         thr["s_per_step"] = rcfg.train.global_batch_size / img_s
         if not on_cpu and not vae_only:
+            # lazy: torch (~2.5 CPU-s) stays out of the report script and the runner's submit path
             from simflow.flops import bf16_peak_tflops, train_flops
             flops = train_flops(result.model.flow, rcfg.train.global_batch_size)["total_flops"]
             achieved = flops / thr["s_per_step"] / 1e12
@@ -844,7 +859,6 @@ def render_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, markdown_path: str | Path, json_path: str | Path) -> str:
-    from simflow.io import write_json, write_text
     text = render_markdown(report)
     write_text(markdown_path, text)
     write_json(Path(json_path), report)
@@ -856,7 +870,6 @@ def log_report(paths: list[str | Path], tracking_uri: str, parent_run_id_file: s
     """Attach the report files to the study's MLflow parent run (artifacts under ``preflight/``,
     tag ``simflow.preflight`` = the verdict, metric ``preflight/device_hours``); returns the run
     id, or None when tracking is disabled (the parent file holds no run id)."""
-    from simflow.tracking import log_run_outputs
     return log_run_outputs(tracking_uri, Path(parent_run_id_file), artifacts={"preflight": paths},
                            metrics={"preflight/device_hours": float(report["totals"]["device_hours"])},
                            tags={"simflow.preflight": report["verdict"]})

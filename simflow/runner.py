@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from simflow.config import Config, ConfigError, load_config, save_config
+from simflow import launch
 from simflow.contracts import STAGES, TRAINING_STAGES
+from simflow.distributed import check_launch_backend, init_distributed, shutdown
+from simflow.io import write_json
+from simflow.preflight import ROW_FILE, failed_row, summary_line
+from simflow.tracking import (StageRun, TrackingStoreError, check_tracking_store, init_stage_run,
+                              resolve_tracking_uri)
 
 __all__ = ["run_here", "run_preflight", "run_stage", "variant_run_id_file"]
 
@@ -31,28 +37,22 @@ def run_stage(stage: str, config_path: str | None, overrides: list[str] | None =
     overrides = list(overrides or [])
     cfg = load_config(config_path, overrides)
     if cfg.tracking.enabled:  # before any work, and before a job waits in a queue for it
-        from simflow.tracking import check_tracking_store, resolve_tracking_uri
         check_tracking_store(resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.results_root))
     if cfg.launcher.backend == "local":
         return run_here(stage, cfg)
-    from simflow.distributed import check_launch_backend
-    from simflow.launch import Call, launch
-
     check_launch_backend(cfg.launcher.backend)  # not from each rank of torchrun / srun
     snapshot = save_config(cfg, Path(cfg.run_dir) / "jobs" / f"{stage}.yaml")
-    job = Call("simflow.runner:run_stage", stage, str(snapshot), ["launcher.backend=local"])
-    return launch(job, cfg.launcher, job_name=f"{cfg.study}.{cfg.variant}.{stage}")
+    job = launch.Call("simflow.runner:run_stage", stage, str(snapshot), ["launcher.backend=local"])
+    return launch.launch(job, cfg.launcher, job_name=f"{cfg.study}.{cfg.variant}.{stage}")
 
 
 def run_here(stage: str, cfg: Config) -> dict:
     """Run ``stage`` in this process: join the process group (one rank of a multi-task job, or a
     single process), attach global rank 0 to the unit's MLflow run (the training stages also log
     MLflow's system metrics), call the stage function, leave the process group."""
+    # lazy: torch and the stages cost ~2.5 CPU-s; the submit path must not load them (tests/test_layout.py)
     import torch
-
-    from simflow.distributed import init_distributed, shutdown
     from simflow.stages import STAGE_FUNCTIONS
-    from simflow.tracking import StageRun, resolve_tracking_uri
 
     if os.environ.get("SUBMITIT_EXECUTOR"):  # a submitted job: use the CPUs it was given
         torch.set_num_threads(max(1, cfg.launcher.cpus_per_task))
@@ -74,8 +74,6 @@ def variant_run_id_file(cfg: Config, tracking_uri: str | None = None) -> Path:
     (:func:`simflow.tracking.init_stage_run`)."""
     if cfg.tracking.run_id_file:
         return Path(cfg.tracking.run_id_file)
-    from simflow.tracking import init_stage_run, resolve_tracking_uri
-
     uri = tracking_uri or resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.results_root)
     return init_stage_run(uri, cfg.tracking.experiment, cfg.study, cfg.variant,
                           Path(cfg.results_root) / cfg.study, cfg.run_dir)
@@ -90,10 +88,6 @@ def run_preflight(config_path: str | None, overrides: list[str] | None = None) -
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - the report must still get this row
-        from simflow.io import write_json
-        from simflow.preflight import ROW_FILE, failed_row, summary_line
-        from simflow.tracking import TrackingStoreError
-
         cfg = load_config(config_path, overrides)
         text = str(err)
         key = "stage_launcher.preflight / launcher_preflight_<key>"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import importlib.util
 import logging
 import math
 import os
@@ -217,6 +218,7 @@ def _require_run(client: Any, tracking_uri: str, run_id: str, run_id_file: Path,
     leave its runs split over two stores (and every later ``setup_unit`` failing there). ``fix``
     replaces the default advice (use the right store, or delete the file to start anew).
     """
+    # lazy: mlflow costs ~1.8 CPU-s; the CLI, the submit path and the Snakefile import this module
     from mlflow.exceptions import MlflowException
 
     try:
@@ -302,6 +304,7 @@ def _job_id() -> str | None:
 # store, study and variant runs
 # --------------------------------------------------------------------------------------------
 def _client(tracking_uri: str) -> Any:
+    # lazy: mlflow costs ~1.8 CPU-s; the CLI, the submit path and the Snakefile import this module
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
@@ -457,6 +460,7 @@ def tag_training_experiment(client: Any, experiment: Any) -> None:
 
 
 def _get_or_create_experiment(client: Any, tracking_uri: str, name: str) -> str:
+    # lazy: mlflow costs ~1.8 CPU-s; the CLI, the submit path and the Snakefile import this module
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
@@ -492,6 +496,7 @@ def _existing_run(client: Any, run_id_file: Path, known_run_id: str | None = Non
     ``known_run_id``), or None if the file or the run is missing/deleted (a warning); with
     ``missing_run="error"`` a run that the file names but the store lacks or holds deleted is a
     :class:`MissingRunError` instead, and nothing is created."""
+    # lazy: mlflow costs ~1.8 CPU-s; the CLI, the submit path and the Snakefile import this module
     from mlflow.exceptions import MlflowException
 
     in_file = run_id_file.is_file()
@@ -719,6 +724,7 @@ def log_run_outputs(
     skipped), ``tags`` set, and ``description`` becomes the run's description in the UI (the
     ``mlflow.note.content`` tag, Markdown). Returns the run id, or None when ``run_id_file`` names
     no run (tracking disabled)."""
+    # lazy: mlflow costs ~1.8 CPU-s; the CLI, the submit path and the Snakefile import this module
     from mlflow.entities import Metric, RunTag
 
     opened = _open_marked_run(tracking_uri, run_id_file)
@@ -758,8 +764,6 @@ def runs_page_url(tracking_uri: str, experiment_name: str, host: str = "127.0.0.
 def system_metrics_available() -> bool:
     """Whether MLflow's system-metrics logging can run here: it needs psutil (CPU, memory, disk,
     network); GPU utilisation and memory are added when nvidia-ml-py (pynvml) finds a GPU."""
-    import importlib.util
-
     return importlib.util.find_spec("psutil") is not None
 
 
@@ -822,6 +826,7 @@ class StageRun:
     def __enter__(self) -> StageRun:
         if not self.enabled:
             return self
+        # lazy: mlflow costs ~1.8 CPU-s; the CLI, the submit path and the Snakefile import this module
         import mlflow
 
         run_id = read_run_id(self.run_id_file)
@@ -884,6 +889,7 @@ class StageRun:
             signal.signal(signal.SIGTERM, self._old_handler)
             self._handler_installed = False
         status = self._status_for(exc)
+        # lazy: mlflow costs ~1.8 CPU-s; the CLI, the submit path and the Snakefile import this module
         import mlflow
 
         try:
@@ -928,6 +934,7 @@ class StageRun:
         """Set tags on the run (values made strings; None values skipped)."""
         if not self._check_attached():
             return
+        # lazy: mlflow costs ~1.8 CPU-s; the CLI, the submit path and the Snakefile import this module
         from mlflow.entities import RunTag
 
         self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in _str_tags(tags).items()])
@@ -938,6 +945,7 @@ class StageRun:
         run would describe two configurations."""
         if not self._check_attached():
             return
+        # lazy: mlflow costs ~1.8 CPU-s; the CLI, the submit path and the Snakefile import this module
         from mlflow.entities import Param
 
         existing = self._client.get_run(self.run_id).data.params
@@ -963,6 +971,7 @@ class StageRun:
         """Log the finite values of ``metrics`` at ``step`` (0 if None) in one batch."""
         if not self._check_attached():
             return
+        # lazy: mlflow costs ~1.8 CPU-s; the CLI, the submit path and the Snakefile import this module
         from mlflow.entities import Metric
 
         now_ms = int(time.time() * 1000)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from simflow.checkpoints import (LATEST, CheckpointKeeper, NonFiniteLossError, atomic_save,
                                  check_resume_config, checkpoint_dir, load_checkpoint,
@@ -31,6 +34,7 @@ from simflow.config import Config, to_dict
 from simflow.contracts import FROZEN_MODES
 from simflow.data import build_dataset, skipped_files_log
 from simflow.distributed import DistEnv, all_reduce_mean_, mean_over_ranks
+from simflow.fid import images_to_uint8
 from simflow.flops import counted_step_flops
 from simflow.io import make_grid
 from simflow.model import QUANTISATION_STEP, SimFlowModel, build_model
@@ -502,7 +506,6 @@ def gather_rng(env: DistEnv) -> list[dict]:
     state = rng_state()
     if not env.enabled:
         return [state]
-    import torch.distributed as dist
     states: list = [None] * env.world_size
     dist.all_gather_object(states, state)
     return states
@@ -518,10 +521,8 @@ class _NullProgress:
 
 def make_progress(total: int, initial: int, env: DistEnv):
     """tqdm on a terminal (rank 0), plain log lines otherwise (SLURM logs stay small)."""
-    import sys
     if not env.is_main or not sys.stderr.isatty():
         return _NullProgress()
-    from tqdm import tqdm
     bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
     bar.enabled = True
     return bar
@@ -530,7 +531,6 @@ def make_progress(total: int, initial: int, env: DistEnv):
 @torch.no_grad()
 def sample_grid(model: SimFlowModel, ema_state: dict, n: int = 16) -> np.ndarray:
     """A fixed-noise grid from the EMA weights, uint8 (H·rows, W·cols, C), for MLflow."""
-    from simflow.fid import images_to_uint8
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn((n, *model.flow_input_shape), generator=gen).to(device)

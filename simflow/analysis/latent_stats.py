@@ -60,6 +60,7 @@ def _as_maps(z: Any) -> np.ndarray:
     """Validate ``z`` and return it as a float64 array of shape ``(N * C, H, W)``."""
     if hasattr(z, "detach") and hasattr(z, "cpu"):
         # A torch tensor: go through float64 in torch first, since bfloat16 has no NumPy dtype.
+        # lazy: torch (~2 CPU-s) is not loaded by the analysis of NumPy arrays
         import torch
 
         z = z.detach().to(device="cpu", dtype=torch.float64).numpy()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from simflow.analysis.latent_stats import LATENT_STAT_COLUMNS
 from simflow.analysis.summary import aggregate_seeds, claim_status
 from simflow.analysis.tables import FLOOR_COLUMNS
 from simflow.contracts import RUN_ID_FILE
+from simflow.tracking import resolve_tracking_uri
 
 __all__ = [
     "NOISE_COLUMNS",
@@ -423,18 +425,15 @@ def open_mlflow(tracking_uri: str | None, results_dir: str | Path) -> Any | None
     if tracking_uri is None:
         print("tracking_uri is None: the MLflow sections are skipped.")
         return None
-    from simflow.tracking import resolve_tracking_uri
-
     uri = resolve_tracking_uri(None if tracking_uri == "default" else tracking_uri, results_dir)
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
         if not db.is_file():
             print(f"no MLflow database at {db}: the MLflow sections are skipped.")
             return None
-    import warnings
-
     # MLflow imports tqdm.auto, which warns in a kernel without ipywidgets; nothing to act on.
     warnings.filterwarnings("ignore", message="IProgress not found")
+    # lazy: mlflow costs ~1.8 CPU-s; only the notebooks' MLflow sections need it
     from mlflow import MlflowClient
 
     print(f"MLflow store: {uri}")
@@ -447,6 +446,7 @@ def unit_runs(client: Any | None, units: Mapping[tuple[str, int], Path]) -> dict
     ``client=None``."""
     if client is None:
         return {}
+    # lazy: mlflow costs ~1.8 CPU-s; only the notebooks' MLflow sections need it
     from mlflow.exceptions import MlflowException
 
     found, missing = {}, []
@@ -514,6 +514,7 @@ def provenance_table(runs: Mapping[tuple[str, int], Any], per_seed: pd.DataFrame
 # --------------------------------------------------------------------------------------------
 def show(fig: Any, dpi: int = 110) -> None:
     """Display a matplotlib Figure as an inline PNG, whatever the kernel's plotting backend."""
+    # lazy: IPython is there only in a notebook kernel
     from IPython.display import Image, display
 
     buf = io.BytesIO()

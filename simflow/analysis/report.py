@@ -18,6 +18,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import mistune  # a dependency of nbconvert
+import pandas as pd
+
+from simflow.analysis.summary import claim_status
+
 __all__ = [
     "PARENT_RUN_METRICS",
     "claim_tags",
@@ -54,8 +59,6 @@ details {{ margin-top: 1.5em; }}
 
 
 def _markdown_to_html(text: str) -> str:
-    import mistune  # a dependency of nbconvert
-
     return mistune.create_markdown(plugins=["table"])(text)
 
 
@@ -93,8 +96,6 @@ def variant_metrics(summary: Any, columns: Mapping[str, str] = PARENT_RUN_METRIC
 def claim_tags(claims: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """``{"claim.<id>": <verdict>}`` of claims.json (:func:`~simflow.analysis.summary.claim_status`:
     reproduced, refuted, inconclusive, point estimate (one seed) or invalid)."""
-    from simflow.analysis.summary import claim_status
-
     return {f"claim.{c['id']}": claim_status(c) for c in claims}
 
 
@@ -115,8 +116,6 @@ def parent_run_outputs(study_dir: str | Path, figures: Sequence[str | Path] = ()
     page under ``summary/``, ``figures`` under ``figures/``, ``notebooks`` under ``notebooks/``),
     ``metrics`` (:func:`variant_metrics`), ``tags`` (:func:`claim_tags` plus the variant and
     seed counts) and ``description`` (:func:`run_description` of summary.md)."""
-    import pandas as pd
-
     study_dir = Path(study_dir)
     tables = ["summary.md", "summary.html", "summary.csv", "summary_per_seed.csv", "claims.json",
               "latent_stats.csv", "noise_robustness.csv"]

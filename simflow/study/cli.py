@@ -20,7 +20,7 @@ from simflow.config import ConfigError, LauncherSection, deep_merge, read_yaml
 from simflow.study.loading import load_study
 from simflow.study.schema import keys_markdown, study_schema
 from simflow.study.spec import StudyError, get_key
-from simflow.study.units import variant_unit
+from simflow.study.units import pipeline_configs, variant_unit
 from simflow.study.unit_folder import init_study_tracking, set_study_run_status
 
 __all__ = ["main"]
@@ -118,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def print_flops(configs: Sequence[str], matches: Sequence[str]) -> int:
     """The ``flops`` command: a Markdown table of every variant's counted pipeline FLOPs, then
     one line per ``VARIANT=REFERENCE`` match."""
-    from simflow.flops import matched_steps, pipeline_flops  # torch: only this command
-    from simflow.study.units import pipeline_configs
+    # lazy: flops loads torch (~2 CPU-s); only this command needs it, not the Snakefile's imports
+    from simflow.flops import matched_steps, pipeline_flops
 
     try:
         study = load_study(_merged(configs))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from simflow.analysis.report import parent_run_outputs
 from simflow.io import write_text
+from simflow.tracking import log_run_outputs, resolve_tracking_uri
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 with open(sm.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -19,8 +20,6 @@ with open(sm.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.re
                                  notebooks=list(sm.input.notebooks))
     run_id = None
     if sm.params.enabled:
-        from simflow.tracking import log_run_outputs, resolve_tracking_uri
-
         uri = resolve_tracking_uri(sm.params.tracking_uri, study_dir.parent)
         run_id = log_run_outputs(uri, Path(sm.input.parent), outputs["artifacts"], outputs["metrics"],
                                  outputs["tags"], outputs["description"])

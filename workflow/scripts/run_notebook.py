@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 __all__ = ["KERNEL_NAME", "export_html", "main", "run_notebook"]
 
 #: The kernel the notebooks run on: ipykernel's kernel for the current interpreter.
@@ -50,9 +52,10 @@ def _with_repo_on_pythonpath() -> None:
 
 def export_html(executed: Path, html: Path) -> Path:
     """Render the executed notebook ``executed`` as a standalone HTML page ``html``."""
+    # lazy: nbconvert costs ~0.7 CPU-s; the tests load this file for its helpers without it
     import nbformat
     from nbconvert import HTMLExporter
-
+    # lazy: simflow is importable only once _with_repo_on_pythonpath() has run (a plain checkout)
     from simflow.io import write_text
 
     nb = nbformat.read(executed, as_version=4)
@@ -89,6 +92,7 @@ def run_notebook(
         FileNotFoundError: ``notebook`` does not exist.
         RuntimeError: a cell raised; the message names the kept ``.failed.ipynb``.
     """
+    # lazy: papermill costs ~0.7 CPU-s; the tests load this file for its helpers without it
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -98,6 +102,7 @@ def run_notebook(
     if output.suffix != ".ipynb":
         raise ValueError(f"output must be an .ipynb file, got {output}")
     _with_repo_on_pythonpath()
+    # lazy: simflow is importable only once _with_repo_on_pythonpath() has run (a plain checkout)
     from simflow.io import atomic_write
 
     failed = output.with_name(f"{output.stem}.failed.ipynb")
@@ -132,8 +137,6 @@ def run_notebook(
 def _parse_value(text: str) -> Any:
     if text == "None":
         return None
-    import yaml
-
     return yaml.safe_load(text)
 
 
