@@ -1,14 +1,18 @@
-"""The package's layout: no import cycle, a CLI and a submit path without torch, one contract."""
+"""The package's layout: no import cycle, a CLI and a submit path without torch, one contract,
+imports at the top of each module (a function-level import says why)."""
 
 from __future__ import annotations
 
 import ast
+import io
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "simflow"
+SCRIPTS = REPO / "workflow" / "scripts"
 
 
 def module_name(path: Path) -> str:
@@ -135,3 +139,71 @@ def test_every_stage_of_the_contract_has_a_function_and_a_help_text():
     from simflow.stages import STAGE_FUNCTIONS
 
     assert tuple(STAGE_FUNCTIONS) == STAGES == tuple(STAGE_HELP) == tuple(STAGE_FILES)
+
+
+def unexplained_local_imports(source: str, filename: str = "<source>") -> list[str]:
+    """``file:line`` of every import inside a function that has no comment on its line or the
+    line directly above. One comment covers a group of adjacent imports: an import directly
+    below an explained import of the same group is explained too."""
+    tree = ast.parse(source, filename=filename)
+    commented = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                 if tok.type == tokenize.COMMENT}
+    local: list[ast.stmt] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if in_function and isinstance(child, (ast.Import, ast.ImportFrom)):
+                local.append(child)
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                            ast.Lambda)))
+
+    visit(tree, False)
+    explained: set[int] = set()  # last lines of the explained imports
+    missing = []
+    for node in sorted(local, key=lambda n: n.lineno):
+        if (commented & set(range(node.lineno - 1, node.end_lineno + 1))
+                or node.lineno - 1 in explained):
+            explained.add(node.end_lineno)
+        else:
+            missing.append(f"{filename}:{node.lineno}")
+    return missing
+
+
+def test_every_function_level_import_says_why_it_is_not_at_the_top():
+    files = sorted(PACKAGE.rglob("*.py")) + sorted(SCRIPTS.glob("*.py"))
+    missing = [m for path in files
+               for m in unexplained_local_imports(path.read_text(), str(path.relative_to(REPO)))]
+    assert not missing, ("imports inside a function without a comment saying why (move them to the "
+                         "module's top, or say why start-up needs them there): " + ", ".join(missing))
+
+
+def test_the_local_import_check_finds_an_unexplained_import():
+    source = ('''"""A docstring that shows
+    from simflow import io
+is no import."""
+import os
+
+
+def explained():
+    # lazy: torch_fidelity costs ~2 CPU-s
+    import torch_fidelity
+    from torch_fidelity import metric_fid
+
+
+def inline():
+    import scipy  # lazy: only this function
+
+
+def unexplained():
+    x = 1
+    import numpy as np
+    return np, x
+
+
+class Holder:
+    def method(self):
+        # a comment, then a blank line, does not reach the import
+
+        from simflow import io
+''')
+    assert unexplained_local_imports(source, "m.py") == ["m.py:19", "m.py:27"]
