@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -411,6 +414,37 @@ def test_init_study_and_setup_unit_create_and_reuse_mlflow_runs(tmp_path, monkey
     changed.setdefault("train", {})["steps"] = 5
     run_id_path.unlink()
     assert S.setup_unit(changed, config_path, run_id_path, parent_file, run_name="simflow") != first
+
+
+def test_cli_setup_unit_is_setup_unit_and_rejects_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
+    """The workflow's rule setup_unit: ``python -m simflow.study setup-unit`` with the unit's
+    explicit config as JSON (which resolves to the same config as the dict it came from)."""
+    monkeypatch.chdir(tmp_path)
+    study = S.load_study(_tiny())
+    cfg = study.units["simflow/s0"]
+    assert S.config_fingerprint(json.loads(json.dumps(cfg))) == S.config_fingerprint(cfg)
+    out = tmp_path / "cli"
+    args = ["setup-unit", "--unit", "simflow/s0", "--config", json.dumps(cfg), "--tags",
+            json.dumps(S.unit_tags(study, "simflow/s0")), "--out-config", str(out / "config.yaml"),
+            "--out-run-id", str(out / "run_id.txt"), "--parent", "parent.txt"]
+    assert S.main(args) == 0
+    assert capsys.readouterr().out == f"simflow/s0: config {out / 'config.yaml'}, MLflow run None\n"
+    S.write_stage_config(cfg, tmp_path / "direct.yaml")
+    assert (out / "config.yaml").read_text() == (tmp_path / "direct.yaml").read_text()
+    assert (out / "run_id.txt").read_text() == "tracking disabled\n"
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one usage line, status 2
+        S.main([*args[:4], "{not json", *args[5:]])
+    assert exit_info.value.code == 2 and "not JSON" in capsys.readouterr().err
+    bad = copy.deepcopy(cfg)
+    bad["vae"] = {"posterior": "sometimes"}
+    bad_args = [*args[:4], json.dumps(bad), *args[5:]]
+    assert S.main(bad_args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m simflow.study setup-unit: error: simflow/s0: ") and "sometimes" in err
+    proc = subprocess.run([sys.executable, "-m", "simflow.study", *bad_args], capture_output=True,
+                          text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 # Helpers shared by the *.smk files: the validated study, paths, input functions and params.
 # No rules here (Snakemake's lint: functions and rules live in separate files).
+import json
 import os
 import re
 import shlex
@@ -161,6 +162,13 @@ def setup_params(wildcards):
 
 def run_tags(wildcards):
     return sf.unit_tags(STUDY, wildcards.unit)
+
+
+def setup_args(wildcards):
+    """The arguments of ``python -m simflow.study setup-unit`` for a unit: its explicit config
+    and its run tags, as JSON."""
+    return shlex.join(["--unit", wildcards.unit, "--config", json.dumps(setup_params(wildcards)),
+                       "--tags", json.dumps(run_tags(wildcards))])
 
 
 def per_unit(pattern):

@@ -27,11 +27,11 @@ rule mlflow_init:
 
 
 # A unit (one variant and seed, or a shared stage) gets its resolved stage config and its MLflow
-# child run. The unit's explicit config is a params value: when it changes this rule re-runs,
-# and everything of this unit downstream of config.yaml re-runs with it; other units do not.
-# The parent run id is ancient(): re-creating the parent run does not re-run the study. The run
-# name comes from the unit (simflow.study.unit_run_name), not a params value: renaming runs
-# re-runs nothing.
+# child run, through the same study CLI as mlflow_init. The unit's explicit config is a params
+# value: when it changes this rule re-runs, and everything of this unit downstream of
+# config.yaml re-runs with it; other units do not. The parent run id is ancient(): re-creating
+# the parent run does not re-run the study. The run name comes from the unit
+# (simflow.study.unit_run_name, in the CLI), not a params value: renaming runs re-runs nothing.
 rule setup_unit:
     input:
         parent=ancient(STUDY.parent_run_id_file),
@@ -41,13 +41,15 @@ rule setup_unit:
     params:
         config=setup_params,
         tags=run_tags,
+        args=setup_args,
     log:
         f"{LOGS}/{{unit}}/setup.log",
     localrule: True
     conda:
         ENV
-    script:
-        "../scripts/setup_unit.py"
+    shell:
+        "python3 -m simflow.study setup-unit {params.args} --out-config {output.config:q}"
+        " --out-run-id {output.run_id:q} --parent {input.parent:q} > {log:q} 2>&1"
 
 
 use rule stage as feature_extractor with:
