@@ -41,10 +41,12 @@ _STDIO = 3  # stdin, stdout, stderr
 
 
 def server_identity() -> dict[str, Any]:
-    """What must match between client and server for the server to run the client's stage: the
-    interpreter and the module search path (the same code), as the request carries them."""
+    """What must match between client and server for the server to run the client's stage (the
+    same code): the interpreter, the simflow package's folder and the module search path after
+    its first entry (the script's folder or the cwd, which may differ)."""
     return {"executable": os.path.realpath(sys.executable),
-            "path": [os.path.realpath(p) if p else p for p in sys.path]}
+            "package": os.path.dirname(os.path.realpath(__file__)),
+            "path": [os.path.realpath(p) if p else p for p in sys.path[1:]]}
 
 
 def send_request(sock: socket.socket, argv: Sequence[str]) -> None:
@@ -168,6 +170,7 @@ def _die_by(signum: int) -> int:
     shell's status 128+signum should the signal be blocked."""
     sys.stdout.flush()
     sys.stderr.flush()
-    signal.signal(signum, signal.SIG_DFL)
+    if signum not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler to reset
+        signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
     return 128 + signum

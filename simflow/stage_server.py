@@ -161,6 +161,8 @@ def _refusal(request: dict[str, Any]) -> str | None:
     mine = server_identity()
     if request.get("executable") != mine["executable"]:
         return f"the server runs {mine['executable']}, the stage {request.get('executable')}"
+    if request.get("package") != mine["package"]:
+        return f"the server runs simflow from {mine['package']}, the stage from {request.get('package')}"
     if request.get("path") != mine["path"]:
         return "the stage's sys.path differs from the server's (another checkout or PYTHONPATH)"
     return fork_unsafe_reason()
@@ -224,6 +226,7 @@ def _wait_for_worker(conn: socket.socket, fds: list[int], request: dict[str, Any
     for fd in fds:
         os.close(fd)
     worker = os.pidfd_open(pid)
+    _log(f"stage server: {' '.join(request['argv'][:1])} started (worker {pid})")
     try:
         send_message(conn, pid=pid)
         client_gone = False
@@ -282,6 +285,7 @@ def _run_worker(fds: list[int], request: dict[str, Any]) -> None:
     env.pop(SERVER_ENV, None)  # this process runs the stage: it must not ask the server again
     os.environ.clear()
     os.environ.update(env)
+    tempfile.tempdir = None  # found again from this environment's TMPDIR (Snakemake sets it per job)
     os.umask(int(request["umask"]))
     sys.argv = [request["argv0"], *request["argv"]]
     _apply_threads(env)
