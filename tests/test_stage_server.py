@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
+from simflow import study as sf
 from simflow.stage_client import SERVER_ENV
 from simflow.stage_server import StageServer
 
@@ -79,7 +81,7 @@ def gone(pid: int, timeout_s: float = 30) -> bool:
     return False
 
 
-SEEN: set[int] = set()
+SEEN: set[int] = set()  # workers already claimed by a test (the module's server serves them all)
 
 
 def test_a_stage_runs_in_a_worker_with_the_clients_fds_cwd_and_exit_status(server, tmp_path):
@@ -160,3 +162,14 @@ def test_the_server_stops_when_its_owner_is_gone(tmp_path):
     assert f"owner pid {owner.pid} is gone; stopping" in log.read_text()
     assert not os.path.exists(srv.socket_path)
     srv.stop()
+
+
+def test_the_workflow_runs_a_server_only_for_local_stages_with_the_default_cli():
+    smoke = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    assert sf.stage_server_off(sf.load_study(smoke)) is None
+    assert sf.stage_server_off(sf.load_study({**smoke, "stage_server": False})) == "stage_server: false"
+    slurm = sf.load_study({**smoke, "launcher_backend": "slurm"})
+    assert sf.stage_server_off(slurm) == "no stage runs with launcher.backend local"
+    wrapped = sf.load_study({**smoke, "cli": "apptainer exec simflow.sif python3 -m simflow"})
+    assert sf.stage_server_off(wrapped) == ("cli is 'apptainer exec simflow.sif python3 -m simflow', "
+                                            "not 'python3 -m simflow'")
