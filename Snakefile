@@ -48,16 +48,21 @@ report: "workflow/report/workflow.rst"
 # RUNNING and ends it FINISHED or FAILED (Snakemake runs these handlers only then: not for dry
 # runs, --report or "Nothing to be done"). First the store is checked, before the first job: a
 # server that does not answer, or a file that is not an MLflow store, stops the run in seconds.
+# The stage server (simflow.stage_server: torch and MLflow imported once for the local stages)
+# lives from onstart to onsuccess/onerror.
 onstart:
     check_study_store()
     set_study_run_status("RUNNING")
+    start_stage_server()
 
 
 onsuccess:
+    stop_stage_server()
     set_study_run_status("FINISHED")
 
 
 onerror:
+    stop_stage_server()
     set_study_run_status("FAILED")
 
 

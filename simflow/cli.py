@@ -7,7 +7,9 @@ it writes), 2 for an invalid config.
 
 Building the parser imports neither torch nor MLflow (the stage names come from
 :mod:`simflow.contracts`; ``simflow bench`` loads its options only when it runs), and neither
-does a stage submitted to a launcher: only the job that runs the stage loads them.
+does a stage submitted to a launcher: only the job that runs the stage loads them. Inside the
+workflow a stage with the local launcher is handed to the stage server, which has them loaded
+(:data:`simflow.stage_client.SERVER_ENV`, :mod:`simflow.stage_server`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 from simflow.contracts import STAGES
 from simflow.io import DiskFullError, disk_full_cause
+from simflow.stage_client import SERVER_ENV, run_through_server
 
 STAGE_HELP = {
     "preflight": "rehearse a training stage for a few steps and check what the real stages need "
@@ -117,6 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ui_command(args)
     if args.command == "config":
         return guarded(args.command, lambda: config_command(args))
+    server = stage_server_socket(args)
+    if server is not None:
+        status = run_through_server(server, argv)
+        if status is not None:
+            return status
     if args.command == "preflight":
         # lazy: the runner (~0.15 s) loads only for the command that runs a stage
         from simflow.runner import run_preflight
@@ -124,6 +132,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # lazy: the runner (~0.15 s) loads only for the command that runs a stage
     from simflow.runner import run_stage
     return guarded(args.command, lambda: (run_stage(args.command, args.config, args.overrides), 0)[1])
+
+
+def stage_server_socket(args: argparse.Namespace) -> str | None:
+    """The stage server's socket when this stage should run there: the workflow named one
+    (:data:`SERVER_ENV`) and the stage's launcher is local (a submitting stage imports little
+    and waits; its job runs elsewhere). A config that does not load runs here, where it fails
+    with its own error before anything is imported."""
+    # lazy: config and yaml cost ~50 ms, which `simflow --help` and `simflow ui` skip
+    from simflow.config import ConfigError, load_config
+
+    socket_path = os.environ.get(SERVER_ENV)
+    if not socket_path or args.command not in STAGES:
+        return None
+    try:
+        backend = load_config(args.config, args.overrides).launcher.backend
+    except (ConfigError, OSError, ValueError):
+        return None
+    return socket_path if backend == "local" else None
 
 
 def _raised_as(err: BaseException, module: str, name: str) -> bool:

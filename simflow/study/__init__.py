@@ -46,6 +46,7 @@ from simflow.study.snakemake import (
     launcher_sets,
     profile_config_dropped,
     stage_command,
+    stage_server_off,
     stage_threads,
 )
 from simflow.study.spec import GROUPS, Study, StudyError, Variant, get_key
@@ -95,6 +96,7 @@ __all__ = [
     "setup_unit",
     "shared_config",
     "stage_command",
+    "stage_server_off",
     "stage_threads",
     "study_schema",
     "unit_run_name",

@@ -7,10 +7,12 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from simflow.contracts import STAGES
 from simflow.study.launchers import launcher_for
-from simflow.study.spec import Study
+from simflow.study.spec import DEFAULT_CLI, Study
 
-__all__ = ["Untracked", "launcher_sets", "profile_config_dropped", "stage_command", "stage_threads"]
+__all__ = ["Untracked", "launcher_sets", "profile_config_dropped", "stage_command", "stage_server_off",
+           "stage_threads"]
 
 
 class Untracked:
@@ -66,3 +68,17 @@ def launcher_sets(study: Study, stage: str) -> list[str]:
     reads may already hold a launcher section (the train stage saves its resolved config,
     launcher included, over the unit's config.yaml), which must not leak into later stages."""
     return [f"launcher.{k}={json.dumps(v)}" for k, v in launcher_for(study, stage).items()]
+
+
+def stage_server_off(study: Study) -> str | None:
+    """Why the workflow runs no stage server (:mod:`simflow.stage_server`) for ``study``, or
+    None when it does: the study turned it off, no stage runs with the local launcher (a
+    submitting stage imports neither torch nor MLflow), or the study's ``cli`` is not the
+    default one (the server runs Snakemake's own Python, which another command may not be)."""
+    if not study.stage_server:
+        return "stage_server: false"
+    if all(launcher_for(study, stage)["backend"] != "local" for stage in STAGES):
+        return "no stage runs with launcher.backend local"
+    if study.cli != DEFAULT_CLI:
+        return f"cli is {study.cli!r}, not {DEFAULT_CLI!r}"
+    return None

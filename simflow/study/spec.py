@@ -112,6 +112,9 @@ class StudySection:
     seeds: list[int] = option([0], "Training seeds; every variant runs once per seed.", ge=0, min_len=1)
     cli: str = option(DEFAULT_CLI, "Command that runs the simflow CLI on the submit host.")
     threads: int = option(1, "CPU threads (OMP_NUM_THREADS) of a stage job run in-process.", ge=1)
+    stage_server: bool = option(True, "Run the stages that use the local launcher in workers forked "
+                                "from one stage server with torch and MLflow loaded "
+                                "(simflow.stage_server); false: each stage imports them itself.")
     base: dict = option({}, "Partial stage config shared by every variant (simflow.config; keys "
                         "in config/README.md).")
     pretrain_vae: dict = option({}, "Overrides of base for the shared pretrained VAE of the frozen "
@@ -174,6 +177,7 @@ class Study:
     analysis: dict
     cli: str = DEFAULT_CLI
     threads: int = 1
+    stage_server: bool = True
     units: dict[str, dict] = field(default_factory=dict)
     preflight: dict = field(default_factory=lambda: to_dict(PreflightSection()))
 
@@ -392,4 +396,5 @@ def parse_study(raw: Mapping[str, Any]) -> Study:
                  launcher=copy.deepcopy(spec.launcher), stage_launcher=stage_launcher,
                  flat_launcher=_split_flat_launcher(raw), tracking=to_dict(spec.tracking),
                  analysis=to_dict(spec.analysis), cli=spec.cli.strip(), threads=spec.threads,
+                 stage_server=spec.stage_server,
                  preflight=_parse_preflight(spec.preflight))

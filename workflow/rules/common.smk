@@ -11,6 +11,8 @@ from snakemake.logging import logger
 
 from simflow import study as sf
 from simflow.contracts import CONFIG_FILE, RUN_ID_FILE, SHARED_UNITS, STAGE_FILES
+from simflow.stage_client import SERVER_ENV
+from simflow.stage_server import StageServer
 
 # The whole study config is validated here, at parse time: an invalid variant fails the run
 # before any job starts, with a message naming the variant and the key. Snakemake read the config
@@ -277,3 +279,38 @@ def set_study_run_status(status):
     if proc.returncode != 0:
         logger.warning(f"MLflow: could not mark the study run {status}: "
                        f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+
+
+# The stage server of this invocation (None: none running): started in onstart, stopped in
+# onsuccess/onerror; it also stops by itself when this Snakemake process is gone.
+STAGE_SERVER = None
+
+
+def start_stage_server():
+    """The onstart start of the stage server (simflow.stage_server): one process with torch and
+    MLflow loaded, whose forked workers run the stages with the local launcher (their jobs find
+    it in $SIMFLOW_STAGE_SERVER). Not when the study turns it off (`stage_server: false`), no
+    stage runs locally, or the rules run in conda environments (another Python than this one).
+    A server that does not start is a warning: the stages then import everything themselves."""
+    global STAGE_SERVER
+    off = sf.stage_server_off(STUDY)
+    if off is None and workflow.deployment_settings.deployment_method:
+        off = "the rules run in their own software environments (--sdm)"
+    if off is not None:
+        logger.info(f"simflow: no stage server ({off}); each stage imports torch and MLflow itself")
+        return
+    try:
+        STAGE_SERVER = StageServer.start(f"{LOGS}/stage-server.log")
+    except RuntimeError as err:
+        logger.warning(f"simflow: {err}; each stage imports torch and MLflow itself")
+        return
+    os.environ[SERVER_ENV] = STAGE_SERVER.socket_path
+
+
+def stop_stage_server():
+    """The onsuccess/onerror stop of the stage server started by start_stage_server."""
+    global STAGE_SERVER
+    if STAGE_SERVER is not None:
+        os.environ.pop(SERVER_ENV, None)
+        STAGE_SERVER.stop()
+        STAGE_SERVER = None
