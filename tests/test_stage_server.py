@@ -32,11 +32,19 @@ tracking: {enabled: %s}
 """
 
 
+def start_server(log: Path, **kwargs) -> StageServer:
+    """A server with the clients' module search path (``client`` sets PYTHONPATH to the repo):
+    the server refuses a client whose sys.path differs from its own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", str(REPO))
+        return StageServer.start(log, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One server for the module (its imports cost a few CPU-seconds), owned by this process."""
     log = tmp_path_factory.mktemp("server") / "stage-server.log"
-    srv = StageServer.start(log)
+    srv = start_server(log)
     yield srv, log
     assert srv.stop() == 0
     assert not os.path.exists(os.path.dirname(srv.socket_path))
@@ -151,7 +159,7 @@ def test_an_unreachable_server_is_one_line_and_the_stage_runs_in_its_own_process
 def test_the_server_stops_when_its_owner_is_gone(tmp_path):
     owner = subprocess.Popen(["sleep", "600"])
     log = tmp_path / "stage-server.log"
-    srv = StageServer.start(log, owner_pid=owner.pid)
+    srv = start_server(log, owner_pid=owner.pid)
     deadline = time.monotonic() + 300
     while "stage server: ready" not in log.read_text():  # the owner is watched once imports end
         assert srv.proc.poll() is None and time.monotonic() < deadline, log.read_text()
