@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
-__all__ = ["FORWARDED_SIGNALS", "SERVER_ENV", "read_message", "recv_request", "run_through_server",
-           "send_message", "send_request", "server_identity"]
+__all__ = ["FORWARDED_SIGNALS", "SERVER_ENV", "kill_group", "read_message", "recv_request",
+           "run_through_server", "send_message", "send_request", "server_identity"]
 
 #: The environment variable naming the stage server's Unix socket (set by the workflow).
 SERVER_ENV = "SIMFLOW_STAGE_SERVER"
@@ -123,7 +123,7 @@ def run_through_server(socket_path: str, argv: Sequence[str]) -> int | None:
     def forward(signum: int, _frame: FrameType | None) -> None:
         worker["signal"] = signum
         if worker["pgid"] is not None:
-            _kill_group(worker["pgid"], signum)
+            kill_group(worker["pgid"], signum)
 
     old = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     try:
@@ -140,13 +140,13 @@ def run_through_server(socket_path: str, argv: Sequence[str]) -> int | None:
                 return None
             worker["pgid"] = started["pid"]
             if worker["signal"] is not None:  # arrived before the worker's pid
-                _kill_group(started["pid"], worker["signal"])
+                kill_group(started["pid"], worker["signal"])
             try:
                 done = read_message(sock, pending)
             except OSError:
                 done = None
             if done is None:
-                _kill_group(started["pid"], signal.SIGTERM)
+                kill_group(started["pid"], signal.SIGTERM)
                 _say(f"the server's connection closed before the stage's exit status (worker pid "
                      f"{started['pid']}, sent SIGTERM); the stage's outcome is unknown")
                 return 1
@@ -158,7 +158,8 @@ def run_through_server(socket_path: str, argv: Sequence[str]) -> int | None:
     return int(done["exit"])
 
 
-def _kill_group(pgid: int, signum: int) -> None:
+def kill_group(pgid: int, signum: int) -> None:
+    """Send ``signum`` to the process group ``pgid``; nothing when it is already gone."""
     try:
         os.killpg(pgid, signum)
     except ProcessLookupError:  # already gone

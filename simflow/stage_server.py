@@ -48,7 +48,7 @@ from typing import Any
 
 from simflow.cli import main as cli_main
 from simflow.fastexit import exit_now
-from simflow.stage_client import SERVER_ENV, recv_request, send_message, server_identity
+from simflow.stage_client import SERVER_ENV, kill_group, recv_request, send_message, server_identity
 
 __all__ = ["IMPORT_ENV", "KILL_GRACE_S", "PRELOAD", "StageServer", "fork_unsafe_reason", "serve"]
 
@@ -246,9 +246,9 @@ def _wait_for_worker(conn: socket.socket, fds: list[int], request: dict[str, Any
             _log(f"stage server: the client of {' '.join(request['argv'][:1])} (worker {pid}) is "
                  "gone; stopping the worker")
             selector.unregister(conn)
-            _kill_group(pid, signal.SIGTERM)
+            kill_group(pid, signal.SIGTERM)
             if not selector.select(timeout=KILL_GRACE_S):
-                _kill_group(pid, signal.SIGKILL)
+                kill_group(pid, signal.SIGKILL)
     _, status, usage = os.wait4(pid, 0)
     os.close(worker)
     code = os.waitstatus_to_exitcode(status)
@@ -261,13 +261,6 @@ def _wait_for_worker(conn: socket.socket, fds: list[int], request: dict[str, Any
         except OSError:
             pass
     return 0
-
-
-def _kill_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def _run_worker(fds: list[int], request: dict[str, Any]) -> None:
