@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from helpers_flow import CONFIGS, labels_for, make
-from simflow.flow import StepParams, patchify, unpatchify
+from helpers_flow import CONFIGS, labels_for, make, randomise
+from simflow.flow import StepParams, TransformerFlow, patchify, unpatchify
 from simflow.sampling import KVCache, LinearGuidance, PrecisionGuidance, sample
+from simflow.sampling.decode import CPUDecodeStep
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -68,6 +69,52 @@ def test_kv_cache_layouts_attend_alike():
         torch.testing.assert_close(out_t, out_plain, atol=1e-6, rtol=1e-6)
         for cache in caches:
             cache.length += n
+
+
+@pytest.mark.parametrize("name,gelu,temperature", [
+    ("conditional_adaln", "none", None), ("conditional_add_exp", "none", None),
+    ("multi_block", "tanh", 1.5), ("conditional_add_exp", "tanh", 2.0)])
+def test_the_cpu_decode_step_equals_the_block_step(name, gelu, temperature):
+    """CPUDecodeStep (the cached sampler's step on CPU) against FlowBlock.step, position by position
+    over two caches, with both CFG branches (2B rows), attention temperature on the unconditional
+    rows and either GELU: the same parameters and the same cached keys and values, to float error."""
+    torch.manual_seed(0)
+    model = randomise(TransformerFlow(head_dim=16, gelu=gelu, **CONFIGS[name]))
+    b, rows = 3, 6
+    y = labels_for(model, b)
+    emb = None if y is None else torch.cat([model.class_embedding(y, b, torch.device("cpu")),
+                                            model.class_embedding(None, b, torch.device("cpu"))])
+    add_cond, ada_cond = model.conditions(emb)
+    query_scale = None
+    if temperature is not None:
+        query_scale = torch.ones(rows, 1, 1, 1)
+        query_scale[b:] = 1 / temperature
+    with torch.inference_mode():
+        for block in model.blocks:
+            caches = [KVCache(len(block.layers), rows, 2, model.num_tokens, 16, torch.device("cpu"),
+                              torch.float32) for _ in range(2)]
+            mods = block.modulations(ada_cond)
+            decode = CPUDecodeStep(block, caches[0], add_cond, query_scale, mods)
+            for i in range(model.num_tokens):
+                token_in = torch.randn(rows, 1, model.width)
+                fast = decode(token_in, i)
+                plain = block.step(token_in, slice(i, i + 1), caches[1], add_cond, ada_cond,
+                                   query_scale, mods)
+                for cache in caches:
+                    cache.length += 1
+                torch.testing.assert_close(fast.shift, plain.shift, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(fast.log_scale, plain.log_scale, atol=1e-5, rtol=1e-5)
+            for layer in range(len(block.layers)):  # the same keys and values were cached
+                torch.testing.assert_close(caches[0].keys[layer], caches[1].keys[layer])
+                torch.testing.assert_close(caches[0].values[layer], caches[1].values[layer])
+
+
+def test_the_cpu_decode_step_needs_the_cpu_cache_layout():
+    model = make("multi_block")
+    cache = KVCache(1, 2, 2, model.num_tokens, 16, torch.device("cpu"), torch.float32,
+                    transposed_keys=False)
+    with pytest.raises(ValueError, match="transposed keys"):
+        CPUDecodeStep(model.blocks[0], cache, None, None, None)
 
 
 def test_guidance_zero_equals_unguided():

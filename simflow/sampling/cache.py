@@ -75,7 +75,11 @@ class KVCache:
         # With one new position every cached position is in its past, so attention is unmasked; a
         # multi-position step (a Jacobi chunk) needs causality within the new chunk.
         if n == 1 and self.transposed_keys:
-            return torch.matmul(torch.matmul(q, keys).mul_(self.scale).softmax(-1), values)
+            # The scale goes on q, not on the scores: q is a strided view of the qkv output that
+            # matmul would copy anyway, so the product makes the contiguous copy it needs and the
+            # separate pass over the scores is gone (bit-identical for a power-of-4 head size,
+            # whose scale is a power of 2; float error otherwise).
+            return torch.matmul(torch.matmul(q * self.scale, keys).softmax(-1), values)
         if self.transposed_keys:
             keys = keys.transpose(2, 3)
         if n == 1:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from simflow.flow import FlowBlock, StepParams
 from simflow.sampling.cache import KVCache
+from simflow.sampling.decode import CPUDecodeStep
 from simflow.sampling.guidance import GuidanceStrategy
 
 
@@ -94,15 +95,24 @@ def token_loop(block: FlowBlock, z_tokens: Tensor, token_in: Tensor,
 
 def invert_block_cached(block: FlowBlock, z_tokens: Tensor, cache: KVCache,
                         ctx: SamplingContext) -> Tensor:
-    """Token by token over a :class:`KVCache` (one position of attention per layer and token)."""
+    """Token by token over a :class:`KVCache` (one position of attention per layer and token).
+    Over the CPU layout each step is a :class:`~simflow.sampling.decode.CPUDecodeStep` (the same
+    arithmetic in half the torch calls); elsewhere :meth:`FlowBlock.step`."""
     cache.reset()
     mods = block.modulations(ctx.ada_cond)
+    if cache.transposed_keys:
+        decode = CPUDecodeStep(block, cache, ctx.add_cond, ctx.query_scale, mods)
 
-    def step(token_in: Tensor, i: int) -> StepParams:
-        p = block.step(token_in, slice(i, i + 1), cache, ctx.add_cond, ctx.ada_cond,
-                       ctx.query_scale, mods)
-        cache.length += 1
-        return p
+        def step(token_in: Tensor, i: int) -> StepParams:
+            p = decode(token_in, i)
+            cache.length += 1
+            return p
+    else:
+        def step(token_in: Tensor, i: int) -> StepParams:
+            p = block.step(token_in, slice(i, i + 1), cache, ctx.add_cond, ctx.ada_cond,
+                           ctx.query_scale, mods)
+            cache.length += 1
+            return p
 
     return token_loop(block, z_tokens, block.sos.expand(ctx.rows(z_tokens.shape[0]), -1, -1), step,
                       ctx)
