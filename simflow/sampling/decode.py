@@ -1,10 +1,10 @@
 """The one-position step of a flow block over the CPU key/value cache, written for latency.
 
 On CPU a guided token step of a small flow is bound by per-call overhead more than by arithmetic:
-:meth:`FlowBlock.step <simflow.flow.FlowBlock.step>` issues ~100 torch calls per token and block
-(each ~1 µs at these sizes), plus an ``nn.Module`` dispatch per sub-module. :class:`CPUDecodeStep`
-computes the same thing with the block's own parameters, gathered once per block, in about half
-the calls: functional layer norms and linear maps, queries scaled before the dot product (so the
+:meth:`FlowBlock.step <simflow.flow.FlowBlock.step>` issues ~96 torch calls per token and block
+of a guided two-layer block (each ~1 µs at these sizes), plus an ``nn.Module`` dispatch per
+sub-module. :class:`CPUDecodeStep` computes the same thing with the block's own parameters,
+gathered once per block, in ~70 calls and no module dispatch: functional layer norms and linear maps, queries scaled before the dot product (so the
 copy that the strided query needs anyway carries the scale), the residuals added out of place
 (no accumulator reshapes), and the position embedding and additive condition summed once per
 block. The arithmetic is that of ``FlowBlock.step`` up to float rounding; equality with the
