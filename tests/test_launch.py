@@ -20,6 +20,7 @@ import launch_jobs
 import pytest
 import submitit
 
+from helpers_process import wait_until_gone
 from local_slurm import skip_without_slurm
 from simflow.config import ConfigError
 from simflow.launch import (
@@ -184,14 +185,8 @@ def test_cancelled_job_raises_without_hanging(job_env):
 
 
 def _assert_dead(pid: int, within_s: float = 5.0) -> None:
-    deadline = time.time() + within_s
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    pytest.fail(f"process {pid} still alive")
+    if not wait_until_gone(pid, within_s):
+        pytest.fail(f"process {pid} still alive")
 
 
 def test_sigterm_to_the_launcher_cancels_the_job(job_env):

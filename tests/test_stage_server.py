@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers_process import wait_until_gone
 from simflow import study as sf
 from simflow.stage_client import SERVER_ENV
 from simflow.stage_server import StageServer
@@ -78,17 +79,6 @@ def worker_pid(log: Path, stage: str, seen: set[int], timeout_s: float = 120) ->
     raise AssertionError(f"no worker of {stage} started; server log:\n{log.read_text()}")
 
 
-def gone(pid: int, timeout_s: float = 30) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 SEEN: set[int] = set()  # workers already claimed by a test (the module's server serves them all)
 
 
@@ -140,7 +130,7 @@ def test_a_stopped_client_stops_its_worker(server, tmp_path, how):
     proc.send_signal(getattr(signal, how))
     proc.communicate(timeout=60)
     assert proc.returncode == -getattr(signal, how)
-    assert gone(pid), f"worker {pid} still runs after its client got {how}"
+    assert wait_until_gone(pid, 30), f"worker {pid} still runs after its client got {how}"
     assert f"(worker {pid}) killed by SIGTERM" in log.read_text()
 
 
